@@ -1,0 +1,1 @@
+"""The `maskface` command line and job specs."""

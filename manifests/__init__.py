@@ -1,0 +1,1 @@
+"""Manifest schema, dataset builders and face alignment (built by the manifest issues)."""

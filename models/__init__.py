@@ -1,0 +1,1 @@
+"""Networks of MaskFaceGAN and their checkpoint loading. Nothing is loaded at import."""
