@@ -1,0 +1,153 @@
+"""Checkpoint files: fetch into a node-local cache, verify, load safely, check keys.
+
+Every load goes through `torch.load(..., weights_only=True)`; the only Python type we
+allow besides tensors and containers is the one a file format needs (e4e's options).
+Each failure raises `CheckpointError` naming the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import fsspec
+import torch
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, corrupt, unsafe, or does not fit its network."""
+
+
+def cache_dir() -> Path:
+    """Node-local cache: $MASKFACE_CACHE, else $XDG_CACHE_HOME/maskface, else ~/.cache/maskface."""
+    root = os.environ.get("MASKFACE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskface"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_file(uri: str, sha256: str | None = None, storage_options: Mapping | None = None
+               ) -> Path:
+    """A local path holding the bytes of `uri`, verified against `sha256` when given.
+
+    Local paths are used in place. Any other fsspec URI is copied once into the
+    node-local cache (under a lock, written to a temporary name and renamed), so
+    several processes on one node share a single download.
+    """
+    if is_local(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{uri}: file not found")
+        if sha256:
+            _verify(path, sha256, uri)
+        return path
+
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = cache_dir() / "files" / key / Path(uri.split("?")[0]).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if dest.is_file() and sha256 and sha256_file(dest) != sha256.lower():
+            log.warning("cached copy of %s does not match its sha256; fetching again", uri)
+            dest.unlink()
+        if not dest.is_file():
+            tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+            try:
+                fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+                log.info("copying %s into the node cache %s", uri, dest)
+                fs.get_file(path, str(tmp))
+            except FileNotFoundError:
+                tmp.unlink(missing_ok=True)
+                raise CheckpointError(f"{uri}: file not found") from None
+            except Exception:
+                tmp.unlink(missing_ok=True)
+                raise
+            if sha256:
+                try:
+                    _verify(tmp, sha256, uri)
+                except CheckpointError:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            os.replace(tmp, dest)
+    return dest
+
+
+def _verify(path: Path, expected: str, uri: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise CheckpointError(f"{uri}: sha256 mismatch: expected {expected.lower()}, got {actual}")
+
+
+def safe_load(path: str | os.PathLike, uri: str | None = None,
+              allowed_types: Iterable[type] = ()) -> object:
+    """torch.load with weights_only=True onto the CPU, with errors that name the file."""
+    name = uri or str(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed_types)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{name}: file not found") from None
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            found = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", msg)
+            what = next((g for g in found.groups() if g), "an object") if found else "an object"
+            raise CheckpointError(
+                f"{name}: refused to load: the file contains {what}, which is outside the "
+                "safe allowlist (a checkpoint should hold only tensors; loading it fully "
+                "could run code)") from None
+        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({msg})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{name}: not a readable PyTorch checkpoint (truncated, corrupt or another "
+            f"format): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def require_mapping(obj: object, name: str, keys: Iterable[str] = ()) -> Mapping:
+    """Check that a loaded checkpoint is a dict holding `keys`."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name}: expected a dict, found {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{name}: missing top-level key(s) {missing}; "
+                              f"found {sorted(map(str, obj))[:10]}")
+    return obj
+
+
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str
+                ) -> None:
+    """Load a state dict whose keys and shapes must match the module's exactly."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"
+             for k, v in state_dict.items()
+             if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", extra),
+                         ("wrong shapes", wrong)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{name}: does not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)

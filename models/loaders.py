@@ -1,0 +1,216 @@
+"""Loaders: checkpoint files in the original MaskFaceGAN formats -> ready networks.
+
+Constructors in this package only build architectures; these functions read files.
+Each returns the network in eval mode with gradients off, on the CPU, plus the
+file's sha256 (outputs record which weights made them).
+
+    models = load_models(read_spec("weights/models.yaml"), device="cuda")
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .checkpoints import (CheckpointError, cache_dir, load_strict, local_file, require_mapping,
+                          safe_load, sha256_file)
+from .classifier import BranchedTiny
+from .e4e import E4E_OPTIONS_TYPE, E4EInitializer, Encoder4Editing
+from .face_parser import FaceParser
+from .lpips_masked import TORCHVISION_VGG16_FILE, MaskedLPIPS, lpips_linear_file
+from .spec import MeanLatent, ModelsSpec, WeightRef
+from .stylegan2 import Generator, compute_mean_latent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    module: nn.Module
+    sha256: str
+    extra: dict
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def _open(ref: WeightRef, storage_options) -> tuple[Path, str]:
+    path = local_file(ref.uri, ref.sha256, storage_options)
+    return path, ref.sha256 or sha256_file(path)
+
+
+def load_generator(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
+    """rosinality layout: {'g_ema': state_dict, optional 'latent_avg': [style_dim]}."""
+    path, sha = _open(ref, storage_options)
+    ckpt = require_mapping(safe_load(path, ref.uri), ref.uri, ["g_ema"])
+    sd = require_mapping(ckpt["g_ema"], f"{ref.uri} ['g_ema']")
+    try:
+        config = Generator.config_from_state_dict(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{ref.uri}: {e}") from None
+    g = Generator(**config)
+    load_strict(g, sd, ref.uri)
+    latent_avg = ckpt.get("latent_avg")
+    if latent_avg is not None:
+        latent_avg = torch.as_tensor(latent_avg).float().reshape(-1)
+        if latent_avg.numel() != g.style_dim:
+            raise CheckpointError(f"{ref.uri}: latent_avg has {latent_avg.numel()} values, "
+                                  f"expected {g.style_dim}")
+    return Loaded(_freeze(g), sha, {"latent_avg": latent_avg, "config": config})
+
+
+def load_face_parser(ref: WeightRef, working_size: int = 512,
+                     storage_options: Mapping | None = None) -> Loaded:
+    """The original `state.pt`: DeepLabV3 keys under `model.` plus `loss.weight` (dropped)."""
+    path, sha = _open(ref, storage_options)
+    sd = dict(require_mapping(safe_load(path, ref.uri), ref.uri))
+    if "loss.weight" not in sd:
+        raise CheckpointError(f"{ref.uri}: no 'loss.weight': not the original face parser "
+                              "state.pt layout")
+    del sd["loss.weight"]   # the training loss's class weights; not part of the network
+    parser = FaceParser(working_size=working_size)
+    load_strict(parser, sd, ref.uri)
+    return Loaded(_freeze(parser), sha, {})
+
+
+def load_classifier(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
+    path, sha = _open(ref, storage_options)
+    sd = require_mapping(safe_load(path, ref.uri), ref.uri)
+    try:
+        model = BranchedTiny(**BranchedTiny.config_from_state_dict(sd))
+    except ValueError as e:
+        raise CheckpointError(f"{ref.uri}: {e}") from None
+    load_strict(model, sd, ref.uri)
+    return Loaded(_freeze(model), sha, {})
+
+
+def load_e4e(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
+    """{'options': argparse.Namespace, 'encoder_state_dict': ..., 'latent_avg': [n_latent, 512]}."""
+    path, sha = _open(ref, storage_options)
+    ckpt = require_mapping(safe_load(path, ref.uri, allowed_types=[E4E_OPTIONS_TYPE]), ref.uri,
+                           ["options", "encoder_state_dict", "latent_avg"])
+    size = getattr(ckpt["options"], "stylegan_size", None)
+    if not isinstance(size, int):
+        raise CheckpointError(f"{ref.uri}: options has no integer stylegan_size")
+    sd = require_mapping(ckpt["encoder_state_dict"], f"{ref.uri} ['encoder_state_dict']")
+    try:
+        encoder = Encoder4Editing(**Encoder4Editing.config_from_state_dict(sd, size))
+    except ValueError as e:
+        raise CheckpointError(f"{ref.uri}: {e}") from None
+    load_strict(encoder, sd, ref.uri)
+    init = E4EInitializer(encoder)
+    avg = ckpt["latent_avg"]
+    if not isinstance(avg, torch.Tensor) or avg.shape != init.latent_avg.shape:
+        raise CheckpointError(f"{ref.uri}: latent_avg must be {list(init.latent_avg.shape)}, got "
+                              f"{list(avg.shape) if isinstance(avg, torch.Tensor) else type(avg).__name__}")
+    init.latent_avg.copy_(avg)
+    return Loaded(_freeze(init), sha, {"stylegan_size": size})
+
+
+def default_vgg16_path() -> Path:
+    """Where torchvision keeps its downloaded VGG16 weights ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_VGG16_FILE
+
+
+def load_lpips(ref: WeightRef | None, storage_options: Mapping | None = None) -> Loaded:
+    """VGG16 trunk from `ref` (or torchvision's cache) + the lpips package's v0.1 linear layers.
+
+    Never downloads: a missing trunk is an error naming the file and the fetch command.
+    """
+    if ref is None:
+        path = default_vgg16_path()
+        if not path.is_file():
+            raise CheckpointError(
+                f"LPIPS needs the VGG16 trunk and none is configured: no lpips_trunk in the "
+                f"models spec and no {path}. Fetch it with "
+                "`maskface weights fetch --only lpips_trunk --dest DIR` and add it to the spec.")
+        ref = WeightRef(str(path))
+    path, sha = _open(ref, storage_options)
+    sd = require_mapping(safe_load(path, ref.uri), ref.uri)
+    # A full torchvision file also holds the classifier head, which LPIPS does not use.
+    trunk = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
+    not_features = [k for k in sd if not k.startswith(("features.", "classifier."))]
+    if not_features:
+        raise CheckpointError(f"{ref.uri}: not a torchvision VGG16 state dict: unexpected keys "
+                              f"{not_features[:5]}")
+    model = MaskedLPIPS()
+    load_strict(model.features, trunk, ref.uri)
+    lin_file = lpips_linear_file()
+    lins = require_mapping(safe_load(lin_file), str(lin_file))
+    load_strict(model.lins, {k.removeprefix("lin").replace(".model.1", ""): v
+                             for k, v in lins.items()}, str(lin_file))
+    return Loaded(_freeze(model), sha, {})
+
+
+def mean_latent(generator: Loaded, options: MeanLatent) -> torch.Tensor:
+    """The mean W [style_dim] used as the local-mode start point.
+
+    source 'checkpoint' reads the generator file's own `latent_avg`; 'computed' averages the
+    mapping network over `samples` seeded z, cached under (checkpoint sha256, samples, seed).
+    """
+    if options.source == "checkpoint":
+        avg = generator.extra.get("latent_avg")
+        if avg is None:
+            raise CheckpointError("mean_latent.source is 'checkpoint' but the generator file "
+                                  "has no 'latent_avg'; use source: computed")
+        return avg.clone()
+    path = cache_dir() / "mean_latent" / f"{generator.sha256[:16]}-n{options.samples}-s{options.seed}.pt"
+    if path.is_file():
+        try:
+            cached = safe_load(path)
+            if isinstance(cached, torch.Tensor) and cached.shape == (generator.module.style_dim,):
+                return cached
+        except CheckpointError:
+            pass
+        log.warning("ignoring unreadable mean-latent cache %s", path)
+    log.info("computing the mean latent over %d samples (seed %d)", options.samples, options.seed)
+    w = compute_mean_latent(generator.module, options.samples, options.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(w, tmp)
+    tmp.replace(path)
+    return w
+
+
+@dataclass
+class Models:
+    """Every network of one models spec, loaded once (an actor holds one of these)."""
+    generator: Generator
+    face_parser: FaceParser
+    classifier: BranchedTiny
+    mean_latent: torch.Tensor
+    e4e: E4EInitializer | None
+    lpips: MaskedLPIPS | None
+    hashes: dict[str, str]
+    tiny: bool
+
+
+def load_models(spec: ModelsSpec, device: str | torch.device = "cpu", parser_size: int = 512,
+                with_global: bool = True, storage_options: Mapping | None = None) -> Models:
+    """Load every network a spec names. `with_global=False` skips e4e and LPIPS."""
+    gen = load_generator(spec.generator, storage_options)
+    parser = load_face_parser(spec.face_parser, parser_size, storage_options)
+    clf = load_classifier(spec.classifier, storage_options)
+    hashes = {"generator": gen.sha256, "face_parser": parser.sha256, "classifier": clf.sha256}
+    e4e = lpips = None
+    if with_global:
+        if spec.e4e is not None:
+            e4e = load_e4e(spec.e4e, storage_options)
+            hashes["e4e"] = e4e.sha256
+            if e4e.extra["stylegan_size"] != gen.module.size:
+                raise CheckpointError(f"{spec.e4e.uri}: made for a {e4e.extra['stylegan_size']} px "
+                                      f"generator, but the generator is {gen.module.size} px")
+        lpips = load_lpips(spec.lpips_trunk, storage_options)
+        hashes["lpips_trunk"] = lpips.sha256
+    w = mean_latent(gen, spec.mean_latent)
+    device = torch.device(device)
+    return Models(generator=gen.module.to(device), face_parser=parser.module.to(device),
+                  classifier=clf.module.to(device), mean_latent=w.to(device),
+                  e4e=e4e.module.to(device) if e4e else None,
+                  lpips=lpips.module.to(device) if lpips else None, hashes=hashes,
+                  tiny=spec.tiny)

@@ -1,0 +1,136 @@
+"""The models spec: one YAML file naming every checkpoint by URI, with optional sha256.
+
+    generator:   {uri: stylegan2-ffhq-config-f.pt, sha256: ...}
+    face_parser: {uri: s3://bucket/weights/face_parser.pt}
+    classifier:  {uri: classifier.pt}
+    e4e:         {uri: e4e.pt}            # global edits only
+    lpips_trunk: {uri: vgg16-397923af.pth}  # global edits only
+    mean_latent: {source: computed, samples: 50000, seed: 0}
+    tiny: false
+
+Relative URIs are resolved against the spec's own location.
+"""
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import fsspec
+import yaml
+
+NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk")
+REQUIRED = ("generator", "face_parser", "classifier")
+
+
+class SpecError(ValueError):
+    """A models spec that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    uri: str
+    sha256: str | None = None
+    note: str | None = None     # e.g. "sha256 recorded at first download, not published upstream"
+
+
+@dataclass(frozen=True)
+class MeanLatent:
+    source: str = "computed"    # "computed" (mapping network average) or "checkpoint" (latent_avg)
+    samples: int = 50_000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelsSpec:
+    generator: WeightRef
+    face_parser: WeightRef
+    classifier: WeightRef
+    e4e: WeightRef | None = None
+    lpips_trunk: WeightRef | None = None
+    mean_latent: MeanLatent = field(default_factory=MeanLatent)
+    tiny: bool = False          # random-weight checkpoints from `maskface weights make-tiny`
+
+    @classmethod
+    def from_dict(cls, data: Mapping, base: str | None = None) -> "ModelsSpec":
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a models spec is a mapping, got {type(data).__name__}")
+        known = set(NETWORKS) | {"mean_latent", "tiny"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown key(s) in models spec: {unknown}; known: {sorted(known)}")
+        missing = [k for k in REQUIRED if not data.get(k)]
+        if missing:
+            raise SpecError(f"models spec names no {', '.join(missing)}")
+        refs = {}
+        for name in NETWORKS:
+            entry = data.get(name)
+            if entry is None:
+                continue
+            if isinstance(entry, str):
+                entry = {"uri": entry}
+            if not isinstance(entry, Mapping) or "uri" not in entry:
+                raise SpecError(f"{name}: expected {{uri: ..., sha256: ...}}, got {entry!r}")
+            bad = sorted(set(entry) - {"uri", "sha256", "note"})
+            if bad:
+                raise SpecError(f"{name}: unknown key(s) {bad}; allowed: uri, sha256, note")
+            sha = entry.get("sha256")
+            if sha is not None and (len(str(sha)) != 64 or
+                                    any(c not in "0123456789abcdefABCDEF" for c in str(sha))):
+                raise SpecError(f"{name}: sha256 must be 64 hex digits, got {sha!r}")
+            refs[name] = WeightRef(uri=resolve_uri(str(entry["uri"]), base),
+                                   sha256=str(sha).lower() if sha else None,
+                                   note=entry.get("note"))
+        ml = dict(data.get("mean_latent") or {})
+        bad = sorted(set(ml) - {"source", "samples", "seed"})
+        if bad:
+            raise SpecError(f"mean_latent: unknown key(s) {bad}; allowed: source, samples, seed")
+        mean = MeanLatent(**ml)
+        if mean.source not in ("computed", "checkpoint"):
+            raise SpecError(f"mean_latent.source must be 'computed' or 'checkpoint', got {mean.source!r}")
+        if not isinstance(mean.samples, int) or mean.samples < 1:
+            raise SpecError(f"mean_latent.samples must be a positive integer, got {mean.samples!r}")
+        if not isinstance(mean.seed, int):
+            raise SpecError(f"mean_latent.seed must be an integer, got {mean.seed!r}")
+        return cls(**refs, mean_latent=mean, tiny=bool(data.get("tiny", False)))
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        for name in NETWORKS:
+            ref = getattr(self, name)
+            if ref is not None:
+                out[name] = {k: v for k, v in dataclasses.asdict(ref).items() if v is not None}
+        out["mean_latent"] = dataclasses.asdict(self.mean_latent)
+        out["tiny"] = self.tiny
+        return out
+
+
+def resolve_uri(uri: str, base: str | None) -> str:
+    """Resolve a relative path against the directory of `base` (a spec's own URI)."""
+    if base is None or "://" in uri or uri.startswith("/") or uri.startswith("~"):
+        return uri
+    return posixpath.join(posixpath.dirname(base), uri)
+
+
+def read_spec(uri: str, storage_options: Mapping | None = None) -> ModelsSpec:
+    try:
+        with fsspec.open(uri, "r", **dict(storage_options or {})) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"models spec not found: {uri}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{uri}: not valid YAML: {e}") from None
+    try:
+        return ModelsSpec.from_dict(data, base=uri)
+    except SpecError as e:
+        raise SpecError(f"{uri}: {e}") from None
+
+
+def write_spec(spec: ModelsSpec, uri: str, header: str = "",
+               storage_options: Mapping | None = None) -> None:
+    text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    with fsspec.open(uri, "w", **dict(storage_options or {})) as f:
+        f.write(text)

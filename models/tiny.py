@@ -1,0 +1,81 @@
+"""Small random-weight checkpoints in the exact file formats of the real ones.
+
+Tests and the demo run on these when real weights are absent. Everything made from
+them is marked as such (`tiny: true` in the models spec, and in every output).
+Key names match the originals; widths are narrow where the architecture allows
+(generator, classifier, e4e). The face parser and the VGG16 trunk have fixed
+torchvision widths and are full size (~160 MB and ~60 MB).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoints import sha256_file
+from .classifier import BranchedTiny
+from .e4e import Encoder4Editing
+from .face_parser import FaceParser
+from .lpips_masked import MaskedLPIPS
+from .spec import MeanLatent, ModelsSpec, WeightRef, write_spec
+from .stylegan2 import Generator, compute_mean_latent
+
+log = logging.getLogger(__name__)
+
+FILES = {"generator": "stylegan2.pt", "face_parser": "face_parser.pt",
+         "classifier": "classifier.pt", "e4e": "e4e.pt", "lpips_trunk": "vgg16_features.pth"}
+TINY_NOTE = "random weights from `maskface weights make-tiny`: outputs are not real edits"
+
+
+def tiny_channels(size: int) -> dict[int, int]:
+    return {2 ** i: 64 if 2 ** i <= 16 else 32 if 2 ** i <= 64 else 16
+            for i in range(2, size.bit_length())}
+
+
+def tiny_generator(size: int = 64, style_dim: int = 64) -> Generator:
+    g = Generator(size, style_dim=style_dim, channels=tiny_channels(size))
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.endswith("noise.weight"):
+                p.fill_(0.1)                  # non-zero, so the noise maps matter
+            elif name.endswith("activate.bias"):
+                p.normal_(0, 0.1)
+    return g
+
+
+def make_tiny(dest: str | Path, resolution: int = 64, seed: int = 0,
+              style_dim: int = 64) -> Path:
+    """Write a complete tiny checkpoint set plus `models.yaml` into `dest`; return the spec path."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        g = tiny_generator(resolution, style_dim)
+        latent_avg = compute_mean_latent(g, n=2_000, seed=seed)
+        torch.save({"g_ema": g.state_dict(), "latent_avg": latent_avg}, dest / FILES["generator"])
+
+        parser_sd = dict(FaceParser(working_size=resolution).state_dict())
+        parser_sd["loss.weight"] = torch.ones(9)
+        torch.save(parser_sd, dest / FILES["face_parser"])
+
+        torch.save(BranchedTiny(width=8, fc_width=16).state_dict(), dest / FILES["classifier"])
+
+        enc = Encoder4Editing(stylegan_size=resolution, widths=(16, 16, 32, 32),
+                              style_dim=style_dim)
+        torch.save({"options": argparse.Namespace(stylegan_size=resolution,
+                                                  encoder_type="Encoder4Editing"),
+                    "encoder_state_dict": enc.state_dict(),
+                    "latent_avg": latent_avg.repeat(enc.style_count, 1)},
+                   dest / FILES["e4e"])
+
+        trunk = MaskedLPIPS().features.state_dict()
+        torch.save({f"features.{k}": v for k, v in trunk.items()}, dest / FILES["lpips_trunk"])
+
+    refs = {name: WeightRef(file, sha256_file(dest / file)) for name, file in FILES.items()}
+    spec = ModelsSpec(**refs, mean_latent=MeanLatent(samples=2_000, seed=seed), tiny=True)
+    path = dest / "models.yaml"
+    write_spec(spec, str(path), header=f"tiny models spec ({resolution} px): {TINY_NOTE}")
+    log.info("wrote a tiny %d px checkpoint set to %s", resolution, dest)
+    return path
