@@ -1,0 +1,55 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Keep the node-local cache (copied checkpoints, mean latents) out of $HOME."""
+    path = tmp_path_factory.mktemp("maskface-cache")
+    old = os.environ.get("MASKFACE_CACHE")
+    os.environ["MASKFACE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MASKFACE_CACHE", None)
+    else:
+        os.environ["MASKFACE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A complete tiny checkpoint set (64 px) written by `make_tiny`, with its models.yaml."""
+    from models.tiny import make_tiny
+    out = tmp_path_factory.mktemp("tiny64")
+    make_tiny(out, resolution=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoints(tmp_path_factory):
+    """The deterministic checkpoints the shared fidelity cases were recorded with."""
+    from helpers import write_reference_checkpoints
+    return write_reference_checkpoints(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on 127.0.0.1, with a bucket `weights`."""
+    from moto.server import ThreadedMotoServer
+    import s3fs
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("weights")
+    yield {"endpoint": endpoint, "options": options, "fs": fs}
+    server.stop()
