@@ -42,6 +42,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def redact(text: str) -> str:
+    """Text fit for logs and errors: URL credentials (user:password@) and query strings
+    (signed URLs, tokens) replaced by ***."""
+    text = re.sub(r"(://)[^/@\s'\"]+@", r"\1***@", text)
+    return re.sub(r"\?[^\s'\"]*", "?***", text)
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -54,12 +61,13 @@ def local_file(uri: str, sha256: str | None = None, storage_options: Mapping | N
     node-local cache (under a lock, written to a temporary name and renamed), so
     several processes on one node share a single download.
     """
+    name = redact(uri)
     if is_local(uri):
         path = Path(uri.removeprefix("file://")).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"{uri}: file not found")
+            raise CheckpointError(f"{name}: file not found")
         if sha256:
-            _verify(path, sha256, uri)
+            _verify(path, sha256, name)
         return path
 
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -67,23 +75,24 @@ def local_file(uri: str, sha256: str | None = None, storage_options: Mapping | N
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if dest.is_file() and sha256 and sha256_file(dest) != sha256.lower():
-            log.warning("cached copy of %s does not match its sha256; fetching again", uri)
+            log.warning("cached copy of %s does not match its sha256; fetching again", name)
             dest.unlink()
         if not dest.is_file():
             tmp = dest.with_name(dest.name + f".part{os.getpid()}")
             try:
                 fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-                log.info("copying %s into the node cache %s", uri, dest)
+                log.info("copying %s into the node cache %s", name, dest)
                 fs.get_file(path, str(tmp))
             except FileNotFoundError:
                 tmp.unlink(missing_ok=True)
-                raise CheckpointError(f"{uri}: file not found") from None
-            except Exception:
+                raise CheckpointError(f"{name}: file not found") from None
+            except Exception as e:
                 tmp.unlink(missing_ok=True)
-                raise
+                raise CheckpointError(f"{name}: could not copy into the node cache: "
+                                      f"{type(e).__name__}: {redact(str(e))}") from None
             if sha256:
                 try:
-                    _verify(tmp, sha256, uri)
+                    _verify(tmp, sha256, name)
                 except CheckpointError:
                     tmp.unlink(missing_ok=True)
                     raise
@@ -100,7 +109,7 @@ def _verify(path: Path, expected: str, uri: str) -> None:
 def safe_load(path: str | os.PathLike, uri: str | None = None,
               allowed_types: Iterable[type] = ()) -> object:
     """torch.load with weights_only=True onto the CPU, with errors that name the file."""
-    name = uri or str(path)
+    name = redact(uri or str(path))
     try:
         with torch.serialization.safe_globals(list(allowed_types)):
             return torch.load(path, map_location="cpu", weights_only=True)

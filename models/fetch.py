@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 
 import yaml
 
-from .checkpoints import sha256_file
+from .checkpoints import redact, sha256_file
 from .spec import NETWORKS, ModelsSpec, WeightRef, write_spec
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class DownloadError(RuntimeError):
 def download(url: str, dest: Path, progress: Callable[[int, int | None], None] | None = None,
              chunk: int = 1 << 20, timeout: float = 60) -> str:
     """Fetch `url` into `dest` via `dest.part`; return the sha256 of the complete file."""
+    name = redact(url)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "maskface"})
@@ -77,13 +78,13 @@ def download(url: str, dest: Path, progress: Callable[[int, int | None], None] |
         if e.code == 416 and have:          # the partial file is stale or already complete
             part.unlink()
             return download(url, dest, progress, chunk, timeout)
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"{name}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"{url}: {getattr(e, 'reason', e)}") from None
+        raise DownloadError(f"{name}: {getattr(e, 'reason', e)}") from None
     with response:
         resumed = have and response.status == 206
         if have and not resumed:
-            log.info("%s: server does not resume; starting over", url)
+            log.info("%s: server does not resume; starting over", name)
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
@@ -102,13 +103,13 @@ def download(url: str, dest: Path, progress: Callable[[int, int | None], None] |
                     if progress:
                         progress(got, total)
         except (OSError, urllib.error.URLError) as e:
-            raise DownloadError(f"{url}: interrupted after {got} bytes ({e}); "
+            raise DownloadError(f"{name}: interrupted after {got} bytes ({e}); "
                                 f"run again to resume") from None
     if total is not None and got != total:
-        raise DownloadError(f"{url}: got {got} of {total} bytes; the partial file "
+        raise DownloadError(f"{name}: got {got} of {total} bytes; the partial file "
                             f"{part} is kept to resume")
     if got == 0:
-        raise DownloadError(f"{url}: empty response")
+        raise DownloadError(f"{name}: empty response")
     os.replace(part, dest)
     return h.hexdigest()
 
@@ -145,7 +146,7 @@ def fetch_weights(dest: str | Path, only: list[str] | None = None,
             log.info("%s: %s already complete (sha256 verified)", name, path)
             refs[name] = WeightRef(src.filename, known.sha256, known.note)
         else:
-            log.info("%s: downloading %s", name, url)
+            log.info("%s: downloading %s", name, redact(url))
             sha = download(url, path, progress_factory(name) if progress_factory else None)
             refs[name] = WeightRef(src.filename, sha, RECORDED_NOTE)
         licences.append(f"{name}: {src.licence}")

@@ -16,8 +16,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .checkpoints import (CheckpointError, cache_dir, load_strict, local_file, require_mapping,
-                          safe_load, sha256_file)
+from .checkpoints import (CheckpointError, cache_dir, load_strict, local_file, redact,
+                          require_mapping, safe_load, sha256_file)
 from .classifier import BranchedTiny
 from .e4e import E4E_OPTIONS_TYPE, E4EInitializer, Encoder4Editing
 from .face_parser import FaceParser
@@ -47,19 +47,20 @@ def _open(ref: WeightRef, storage_options) -> tuple[Path, str]:
 def load_generator(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
     """rosinality layout: {'g_ema': state_dict, optional 'latent_avg': [style_dim]}."""
     path, sha = _open(ref, storage_options)
-    ckpt = require_mapping(safe_load(path, ref.uri), ref.uri, ["g_ema"])
-    sd = require_mapping(ckpt["g_ema"], f"{ref.uri} ['g_ema']")
+    name = redact(ref.uri)
+    ckpt = require_mapping(safe_load(path, name), name, ["g_ema"])
+    sd = require_mapping(ckpt["g_ema"], f"{name} ['g_ema']")
     try:
         config = Generator.config_from_state_dict(sd)
     except ValueError as e:
-        raise CheckpointError(f"{ref.uri}: {e}") from None
+        raise CheckpointError(f"{name}: {e}") from None
     g = Generator(**config)
-    load_strict(g, sd, ref.uri)
+    load_strict(g, sd, name)
     latent_avg = ckpt.get("latent_avg")
     if latent_avg is not None:
         latent_avg = torch.as_tensor(latent_avg).float().reshape(-1)
         if latent_avg.numel() != g.style_dim:
-            raise CheckpointError(f"{ref.uri}: latent_avg has {latent_avg.numel()} values, "
+            raise CheckpointError(f"{name}: latent_avg has {latent_avg.numel()} values, "
                                   f"expected {g.style_dim}")
     return Loaded(_freeze(g), sha, {"latent_avg": latent_avg, "config": config})
 
@@ -68,45 +69,48 @@ def load_face_parser(ref: WeightRef, working_size: int = 512,
                      storage_options: Mapping | None = None) -> Loaded:
     """The original `state.pt`: DeepLabV3 keys under `model.` plus `loss.weight` (dropped)."""
     path, sha = _open(ref, storage_options)
-    sd = dict(require_mapping(safe_load(path, ref.uri), ref.uri))
+    name = redact(ref.uri)
+    sd = dict(require_mapping(safe_load(path, name), name))
     if "loss.weight" not in sd:
-        raise CheckpointError(f"{ref.uri}: no 'loss.weight': not the original face parser "
+        raise CheckpointError(f"{name}: no 'loss.weight': not the original face parser "
                               "state.pt layout")
     del sd["loss.weight"]   # the training loss's class weights; not part of the network
     parser = FaceParser(working_size=working_size)
-    load_strict(parser, sd, ref.uri)
+    load_strict(parser, sd, name)
     return Loaded(_freeze(parser), sha, {})
 
 
 def load_classifier(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
     path, sha = _open(ref, storage_options)
-    sd = require_mapping(safe_load(path, ref.uri), ref.uri)
+    name = redact(ref.uri)
+    sd = require_mapping(safe_load(path, name), name)
     try:
         model = BranchedTiny(**BranchedTiny.config_from_state_dict(sd))
     except ValueError as e:
-        raise CheckpointError(f"{ref.uri}: {e}") from None
-    load_strict(model, sd, ref.uri)
+        raise CheckpointError(f"{name}: {e}") from None
+    load_strict(model, sd, name)
     return Loaded(_freeze(model), sha, {})
 
 
 def load_e4e(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
     """{'options': argparse.Namespace, 'encoder_state_dict': ..., 'latent_avg': [n_latent, 512]}."""
     path, sha = _open(ref, storage_options)
-    ckpt = require_mapping(safe_load(path, ref.uri, allowed_types=[E4E_OPTIONS_TYPE]), ref.uri,
+    name = redact(ref.uri)
+    ckpt = require_mapping(safe_load(path, name, allowed_types=[E4E_OPTIONS_TYPE]), name,
                            ["options", "encoder_state_dict", "latent_avg"])
     size = getattr(ckpt["options"], "stylegan_size", None)
     if not isinstance(size, int):
-        raise CheckpointError(f"{ref.uri}: options has no integer stylegan_size")
-    sd = require_mapping(ckpt["encoder_state_dict"], f"{ref.uri} ['encoder_state_dict']")
+        raise CheckpointError(f"{name}: options has no integer stylegan_size")
+    sd = require_mapping(ckpt["encoder_state_dict"], f"{name} ['encoder_state_dict']")
     try:
         encoder = Encoder4Editing(**Encoder4Editing.config_from_state_dict(sd, size))
     except ValueError as e:
-        raise CheckpointError(f"{ref.uri}: {e}") from None
-    load_strict(encoder, sd, ref.uri)
+        raise CheckpointError(f"{name}: {e}") from None
+    load_strict(encoder, sd, name)
     init = E4EInitializer(encoder)
     avg = ckpt["latent_avg"]
     if not isinstance(avg, torch.Tensor) or avg.shape != init.latent_avg.shape:
-        raise CheckpointError(f"{ref.uri}: latent_avg must be {list(init.latent_avg.shape)}, got "
+        raise CheckpointError(f"{name}: latent_avg must be {list(init.latent_avg.shape)}, got "
                               f"{list(avg.shape) if isinstance(avg, torch.Tensor) else type(avg).__name__}")
     init.latent_avg.copy_(avg)
     return Loaded(_freeze(init), sha, {"stylegan_size": size})
@@ -131,15 +135,16 @@ def load_lpips(ref: WeightRef | None, storage_options: Mapping | None = None) ->
                 "`maskface weights fetch --only lpips_trunk --dest DIR` and add it to the spec.")
         ref = WeightRef(str(path))
     path, sha = _open(ref, storage_options)
-    sd = require_mapping(safe_load(path, ref.uri), ref.uri)
+    name = redact(ref.uri)
+    sd = require_mapping(safe_load(path, name), name)
     # A full torchvision file also holds the classifier head, which LPIPS does not use.
     trunk = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
     not_features = [k for k in sd if not k.startswith(("features.", "classifier."))]
     if not_features:
-        raise CheckpointError(f"{ref.uri}: not a torchvision VGG16 state dict: unexpected keys "
+        raise CheckpointError(f"{name}: not a torchvision VGG16 state dict: unexpected keys "
                               f"{not_features[:5]}")
     model = MaskedLPIPS()
-    load_strict(model.features, trunk, ref.uri)
+    load_strict(model.features, trunk, name)
     lin_file = lpips_linear_file()
     lins = require_mapping(safe_load(lin_file), str(lin_file))
     load_strict(model.lins, {k.removeprefix("lin").replace(".model.1", ""): v
@@ -203,7 +208,7 @@ def load_models(spec: ModelsSpec, device: str | torch.device = "cpu", parser_siz
             e4e = load_e4e(spec.e4e, storage_options)
             hashes["e4e"] = e4e.sha256
             if e4e.extra["stylegan_size"] != gen.module.size:
-                raise CheckpointError(f"{spec.e4e.uri}: made for a {e4e.extra['stylegan_size']} px "
+                raise CheckpointError(f"{redact(spec.e4e.uri)}: made for a {e4e.extra['stylegan_size']} px "
                                       f"generator, but the generator is {gen.module.size} px")
         lpips = load_lpips(spec.lpips_trunk, storage_options)
         hashes["lpips_trunk"] = lpips.sha256
