@@ -34,14 +34,16 @@ class FaceParser(nn.Module):
                                         num_classes=len(CLASSES), aux_loss=False)
         self.working_size = working_size
 
-    def forward(self, images: torch.Tensor, out_size: int | tuple[int, int] | None = None
-                ) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, out_size: int | tuple[int, int] | None = None,
+                working_size: int | None = None) -> torch.Tensor:
         """Softmax class probabilities, bilinearly resized to `out_size`.
 
-        out_size defaults to the input's own (H, W); pass `working_size` to keep the
-        network's resolution (the shape mask does).
+        out_size defaults to the input's own (H, W); pass the working size to keep the
+        network's resolution (the shape mask does). `working_size` overrides the one
+        given at construction for this call.
         """
-        size = (self.working_size, self.working_size)
+        working_size = working_size or self.working_size
+        size = (working_size, working_size)
         if out_size is None:
             out_size = tuple(images.shape[-2:])
         elif isinstance(out_size, int):

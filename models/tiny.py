@@ -45,6 +45,21 @@ def tiny_generator(size: int = 64, style_dim: int = 64) -> Generator:
     return g
 
 
+def tiny_classifier() -> BranchedTiny:
+    """Narrow BranchedTiny with He-normal weights, so its logits respond to the image.
+
+    PyTorch's default init shrinks the signal through 15 layers until every logit is
+    its bias; the editing engine's classifier term would then have nothing to steer.
+    """
+    c = BranchedTiny(width=8, fc_width=16)
+    with torch.no_grad():
+        for name, p in c.named_parameters():
+            if p.ndim >= 2:
+                gain = 0.2 if name.startswith("fc_layers.15-16") else 1.0   # logits near N(0, 1)
+                p.normal_(0, gain * (2 / p[0].numel()) ** 0.5)
+    return c
+
+
 def make_tiny(dest: str | Path, resolution: int = 64, seed: int = 0,
               style_dim: int = 64) -> Path:
     """Write a complete tiny checkpoint set plus `models.yaml` into `dest`; return the spec path."""
@@ -60,7 +75,7 @@ def make_tiny(dest: str | Path, resolution: int = 64, seed: int = 0,
         parser_sd["loss.weight"] = torch.ones(9)
         torch.save(parser_sd, dest / FILES["face_parser"])
 
-        torch.save(BranchedTiny(width=8, fc_width=16).state_dict(), dest / FILES["classifier"])
+        torch.save(tiny_classifier().state_dict(), dest / FILES["classifier"])
 
         enc = Encoder4Editing(stylegan_size=resolution, widths=(16, 16, 32, 32),
                               style_dim=style_dim)

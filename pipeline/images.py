@@ -1,0 +1,72 @@
+"""Image files in and out, through fsspec (local paths, s3://, ...)."""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Mapping
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+
+class ImageError(ValueError):
+    """An input image that cannot be read."""
+
+
+def decode_image(data: bytes, resolution: int, name: str = "image") -> torch.Tensor:
+    """Bytes of any PIL-readable file -> [3, resolution, resolution] float in [0, 1].
+
+    Any mode is converted to RGB. The image is resized as the original does: area when
+    shrinking, bilinear when enlarging; a non-square image is stretched to a square, as
+    in the original (align faces first: `maskface align`).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{name}: not a readable image ({e})") from None
+    x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+    h, w = x.shape[-2:]
+    if h != w:
+        log.warning("%s is %dx%d, not square: stretched to %d px", name, w, h, resolution)
+    if (h, w) != (resolution, resolution):
+        mode = "area" if min(h, w) > resolution else "bilinear"
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        x = F.interpolate(x, size=(resolution, resolution), mode=mode, **kwargs)
+    return x[0]
+
+
+def read_image(uri: str, resolution: int, storage_options: Mapping | None = None) -> torch.Tensor:
+    try:
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{uri}: is a directory") from None
+    return decode_image(data, resolution, uri)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] or [1, H, W] float (any range) -> HxWx3 / HxW uint8, clamped to [0, 1]."""
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_bytes(uri: str, data: bytes, storage_options: Mapping | None = None) -> None:
+    with fsspec.open(uri, "wb", **dict(storage_options or {})) as f:
+        f.write(data)
