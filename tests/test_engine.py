@@ -1,0 +1,254 @@
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import FIDELITY
+from models.face_parser import CLASS_INDEX, region_masks
+from models.loaders import load_models
+from models.spec import ModelsSpec, read_spec
+from pipeline.attributes import GLOBAL_ATTRIBUTES, HAIR_SHAPES, LOCAL_ATTRIBUTES
+from pipeline.config import EditConfig
+from pipeline.engine import Editor, EditRequest
+
+FEW_STEPS = {"steps.latent": 6, "steps.noise": 2, "loss.start_steps.classf": 2,
+             "loss.start_steps.seg": 2, "dynamic_masking_iters": 2, "e4e_start_step": 3,
+             "parser_size": 64}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    return load_models(read_spec(str(tiny_dir / "models.yaml")), parser_size=64)
+
+
+@pytest.fixture(scope="module")
+def faces(models):
+    """Three images the tiny generator can make: random W+ codes near the mean."""
+    g = models.generator
+    torch.manual_seed(0)
+    w = models.mean_latent.view(1, 1, -1) + 0.3 * torch.randn(3, g.n_latent, g.style_dim)
+    with torch.no_grad():
+        return g(w, g.make_noise(3)).clamp(0, 1)
+
+
+def run(models, images, requests, overrides=None, **kwargs):
+    steps = []
+    editor = Editor(models, EditConfig.from_overrides({**FEW_STEPS, **(overrides or {})}))
+    results = editor.edit(images, requests, callback=steps.append, **kwargs)
+    return results, steps
+
+
+# ---- fidelity to the original code --------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_models(reference_checkpoints):
+    spec = ModelsSpec.from_dict({k: str(v) for k, v in reference_checkpoints.items()})
+    return load_models(spec, parser_size=512, with_global=False)
+
+
+@pytest.mark.parametrize("case_name", ["smiling_add", "black_hair_add"])
+def test_reproduces_the_original_step_by_step(reference_models, case_name):
+    case = json.loads((FIDELITY / case_name / "case.json").read_text())
+    g = reference_models.generator
+    mean = torch.from_numpy(np.load(FIDELITY / "latent_mean.npy")).float()
+    x = torch.from_numpy(np.load(FIDELITY / case_name / "input_image.npy")).float()[None]
+    request = EditRequest((case["attribute"],), (case["target"],), size=case["size"],
+                          smoothing=case["smoothing"])
+    editor = Editor(reference_models, EditConfig.from_overrides(
+        {**case["overrides"], "parser_size": case["parser_size"]}))
+    start = dict(init_latent=mean.view(1, 1, -1).repeat(1, g.n_latent, 1),
+                 init_noises=g.make_noise(1))
+
+    # zero steps run: the masks are the initial ones
+    (initial,) = editor.edit(x, [request], start_step=case["overrides"]["steps.latent"], **start)
+    for name, want in case["expected_initial_mask_means"].items():
+        assert initial.masks[name].mean().item() == pytest.approx(want, rel=1e-4), name
+
+    steps = []
+    (result,) = editor.edit(x, [request], start_step=0, callback=steps.append, **start)
+    assert result.ok, result.error
+    assert [s.step for s in steps] == list(range(len(case["expected_per_step"])))
+    for info, want in zip(steps, case["expected_per_step"]):
+        assert set(info.losses) == set(want), info.step
+        for term, value in want.items():
+            assert info.losses[term][0].item() == pytest.approx(value, rel=1e-4), (info.step, term)
+    final = np.load(FIDELITY / case_name / "final_latent.npy")
+    latent = result.latent.numpy()
+    assert np.abs(latent - final).max() <= 1e-4 * np.abs(final).max()
+    blend = np.load(FIDELITY / case_name / "final_blend_mask.npy")
+    np.testing.assert_allclose(result.masks["blend"][0].numpy(), blend, rtol=1e-4, atol=1e-5)
+    assert result.generated.mean().item() == pytest.approx(
+        case["expected_final"]["generated_mean"], rel=1e-4)
+
+
+# ---- the optimisation does what it is for ---------------------------------------------------
+def test_inversion_drives_the_masked_recon_down(models, faces):
+    overrides = {"steps.latent": 60, "steps.noise": 0, "loss.weights.classf": 0,
+                 "loss.weights.seg": 0, "optimizer.lr_latent": 0.03, "dynamic_masking": False}
+    _, steps = run(models, faces[:1], [EditRequest(("smiling",), (1.0,))], overrides)
+    recon = [s.losses["recon"][0].item() for s in steps]
+    assert recon[-1] <= 0.1 * recon[0]
+
+
+def test_the_classifier_term_moves_the_probability_toward_the_target(models, faces):
+    """Real BranchedTiny architecture; make-tiny gives it He-normal weights so that its
+    logits respond to the image (PyTorch's default init leaves them constant)."""
+    overrides = {"steps.latent": 40, "steps.noise": 0, "loss.start_steps.classf": 0,
+                 "loss.weights.classf": 1.0, "optimizer.lr_latent": 0.02,
+                 "dynamic_masking": False}
+    probs = {}
+    for target in (0.0, 1.0):
+        (result,), steps = run(models, faces[:1], [EditRequest(("smiling",), (target,))],
+                               overrides)
+        kl = [s.losses["classf"][0].item() for s in steps]
+        assert kl[-1] < kl[0]
+        with torch.no_grad():
+            probs[target] = torch.sigmoid(models.classifier(result.generated[None]))[0, 14].item()
+        recon = [s.losses["recon"][0].item() for s in steps]
+        assert recon[-1] < recon[0]          # the rest of the face is still reconstructed
+    start = result.metrics["prob_input"]["smiling"]
+    assert probs[0.0] < start < probs[1.0]
+    assert probs[1.0] - probs[0.0] > 0.01
+
+
+def test_the_blend_identity_holds(models, faces):
+    (result,), _ = run(models, faces[:1], [EditRequest(("smiling",), (1.0,))])
+    x = faces[0]
+    torch.testing.assert_close(result.edited - x, result.masks["blend"] * (result.generated - x),
+                               rtol=0, atol=2e-7)
+
+
+def test_where_the_blend_mask_is_zero_the_input_comes_back_bit_for_bit(models, faces):
+    """A parser whose background logit dominates gives probabilities of exactly 0 elsewhere,
+    so a no_skin mouth edit has a blend mask of exactly 0."""
+    sure = copy.copy(models)
+    sure.face_parser = copy.deepcopy(models.face_parser)
+    with torch.no_grad():
+        sure.face_parser.model.classifier[4].bias[CLASS_INDEX["background"]] = 1e4
+    (result,), _ = run(sure, faces[:1], [EditRequest(("smiling",), (1.0,), blend="no_skin")])
+    assert (result.masks["blend"] == 0).all()
+    assert torch.equal(result.edited, faces[0])
+
+
+def test_batching_is_invisible(models, faces):
+    """Float64: each image of a mixed batch equals its result run alone, within 1e-5."""
+    m64 = copy.copy(models)
+    for name in ("generator", "face_parser", "classifier", "e4e", "lpips"):
+        setattr(m64, name, copy.deepcopy(getattr(models, name)).double())
+    m64.mean_latent = models.mean_latent.double()
+    x = faces.double()
+    requests = [EditRequest(("smiling",), (1.0,), seed=1),
+                EditRequest(("black_hair", "wavy_hair"), (1.0, 0.0), size=1.2, seed=2),
+                EditRequest(("big_nose",), (0.0,), blend="no_skin", seed=3)]
+    together, _ = run(m64, x, requests)
+    for k in range(3):
+        (alone,), _ = run(m64, x[k:k + 1], [requests[k]])
+        assert together[k].ok and alone.ok
+        torch.testing.assert_close(together[k].edited, alone.edited, rtol=0, atol=1e-5)
+        torch.testing.assert_close(together[k].latent, alone.latent, rtol=0, atol=1e-5)
+        for a, b in zip(together[k].noises, alone.noises):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ---- coverage of attributes and schedule ---------------------------------------------------
+def test_every_attribute_runs_in_its_mode(models, faces):
+    names = sorted(LOCAL_ATTRIBUTES) + list(GLOBAL_ATTRIBUTES) + ["eyeglasses"]
+    requests = [EditRequest((a,), (1.0,)) for a in names]
+    images = faces[torch.arange(len(names)) % 3]
+    results, steps = run(models, images, requests, {"steps.noise": 1})
+    for name, result in zip(names, results):
+        assert result.ok, (name, result.error)
+        assert result.metrics["mode"] == ("local" if name in LOCAL_ATTRIBUTES else "global")
+        assert set(result.metrics["prob_result"]) == {name}
+    local_rows = [i for i, a in enumerate(names) if a in LOCAL_ATTRIBUTES]
+    hair_rows = [i for i, a in enumerate(names) if "hair" in a]
+    dynamic_steps = [s for s in steps if "dynamic_update" in s.events]
+    assert dynamic_steps and all(set(s.rows) == set(local_rows) for s in dynamic_steps)
+    seg = next(s for s in steps if "seg" in s.losses and s.phase == "latent")
+    for pos, row in enumerate(seg.rows):
+        if row in hair_rows:
+            assert seg.losses["seg"][pos].item() > 0
+
+
+def test_hair_shape_brings_in_the_ears(models, faces):
+    """Zero steps (start at the last step): the masks are the initial ones."""
+    requests = [EditRequest(("black_hair",), (1.0,)), EditRequest(("wavy_hair",), (1.0,))]
+    x = faces[:1].repeat(2, 1, 1, 1)
+    (colour, shape), _ = run(models, x, requests, start_step=FEW_STEPS["steps.latent"])
+    probs = models.face_parser(x[:1], out_size=64)
+    ears = region_masks(probs, [["ears"]])[0]
+    for name in ("recon", "blend", "shape"):
+        torch.testing.assert_close(shape.masks[name] - colour.masks[name], ears,
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shape.masks["dynamic"], colour.masks["dynamic"])
+
+
+def test_the_schedule_is_observed_step_by_step(models, faces):
+    overrides = {"steps.latent": 12, "steps.noise": 2, "loss.start_steps.classf": 3,
+                 "loss.start_steps.seg": 5, "dynamic_masking_iters": 4, "e4e_start_step": 7}
+    _, steps = run(models, faces[:2], [EditRequest(("smiling",), (1.0,)),
+                                      EditRequest(("male",), (1.0,))], overrides)
+    local = [s for s in steps if s.rows == [0] and s.phase == "latent"]
+    glob = [s for s in steps if s.rows == [1] and s.phase == "latent"]
+    assert [s.step for s in local] == list(range(12))
+    assert [s.step for s in local if "adam_reinit" in s.events] == [3]
+    assert [s.step for s in local if "noise_redraw" in s.events] == [9]
+    assert [s.step for s in local if "dynamic_update" in s.events] == [5, 6, 7, 8]
+    assert [s.step for s in local if "classf" in s.losses][0] == 3
+    assert [s.step for s in glob] == list(range(7, 12))       # starts from e4e at step 7
+    assert "e4e_init" in glob[0].events
+    assert all("classf" in s.losses for s in glob)           # classifier on from the start
+    assert not any("adam_reinit" in s.events or "dynamic_update" in s.events for s in glob)
+    assert [s.step for s in glob if "noise_redraw" in s.events] == [9]
+    noise = [s.step for s in steps if s.phase == "noise" and s.rows == [0]]
+    assert noise == [0, 1, 2]                                 # steps.noise + 1 iterations
+
+
+def test_user_overrides_win_over_derived_settings(models, faces):
+    _, steps = run(models, faces[:1], [EditRequest(("male",), (1.0,))],
+                   {"dynamic_masking": True, "optimizer.reinit": True,
+                    "loss.start_steps.classf": 4})
+    latent = [s for s in steps if s.phase == "latent"]
+    assert [s.step for s in latent if "adam_reinit" in s.events] == [4]
+    assert [s.step for s in latent if "classf" in s.losses][0] == 4
+
+
+# ---- failures stay with their image ---------------------------------------------------------
+def test_a_numeric_blow_up_fails_only_that_image(models, faces):
+    x = faces.clone()
+    x[1, :, 10:20, 10:20] = float("nan")
+    requests = [EditRequest(("smiling",), (1.0,)) for _ in range(3)]
+    results, _ = run(models, x, requests)
+    assert results[0].ok and results[2].ok
+    assert not results[1].ok and "numeric blow-up" in results[1].error
+    (alone,), _ = run(models, x[2:3], requests[2:3])
+    torch.testing.assert_close(results[2].edited, alone.edited, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(attributes=("smilling",), targets=(1.0,)), "unknown attribute 'smilling'"),
+    (dict(attributes=("smiling",), targets=(1.5,)), r"target of smiling must be in \[0, 1\]"),
+    (dict(attributes=("smiling",), targets=(1.0,), size=-0.5), "size must be"),
+    (dict(attributes=("smiling", "male"), targets=(1.0,)), "2 attributes but 1 targets"),
+    (dict(attributes=(), targets=()), "no attribute"),
+    (dict(attributes=("smiling",), targets=(1.0,), blend="skin"), "blend must be"),
+])
+def test_bad_values_fail_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EditRequest(**kwargs)
+
+
+def test_metrics_are_per_image_and_computed(models, faces):
+    results, _ = run(models, faces[:2], [EditRequest(("smiling",), (1.0,)),
+                                         EditRequest(("big_nose",), (0.0,))])
+    for k, result in enumerate(results):
+        m = result.metrics
+        assert 0 <= m["prob_input"][next(iter(m["prob_input"]))] <= 1
+        assert m["steps"] == 6 + 3 and m["seconds"] > 0
+        assert m["preservation_l1"] >= 0 and m["recon_mse"] >= 0
+        assert 0 <= m["region_portion_before"] <= 1 and 0 <= m["region_portion_after"] <= 1
+        keep = 1 - result.masks["blend"]
+        x = faces[k]
+        want = (keep * (result.edited.clamp(0, 1) - x).abs()).sum() / (3 * keep.sum())
+        assert m["preservation_l1"] == pytest.approx(want.item(), rel=1e-5)
