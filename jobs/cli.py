@@ -3,6 +3,8 @@
     maskface weights make-tiny --dest DIR [--resolution 64]
     maskface weights fetch --dest DIR [--only NAME ...] [--generator URI]
     maskface weights check SPEC
+    maskface edit IMAGE... --attribute smiling=1 --models SPEC --out DIR
+    maskface bench [--resolution 64 256] [--batch 1 4]
 """
 from __future__ import annotations
 
@@ -163,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--parser-size", type=int, default=512,
                        help="face parser working size (512 for the real weights)")
     check.set_defaults(func=_weights_check)
+
+    from jobs import bench, edit
+    edit.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 

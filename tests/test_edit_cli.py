@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from jobs.edit import output_names, parse_attribute
+
+MASKFACE = str(Path(sys.executable).parent / "maskface")
+FAST = ["--set", "steps.latent=6", "--set", "steps.noise=1", "--set", "loss.start_steps.classf=2",
+        "--set", "loss.start_steps.seg=2", "--set", "dynamic_masking_iters=2",
+        "--set", "parser_size=64"]
+
+
+def test_edit_writes_image_latent_metrics_and_mask_and_survives_a_bad_file(tmp_path, tiny_dir):
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((90, 120, 3)) * 255).astype("uint8")).save(tmp_path / "wide.jpg")
+    Image.fromarray((rng.random((40, 40)) * 255).astype("uint8"), "L").save(tmp_path / "grey.png")
+    (tmp_path / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [MASKFACE, "edit", str(tmp_path / "wide.jpg"), str(tmp_path / "broken.png"),
+         str(tmp_path / "grey.png"), "--attribute", "smiling", "--attribute", "black_hair=0",
+         "--models", str(tiny_dir / "models.yaml"), "--out", str(out), "--batch-size", "2",
+         *FAST], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1                      # one input failed
+    assert "broken.png: not a readable image" in result.stderr
+    assert "tiny random-weight" in result.stderr
+    for name in ("wide", "grey"):
+        edited = np.asarray(Image.open(out / f"{name}.png"))
+        assert edited.shape == (64, 64, 3) and edited.dtype == np.uint8
+        mask = np.asarray(Image.open(out / f"{name}.mask.png"))
+        assert mask.shape == (64, 64)
+        latent = np.load(out / f"{name}.npy")
+        assert latent.shape == (10, 64) and latent.dtype == np.float32
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["status"] == "ok" and record["tiny_models"] is True
+        assert record["attributes"] == ["smiling", "black_hair"] and record["targets"] == [1.0, 0.0]
+        assert set(record["metrics"]["prob_result"]) == {"smiling", "black_hair"}
+        assert record["metrics"]["steps"] == 6 + 2
+    assert not (out / "broken.png").exists()
+
+
+def test_edit_rejects_bad_values_before_any_work(tmp_path, tiny_dir):
+    for args, message in [(["--attribute", "smilling"], "unknown attribute 'smilling'"),
+                          (["--attribute", "smiling=2"], "must be in [0, 1]"),
+                          (["--attribute", "smiling", "--size", "-1"], "size must be"),
+                          (["--attribute", "smiling", "--set", "steps.latnt=3"], "steps.latnt")]:
+        result = subprocess.run([MASKFACE, "edit", "x.png", "--models", str(tiny_dir / "models.yaml"),
+                                 "--out", str(tmp_path), *args], capture_output=True, text=True)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_attribute_and_name_parsing():
+    assert parse_attribute("smiling") == ("smiling", 1.0)
+    assert parse_attribute("male=0") == ("male", 0.0)
+    assert output_names(["a/x.png", "b/x.jpg", "s3://b/y z.png"]) == ["x", "x-1", "y_z"]
+
+
+def test_bench_prints_a_row_per_resolution_and_batch():
+    result = subprocess.run([MASKFACE, "bench", "--resolution", "32", "--batch", "1", "2",
+                             "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("32")]
+    assert [r[2] for r in rows] == ["1", "2"]
+    assert float(rows[0][5]) == 1.0 and float(rows[1][3]) > 0
