@@ -1,0 +1,108 @@
+"""`maskface run JOB.yaml`: the main job. Reads a job spec, validates the manifest before
+any model loads, runs the edits on Ray (an existing cluster when RAY_ADDRESS or
+--address is set, else a local one) and prints a summary. Exit code 1 if any row of the
+output ended in error."""
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from manifests.schema import read_manifest
+from pipeline.config import ConfigError, EditConfig, flatten, parse_set
+from pipeline.job import JobSettings
+
+# Keys that would put credentials in a spec (and so in job.json); they come from the
+# standard AWS chain or the environment instead.
+CREDENTIAL_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
+                   "aws_secret_access_key", "aws_session_token", "session_token"}
+
+
+class JobSpecError(ValueError):
+    pass
+
+
+def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise JobSpecError(f"job spec not found: {path}") from None
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{path}: a job spec is a mapping of keys")
+    for key, value in parse_set(overrides or []).items():
+        top, _, rest = key.partition(".")
+        if top == "edit" and rest:
+            data.setdefault("edit", {})
+            data["edit"] = {**flatten(data["edit"] or {}), rest: value}
+        elif top == "storage_options" and rest:
+            data.setdefault("storage_options", {})[rest] = value
+        else:
+            data[key] = value
+    known = {f.name for f in fields(JobSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise JobSpecError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    missing = [k for k in ("manifest", "output", "models") if not data.get(k)]
+    if missing:
+        raise JobSpecError(f"{path}: missing {', '.join(missing)}")
+    storage = data.get("storage_options") or {}
+    leaked = sorted(k for k in flatten(storage) if k.rsplit(".", 1)[-1].lower() in CREDENTIAL_KEYS)
+    if leaked:
+        raise JobSpecError(f"{path}: storage_options must not hold credentials ({leaked}); "
+                           "use the standard AWS chain or environment variables")
+    edit = flatten(data.get("edit") or {})
+    try:
+        EditConfig.from_overrides(edit)
+    except ConfigError as e:
+        raise JobSpecError(f"{path}: edit: {e}") from None
+    data["edit"] = edit
+    for key, kind in (("batch_size", int), ("cpu_threads", int)):
+        if key in data and (not isinstance(data[key], int) or data[key] < 1):
+            raise JobSpecError(f"{path}: {key} must be a positive integer, got {data[key]!r}")
+    if data.get("actors") is not None and (not isinstance(data["actors"], int) or data["actors"] < 1):
+        raise JobSpecError(f"{path}: actors must be a positive integer, got {data['actors']!r}")
+    return JobSettings(**data)
+
+
+def run_command(args) -> int:
+    from pipeline.job import run_job
+    settings = load_job_spec(args.spec, args.set)
+    if args.retry_errors:
+        settings.retry_errors = True
+    # the manifest is validated before any model loads or Ray starts
+    rows = read_manifest(settings.manifest, settings.storage_options)
+    schema = _arrow_schema(settings)
+    print(f"manifest: {len(rows)} rows valid; output: {settings.output}")
+    summary = run_job(rows, settings, schema, address=args.address)
+    run, whole = summary["this_run"], summary["whole_output"]
+    print(f"this run: {run['ok']} ok, {run['error']} error, {run['skipped_already_done']} "
+          f"already done; {run['images_per_hour']} images/hour")
+    print(f"whole output: {whole['ok']} ok, {whole['error']} error")
+    for attr, s in sorted(summary["per_attribute"].items()):
+        print(f"  {attr}: on target {s['on_target']}/{s['rows']}, flipped {s['flipped']}")
+    for e in summary["errors"]:
+        print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
+    print(f"results: {settings.output} (metrics/, images/, latents/, masks/, summary.json)")
+    return 1 if whole["error"] else 0
+
+
+def _arrow_schema(settings: JobSettings):
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(settings.manifest, **settings.storage_options)
+    return pq.read_schema(path, filesystem=fs) if not fs.isdir(path) else None
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("run", help="run a job spec on Ray (local or a cluster)",
+                            description=__doc__.split("\n")[0])
+    p.add_argument("spec", help="job spec YAML (see jobs/*.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec key; edit.<setting>=V for edit settings")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="recompute rows that ended in error and replace their metrics rows")
+    p.set_defaults(func=run_command)
+

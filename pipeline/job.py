@@ -1,0 +1,157 @@
+"""The main job on Ray Data: validated rows in, edited files and metrics out, resumable.
+
+    rows (validated manifest) -> drop ids already complete in the output
+      -> Ray Data map_batches(EditStage) on an actor pool, one actor per GPU
+      -> each actor writes its rows' files, then their metrics -> summary.json
+
+A row is complete once its metrics row exists; a rerun skips complete rows (error rows
+too, unless retry_errors) and never duplicates a metrics row.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow as pa
+
+from .config import EditConfig
+from .outputs import Output, passthrough_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobSettings:
+    manifest: str
+    output: str
+    models: str
+    edit: dict = field(default_factory=dict)
+    batch_size: int = 4
+    actors: int | None = None         # default: one per GPU; 1 CPU actor on a machine without
+    cpu_threads: int = 2              # torch threads of a CPU actor
+    actor_cpus: float = 0.25          # CPUs reserved per GPU actor (leave room for reads)
+    storage_options: dict = field(default_factory=dict)
+    save_noises: bool = False
+    no_progress_timeout_s: float = 7200.0
+    retry_errors: bool = False
+
+
+def code_version() -> str:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _schedule_key(row, config: EditConfig) -> str:
+    return config.resolve(row["attributes"], row["mode"])["mode"]
+
+
+def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schema | None = None,
+            address: str | None = None, ray_init_kwargs: Mapping | None = None) -> dict:
+    """Run (or resume) a job over validated manifest rows. Returns the summary dict."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from .stage import EditStage
+
+    started = time.time()
+    config = EditConfig.from_overrides(settings.edit)
+    out = Output(settings.output, settings.storage_options)
+    schema = passthrough_schema(manifest_schema, [c for c in rows.columns
+                                                  if c not in ("image_uri", "attributes", "targets",
+                                                               "size", "smoothing", "seed", "mode",
+                                                               "blend", "id")])
+    out.put_json("job.json", {"settings": asdict(settings), "code_version": code_version(),
+                              "started_at": started, "rows": len(rows)})
+
+    done = out.read_metrics()
+    complete = set(done["id"]) if len(done) else set()
+    if settings.retry_errors and len(done):
+        complete -= set(done.loc[done["status"] == "error", "id"])
+    todo = rows[~rows["id"].isin(complete)].copy()
+    skipped = len(rows) - len(todo)
+    log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
+
+    this_run = pd.DataFrame(columns=["id", "status"])
+    if len(todo):
+        todo["_group"] = [_schedule_key(r, config) for r in todo.to_dict("records")]
+        todo = todo.sort_values(["_group", "id"]).drop(columns="_group")
+        if not ray.is_initialized():
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
+                     **dict(ray_init_kwargs or {}))
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        n_actors = settings.actors or max(gpus, 1)
+        # An actor must never hold every CPU: the read and repartition tasks would then
+        # wait forever (a GPU actor takes 1 CPU by default; a CPU actor its threads).
+        cpu_room = max(resources.get("CPU", 1) - 1, 0.5) / n_actors
+        per_actor = ({"num_gpus": 1, "num_cpus": min(settings.actor_cpus, cpu_room)} if gpus
+                     else {"num_gpus": 0, "num_cpus": min(settings.cpu_threads, cpu_room)})
+        log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if gpus else "CPU",
+                 settings.batch_size)
+        DataContext.get_current().execution_no_progress_timeout_s = settings.no_progress_timeout_s
+        with_global = any(config.resolve(a, m)["mode"] == "global" or
+                          config.resolve(a, m)["e4e_init"]
+                          for a, m in zip(todo["attributes"], todo["mode"]))
+        blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
+        ds = ray.data.from_pandas(todo.reset_index(drop=True)).repartition(blocks)
+        ds = ds.map_batches(
+            EditStage, batch_size=settings.batch_size, batch_format="pandas",
+            compute=ActorPoolStrategy(size=n_actors),
+            fn_constructor_kwargs=dict(
+                models_uri=settings.models, edit=settings.edit, output_uri=settings.output,
+                storage_options=settings.storage_options, schema=schema,
+                save_noises=settings.save_noises, with_global=with_global,
+                cpu_threads=None if gpus else settings.cpu_threads),
+            **per_actor)
+        parts = [b[["id", "status"]] for b in ds.iter_batches(batch_format="pandas",
+                                                              batch_size=None)]
+        this_run = pd.concat(parts, ignore_index=True) if parts else this_run
+    if settings.retry_errors:
+        out.drop_stale_rows()
+
+    summary = summarize(out.read_metrics(), this_run, skipped, time.time() - started, settings)
+    out.put_json("summary.json", summary)
+    return summary
+
+
+def summarize(all_rows: pd.DataFrame, this_run: pd.DataFrame, skipped: int, seconds: float,
+              settings: JobSettings) -> dict[str, Any]:
+    def counts(df):
+        return {"ok": int((df["status"] == "ok").sum()), "error": int((df["status"] == "error").sum())}
+
+    per_attr: dict[str, dict[str, float]] = {}
+    ok = all_rows[all_rows["status"] == "ok"] if len(all_rows) else all_rows
+    for row in ok.to_dict("records"):
+        for a, t, p0, p1 in zip(row["attributes"], row["targets"], row["prob_input"],
+                                row["prob_result"]):
+            side = t >= 0.5
+            s = per_attr.setdefault(a, {"rows": 0, "on_target": 0, "flipped": 0})
+            s["rows"] += 1
+            after, before = (p1 >= 0.5) == side, (p0 >= 0.5) == side
+            s["on_target"] += after
+            s["flipped"] += after and not before
+    for s in per_attr.values():
+        s["on_target_rate"] = s["on_target"] / s["rows"]
+        s["flipped_rate"] = s["flipped"] / s["rows"]
+    run_counts = counts(this_run)
+    return {
+        "output": settings.output,
+        "this_run": {**run_counts, "skipped_already_done": skipped, "seconds": round(seconds, 2),
+                     "images_per_hour": round(run_counts["ok"] / seconds * 3600, 1) if seconds else None},
+        "whole_output": counts(all_rows) if len(all_rows) else {"ok": 0, "error": 0},
+        "per_attribute": per_attr,
+        "errors": ([{"id": r["id"], "error": r["error"]} for r in
+                    all_rows[all_rows["status"] == "error"].head(20).to_dict("records")]
+                   if len(all_rows) else []),
+    }

@@ -1,0 +1,151 @@
+"""The output layout of a job under one fsspec URI, and its metrics dataset.
+
+    images/<id>.png      edited image            latents/<id>.npy   W+ latent, float32
+    masks/<id>.png       blend mask, 8-bit       noises/<id>.npz    noise maps (optional)
+    metrics/*.parquet    one row per manifest row (written last: a row with a metrics
+                         row is complete)
+    job.json, summary.json
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import uuid
+from typing import Iterable, Mapping
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+# The metrics columns every row has; passthrough columns from the manifest follow them.
+METRICS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("source_uri", pa.string()), ("image_uri", pa.string()), ("latent_uri", pa.string()),
+    ("mask_uri", pa.string()), ("noises_uri", pa.string()),
+    ("attributes", pa.list_(pa.string())), ("targets", pa.list_(pa.float64())),
+    ("size", pa.float64()), ("seed", pa.int64()), ("mode", pa.string()),
+    ("prob_input", pa.list_(pa.float64())), ("prob_result", pa.list_(pa.float64())),
+    ("preservation_l1", pa.float64()), ("outside_pixels", pa.int64()),
+    ("outside_mse", pa.float64()), ("outside_psnr", pa.float64()), ("recon_mse", pa.float64()),
+    ("region_portion_before", pa.float64()), ("region_portion_after", pa.float64()),
+    ("steps", pa.int64()), ("seconds", pa.float64()),
+    ("node", pa.string()), ("actor", pa.string()), ("gpu_ids", pa.string()),
+    ("actor_model_loads", pa.int64()),
+    ("generator_sha256", pa.string()), ("face_parser_sha256", pa.string()),
+    ("classifier_sha256", pa.string()), ("e4e_sha256", pa.string()),
+    ("lpips_trunk_sha256", pa.string()), ("tiny_models", pa.bool_()),
+    ("written_at", pa.float64()),
+])
+
+
+class Output:
+    def __init__(self, uri: str, storage_options: Mapping | None = None):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **dict(storage_options or {}))
+
+    def uri_of(self, kind: str, row_id: str) -> str:
+        ext = {"images": "png", "latents": "npy", "masks": "png", "noises": "npz"}[kind]
+        return f"{self.uri}/{kind}/{row_id}.{ext}"
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def put(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def put_atomic(self, rel: str, data: bytes) -> None:
+        """Written under a hidden name, then moved: readers never see half a file."""
+        folder, _, name = rel.rpartition("/")
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}" if folder else f".tmp-{uuid.uuid4().hex}-{name}"
+        self.put(tmp, data)
+        self.fs.mv(self._path(tmp), self._path(rel))
+
+    def put_json(self, rel: str, obj) -> None:
+        self.put_atomic(rel, json.dumps(obj, indent=2, default=str).encode())
+
+    def put_npy(self, rel: str, array: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        self.put(rel, buf.getvalue())
+
+    def put_npz(self, rel: str, arrays: dict) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        self.put(rel, buf.getvalue())
+
+    # -- metrics ---------------------------------------------------------------------------
+    def metrics_files(self) -> list[str]:
+        folder = self._path("metrics")
+        if not self.fs.exists(folder):
+            return []
+        return sorted(p for p in self.fs.ls(folder, detail=False)
+                      if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+
+    def write_metrics(self, rows: pd.DataFrame, schema: pa.Schema) -> str:
+        """One file per batch, named by its ids: a retried batch overwrites its own file."""
+        key = hashlib.sha256("\n".join(sorted(rows["id"])).encode()).hexdigest()[:24]
+        table = pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        rel = f"metrics/part-{key}.parquet"
+        self.put_atomic(rel, buf.getvalue())
+        return rel
+
+    def read_metrics(self) -> pd.DataFrame:
+        """Every metrics row, the newest per id (a retried error row replaces the old one)."""
+        files = self.metrics_files()
+        if not files:
+            return pd.DataFrame(columns=METRICS_SCHEMA.names)
+        frames = [pq.read_table(f, filesystem=self.fs).to_pandas() for f in files]
+        df = pd.concat(frames, ignore_index=True)
+        df["_file"] = np.repeat(files, [len(f) for f in frames])
+        return df.sort_values("written_at").drop_duplicates("id", keep="last")
+
+    def drop_stale_rows(self) -> int:
+        """Rewrite files that hold rows superseded by a newer row of the same id."""
+        files = self.metrics_files()
+        if not files:
+            return 0
+        tables = {f: pq.read_table(f, filesystem=self.fs) for f in files}
+        newest: dict[str, float] = {}
+        for t in tables.values():
+            for rid, at in zip(t["id"].to_pylist(), t["written_at"].to_pylist()):
+                newest[rid] = max(newest.get(rid, -1.0), at)
+        dropped = 0
+        for f, t in tables.items():
+            keep = [at >= newest[rid] for rid, at in zip(t["id"].to_pylist(),
+                                                            t["written_at"].to_pylist())]
+            if all(keep):
+                continue
+            dropped += keep.count(False)
+            kept = t.filter(pa.array(keep))
+            rel = f[len(self.root) + 1:]
+            if kept.num_rows == 0:
+                self.fs.rm(f)
+            else:
+                buf = io.BytesIO()
+                pq.write_table(kept, buf)
+                self.put_atomic(rel, buf.getvalue())
+        return dropped
+
+
+def passthrough_schema(manifest: pa.Schema | None, columns: Iterable[str]) -> pa.Schema:
+    """The metrics schema plus the manifest's passthrough columns, with their own types."""
+    fields = list(METRICS_SCHEMA)
+    clash = sorted(set(columns) & set(METRICS_SCHEMA.names))
+    if clash:
+        raise ValueError(f"manifest column(s) {clash} would overwrite metrics columns; rename them")
+    for col in columns:
+        if manifest is not None and col in manifest.names:
+            fields.append(manifest.field(col))
+        else:
+            fields.append(pa.field(col, pa.string()))
+    return pa.schema(fields)

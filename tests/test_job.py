@@ -1,0 +1,232 @@
+"""The main job on a real local Ray cluster (two logical GPUs) and a real S3 server."""
+import os
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from jobs.run import JobSpecError, load_job_spec, run_command
+from manifests.schema import ManifestError, read_manifest, validate, write_manifest
+from models.tiny import make_tiny
+from pipeline.outputs import Output
+
+SHORT = {"steps.latent": 3, "steps.noise": 1, "loss.start_steps.classf": 1,
+         "loss.start_steps.seg": 1, "dynamic_masking_iters": 1, "parser_size": 32,
+         "e4e_start_step": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny32")
+    make_tiny(out, resolution=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8")).save(out / f"p{k}.png")
+    (out / "broken.png").write_text("not an image")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """Credentials reach the workers through the environment, never through a spec."""
+    import ray
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def manifest(ids, image, attrs=("smiling",), **extra):
+    return pd.DataFrame({"id": ids, "image_uri": image if isinstance(image, list) else [image] * len(ids),
+                         "attributes": [list(attrs)] * len(ids),
+                         "targets": [[1.0] * len(attrs)] * len(ids), **extra})
+
+
+def write_spec(path, **keys):
+    keys.setdefault("edit", SHORT)
+    keys.setdefault("batch_size", 2)
+    path.write_text(yaml.safe_dump(keys))
+    return str(path)
+
+
+def run(spec, *extra):
+    return run_command(Namespace(spec=spec, set=list(extra), address=None, retry_errors=False))
+
+
+# ---- placement and per-row errors -----------------------------------------------------
+def test_two_gpu_actors_each_load_once_and_a_bad_row_fails_alone(ray_cluster, tmp_path, tiny32,
+                                                                  photos):
+    images = [str(photos / f"p{k % 3}.png") for k in range(7)] + [str(photos / "broken.png")]
+    write_manifest(manifest([f"r{k}" for k in range(8)], images,
+                            label=list(range(8))), str(tmp_path / "m.parquet"))
+    spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
+                      output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
+                      batch_size=1)
+    assert run(spec) == 1                                  # one row ended in error
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics")
+    assert sorted(metrics["id"]) == [f"r{k}" for k in range(8)]
+    bad = metrics.set_index("id").loc["r7"]
+    assert bad["status"] == "error" and "not a readable image" in bad["error"]
+    ok = metrics[metrics["status"] == "ok"]
+    assert len(ok) == 7
+    assert set(ok["gpu_ids"]) == {"0", "1"}                # each actor on its own GPU
+    assert ok.groupby("actor")["gpu_ids"].nunique().max() == 1
+    assert ok["actor"].nunique() == 2
+    assert (ok["actor_model_loads"] == 1).all()            # models loaded once per actor
+    assert sorted(metrics["label"]) == list(range(8))      # passthrough column kept
+    for rid in ok["id"]:
+        assert (tmp_path / "out" / "images" / f"{rid}.png").is_file()
+        assert np.load(tmp_path / "out" / "latents" / f"{rid}.npy").shape == (8, 64)
+    summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["ok"] == 7 and summary["this_run"]["error"] == 1
+    job = yaml.safe_load((tmp_path / "out" / "job.json").read_text())
+    assert job["settings"]["batch_size"] == 1 and job["code_version"]
+
+
+# ---- S3 end to end ------------------------------------------------------------------------
+def test_s3_end_to_end(ray_cluster, s3_server, tiny32, photos, tmp_path):
+    fs = s3_server["fs"]
+    fs.mkdir("jobdata")
+    fs.put(str(tiny32) + "/", "jobdata/weights/", recursive=True)
+    for k in range(3):
+        fs.put_file(str(photos / f"p{k}.png"), f"jobdata/photos/p{k}.png")
+    rows = manifest([f"s{k}" for k in range(5)], [f"photos/p{k % 3}.png" for k in range(5)],
+                    attrs=("smiling", "black_hair"))
+    opts = {"client_kwargs": {"endpoint_url": s3_server["endpoint"]}}
+    write_manifest(rows, "s3://jobdata/manifest.parquet", {**opts, "key": "testing",
+                                                           "secret": "testing"})
+    spec = write_spec(tmp_path / "job.yaml", manifest="s3://jobdata/manifest.parquet",
+                      output="s3://jobdata/out", models="s3://jobdata/weights/models.yaml",
+                      storage_options=opts)
+    assert run(spec) == 0
+    files = fs.ls("jobdata/out/metrics")
+    metrics = pd.concat([pq.read_table(f, filesystem=fs).to_pandas() for f in files])
+    assert sorted(metrics["id"]) == [f"s{k}" for k in range(5)]      # one row each
+    assert (metrics["status"] == "ok").all()
+    for rid in metrics["id"]:
+        assert fs.exists(f"jobdata/out/images/{rid}.png")
+        assert fs.exists(f"jobdata/out/latents/{rid}.npy")
+    assert metrics["source_uri"].iloc[0].startswith("s3://jobdata/photos/")
+    assert "testing" not in fs.cat("jobdata/out/job.json").decode()
+
+
+# ---- resume ----------------------------------------------------------------------------------
+def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tmp_path, tiny32,
+                                                                 photos):
+    write_manifest(manifest([f"r{k}" for k in range(6)], str(photos / "p0.png")),
+                   str(tmp_path / "m.parquet"))
+    spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
+                      output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
+                      batch_size=1)
+    assert run(spec) == 0
+    out = Output(str(tmp_path / "out"))
+    first = out.read_metrics().set_index("id")["written_at"]
+    # delete two metrics rows (their images stay, half-done work that may be redone)
+    gone = {"r1", "r4"}
+    for f in out.metrics_files():
+        t = pq.read_table(f)
+        if set(t["id"].to_pylist()) & gone:
+            Path(f).unlink()
+    assert run(spec) == 0
+    summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["ok"] == 2 and summary["this_run"]["skipped_already_done"] == 4
+    after = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    assert sorted(after["id"]) == [f"r{k}" for k in range(6)]       # no duplicates
+    again = after.set_index("id")["written_at"]
+    for rid in first.index:
+        assert (again[rid] == first[rid]) == (rid not in gone)      # only the missing recomputed
+
+
+def test_retry_errors_replaces_the_error_rows(ray_cluster, tmp_path, tiny32, photos):
+    broken = tmp_path / "later.png"
+    broken.write_text("not yet an image")
+    write_manifest(manifest(["a", "b"], [str(photos / "p0.png"), str(broken)]),
+                   str(tmp_path / "m.parquet"))
+    spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
+                      output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"))
+    assert run(spec) == 1
+    assert run(spec) == 1                                   # error rows are complete
+    shutil.copy(photos / "p1.png", broken)
+    assert run_command(Namespace(spec=spec, set=[], address=None, retry_errors=True)) == 0
+    out = Output(str(tmp_path / "out"))
+    rows = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    assert sorted(rows["id"]) == ["a", "b"] and (rows["status"] == "ok").all()
+
+
+# ---- validation before any work ------------------------------------------------------------
+def test_manifest_problems_stop_the_job_before_any_model_loads(tmp_path, photos):
+    bad = pd.DataFrame({
+        "id": ["ok1", "dup", "dup", ".hidden", "x/y", "n1", "n2", "n3"],
+        "image_uri": [str(photos / "p0.png")] * 8,
+        "attributes": [["smiling"], ["smiling"], ["smiling"], ["smiling"], ["smiling"],
+                       ["smilling"], ["smiling", "male"], ["smiling"]],
+        "targets": [[1.0], [1.0], [1.0], [1.0], [1.0], [1.0], [1.0], [1.5]],
+        "size": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+    })
+    with pytest.raises(ManifestError) as err:
+        validate(bad)
+    text = str(err.value)
+    for needle in ["row 1 (id 'dup'): duplicate id", "row 3 (id '.hidden'): unsafe id",
+                   "row 4 (id 'x/y'): unsafe id", "unknown attribute(s) ['smilling']",
+                   "2 attributes but 1 targets", "targets must be numbers in [0, 1]",
+                   "size must be a number >= 0", "7 manifest row(s) cannot run"]:
+        assert needle in text, needle
+    assert "row 0" not in text
+    with pytest.raises(ManifestError, match=r"no column\(s\) \['targets'\]"):
+        validate(bad.drop(columns="targets"))
+    many = pd.DataFrame({"id": [f"bad id {k}" for k in range(25)], "image_uri": ["x.png"] * 25,
+                         "attributes": [["smiling"]] * 25, "targets": [[1.0]] * 25})
+    with pytest.raises(ManifestError, match=r"and 5 more row\(s\)"):
+        validate(many)
+
+    pq.write_table(__import__("pyarrow").Table.from_pandas(bad), tmp_path / "bad.parquet")
+    spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "bad.parquet"),
+                      output=str(tmp_path / "out"), models=str(tmp_path / "absent.yaml"))
+    import ray
+    was_running = ray.is_initialized()
+    with pytest.raises(ManifestError):
+        run(spec)
+    assert not (tmp_path / "out").exists()                 # nothing written, nothing loaded
+    assert ray.is_initialized() == was_running
+
+
+def test_defaults_and_relative_image_uris(tmp_path):
+    rows = validate(manifest(["a", "b"], "photos/p.png", seed=[None, 7]), "s3://b/m/manifest.parquet")
+    assert rows["image_uri"].tolist() == ["s3://b/m/photos/p.png"] * 2
+    assert rows["seed"].iloc[1] == 7 and rows["seed"].iloc[0] == validate(
+        manifest(["a"], "p.png"))["seed"].iloc[0]          # stable hash of the id
+    assert rows["mode"].tolist() == ["auto", "auto"] and rows["size"].tolist() == [0.0, 0.0]
+    write_manifest(manifest(["a"], "p.png"), str(tmp_path / "m.parquet"))
+    assert read_manifest(str(tmp_path / "m.parquet"))["image_uri"].iloc[0] == str(tmp_path / "p.png")
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"bogus": 1}, r"unknown key\(s\) \['bogus'\]"),
+    ({"storage_options": {"key": "AKIA..."}}, "must not hold credentials"),
+    ({"edit": {"steps.latnt": 3}}, "steps.latnt"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+])
+def test_job_spec_errors(tmp_path, keys, message):
+    spec = write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o", models="m.yaml",
+                      **keys)
+    with pytest.raises(JobSpecError, match=message):
+        load_job_spec(spec)
+
+
+def test_set_overrides_spec_and_edit_keys(tmp_path):
+    spec = write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o", models="m.yaml")
+    settings = load_job_spec(spec, ["batch_size=8", "edit.steps.latent=9", "save_noises=true"])
+    assert settings.batch_size == 8 and settings.save_noises is True
+    assert settings.edit["steps.latent"] == 9 and settings.edit["parser_size"] == 32
