@@ -17,18 +17,24 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The main job (`maskface run`) is not built yet. Until it is, the demo makes tiny
-# random-weight checkpoints, checks every network, and edits one photo with them.
-DEMO_STEPS := --set steps.latent=60 --set steps.noise=20 --set loss.start_steps.classf=30 \
-              --set loss.start_steps.seg=30 --set dynamic_masking_iters=20 --set parser_size=64
+# The demo: a manifest of four edits of the photo the repo ships (jobs/demo/), run by
+# the main job on a local Ray with local storage. With MODELS=spec.yaml (or
+# MASKFACE_MODELS) it uses real weights and the paper's schedule; without, tiny
+# random weights and a short schedule (jobs/demo-tiny.yaml).
+MODELS ?= $(MASKFACE_MODELS)
 demo: install
-	@echo "demo: the main job (maskface run) does not exist yet; running what does:"
-	@echo "      tiny checkpoints -> check every network -> maskface edit on one photo"
+	$(BIN)/python -m jobs.demo $(DEMO)/manifest.parquet
+ifeq ($(strip $(MODELS)),)
+	@echo "=================================================================="
+	@echo " demo on TINY RANDOM WEIGHTS with a short schedule: the outputs are"
+	@echo " NOT real edits. For real ones: make demo MODELS=weights/models.yaml"
+	@echo "=================================================================="
 	$(BIN)/maskface weights make-tiny --dest $(DEMO)/weights --resolution 64
-	$(BIN)/maskface weights check $(DEMO)/weights/models.yaml --parser-size 64
-	$(BIN)/maskface edit jobs/demo/astronaut-64.png --attribute smiling \
-	    --models $(DEMO)/weights/models.yaml --out $(DEMO)/edited $(DEMO_STEPS)
-	@echo "demo: outputs in $(DEMO)/edited (tiny random weights: not a real edit)"
+	$(BIN)/maskface run jobs/demo-tiny.yaml
+else
+	@echo "demo on real weights ($(MODELS)), the paper's schedule: on a CPU this takes hours per image"
+	$(BIN)/maskface run jobs/demo.yaml --set models=$(MODELS)
+endif
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

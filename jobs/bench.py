@@ -69,6 +69,63 @@ def run_bench(args) -> int:
     return 0
 
 
+PIPELINE_EDIT = {"steps.latent": 40, "steps.noise": 10, "loss.start_steps.classf": 20,
+                 "loss.start_steps.seg": 20, "dynamic_masking_iters": 10, "parser_size": 64}
+
+
+def run_pipeline_bench(args) -> int:
+    """Images per hour through `maskface run` (local Ray) against the engine called
+    directly in this process, on the same rows with tiny 64 px models."""
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    from jobs.demo import PHOTO
+    from manifests.schema import validate, write_manifest
+    from models.loaders import load_models
+    from models.spec import read_spec
+    from models.tiny import make_tiny
+    from pipeline.images import read_image
+    from pipeline.job import JobSettings, run_job
+
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    n, batch = args.pipeline, args.batch[-1]
+    work = Path(tempfile.mkdtemp(prefix="maskface-bench-"))
+    spec_path = make_tiny(work / "weights", resolution=64)
+    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "image_uri": [str(PHOTO)] * n,
+                         "attributes": [["smiling"]] * n, "targets": [[1.0]] * n})
+    write_manifest(rows, str(work / "m.parquet"))
+    settings = JobSettings(manifest=str(work / "m.parquet"), output=str(work / "out"),
+                           models=str(spec_path), edit=PIPELINE_EDIT, batch_size=batch,
+                           actors=1, cpu_threads=torch.get_num_threads())
+    start = time.perf_counter()
+    run_job(validate(rows), settings)
+    pipe_total = time.perf_counter() - start
+    written = pd.read_parquet(work / "out" / "metrics")["written_at"].sort_values().to_numpy()
+    first_batch = written[batch - 1]
+    pipe_steady = (len(written) - batch) / (written[-1] - first_batch)
+
+    config = EditConfig.from_overrides(PIPELINE_EDIT)
+    start = time.perf_counter()
+    editor = Editor(load_models(read_spec(str(spec_path)), parser_size=64, with_global=False),
+                    config)
+    stamps = []
+    for k in range(0, n, batch):
+        images = torch.stack([read_image(str(PHOTO), 64) for _ in range(min(batch, n - k))])
+        editor.edit(images, [EditRequest(("smiling",), (1.0,))] * len(images))
+        stamps.append(time.perf_counter())
+    direct_total = time.perf_counter() - start
+    direct_steady = (n - batch) / (stamps[-1] - stamps[0])
+    print(f"{n} rows, batch {batch}, tiny 64 px models, schedule {PIPELINE_EDIT}")
+    print(f"{'':>22} {'images/hour':>12} {'steady images/hour':>19}")
+    print(f"{'maskface run (Ray)':>22} {n / pipe_total * 3600:>12.0f} {pipe_steady * 3600:>19.0f}")
+    print(f"{'engine directly':>22} {n / direct_total * 3600:>12.0f} {direct_steady * 3600:>19.0f}")
+    print(f"ratio (pipeline / direct): whole run {direct_total / pipe_total:.2f}, "
+          f"steady state {pipe_steady / direct_steady:.2f}")
+    return 0
+
+
 def add_parser(commands) -> None:
     p = commands.add_parser("bench", help="time optimisation steps at several batch sizes",
                             description=__doc__.split("\n")[0])
@@ -78,4 +135,7 @@ def add_parser(commands) -> None:
     p.add_argument("--parser-size", type=int, help="face parser working size "
                    "(default: the generator's resolution; 512 for the real models)")
     p.add_argument("--device")
-    p.set_defaults(func=run_bench)
+    p.add_argument("--pipeline", type=int, metavar="ROWS",
+                   help="instead: images/hour of `maskface run` over ROWS rows against the "
+                        "engine directly (batch: the last --batch value)")
+    p.set_defaults(func=lambda args: run_pipeline_bench(args) if args.pipeline else run_bench(args))

