@@ -100,9 +100,8 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
         log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if gpus else "CPU",
                  settings.batch_size)
         DataContext.get_current().execution_no_progress_timeout_s = settings.no_progress_timeout_s
-        with_global = any(config.resolve(a, m)["mode"] == "global" or
-                          config.resolve(a, m)["e4e_init"]
-                          for a, m in zip(todo["attributes"], todo["mode"]))
+        resolved = [config.resolve(a, m) for a, m in zip(todo["attributes"], todo["mode"])]
+        with_global = any(r["mode"] == "global" or r["e4e_init"] for r in resolved)
         blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
         ds = ray.data.from_pandas(todo.reset_index(drop=True)).repartition(blocks)
         ds = ds.map_batches(

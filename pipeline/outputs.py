@@ -106,7 +106,6 @@ class Output:
             return pd.DataFrame(columns=METRICS_SCHEMA.names)
         frames = [pq.read_table(f, filesystem=self.fs).to_pandas() for f in files]
         df = pd.concat(frames, ignore_index=True)
-        df["_file"] = np.repeat(files, [len(f) for f in frames])
         return df.sort_values("written_at").drop_duplicates("id", keep="last")
 
     def drop_stale_rows(self) -> int:

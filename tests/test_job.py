@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -191,7 +192,7 @@ def test_manifest_problems_stop_the_job_before_any_model_loads(tmp_path, photos)
     with pytest.raises(ManifestError, match=r"and 5 more row\(s\)"):
         validate(many)
 
-    pq.write_table(__import__("pyarrow").Table.from_pandas(bad), tmp_path / "bad.parquet")
+    pq.write_table(pa.Table.from_pandas(bad), tmp_path / "bad.parquet")
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "bad.parquet"),
                       output=str(tmp_path / "out"), models=str(tmp_path / "absent.yaml"))
     import ray
