@@ -8,7 +8,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
 from manifests.schema import read_manifest
@@ -59,7 +58,7 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
     except ConfigError as e:
         raise JobSpecError(f"{path}: edit: {e}") from None
     data["edit"] = edit
-    for key, kind in (("batch_size", int), ("cpu_threads", int)):
+    for key in ("batch_size", "cpu_threads"):
         if key in data and (not isinstance(data[key], int) or data[key] < 1):
             raise JobSpecError(f"{path}: {key} must be a positive integer, got {data[key]!r}")
     if data.get("actors") is not None and (not isinstance(data["actors"], int) or data["actors"] < 1):
@@ -90,9 +89,11 @@ def run_command(args) -> int:
 
 
 def _arrow_schema(settings: JobSettings):
+    """The manifest's Arrow schema (a file or a folder), so passthrough columns keep their types."""
     import fsspec
+    import pyarrow.dataset as pads
     fs, path = fsspec.core.url_to_fs(settings.manifest, **settings.storage_options)
-    return pq.read_schema(path, filesystem=fs) if not fs.isdir(path) else None
+    return pads.dataset(path, filesystem=fs, format="parquet").schema
 
 
 def add_parser(commands) -> None:

@@ -9,7 +9,7 @@ from helpers import FIDELITY
 from models.face_parser import CLASS_INDEX, region_masks
 from models.loaders import load_models
 from models.spec import ModelsSpec, read_spec
-from pipeline.attributes import GLOBAL_ATTRIBUTES, HAIR_SHAPES, LOCAL_ATTRIBUTES
+from pipeline.attributes import GLOBAL_ATTRIBUTES, LOCAL_ATTRIBUTES
 from pipeline.config import EditConfig
 from pipeline.engine import Editor, EditRequest
 
