@@ -4,6 +4,7 @@
     maskface weights fetch --dest DIR [--only NAME ...] [--generator URI]
     maskface weights check SPEC
     maskface run JOB.yaml [--set key=value] [--retry-errors]
+    maskface manifest celebahq --images DIR --attr-file FILE --edit smiling=flip --out URI
     maskface edit IMAGE... --attribute smiling=1 --models SPEC --out DIR
     maskface bench [--resolution 64 256] [--batch 1 4]
 """
@@ -167,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="face parser working size (512 for the real weights)")
     check.set_defaults(func=_weights_check)
 
-    from jobs import bench, edit, run
+    from jobs import bench, edit, manifest_cmd, run
     run.add_parser(commands)
+    manifest_cmd.add_parser(commands)
     edit.add_parser(commands)
     bench.add_parser(commands)
     return parser
