@@ -9,7 +9,7 @@ DEMO   := demo-out
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,align]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,10 +8,33 @@ from manifests.builders import (Report, Subset, build_rows, celeba_partition, li
 from manifests.schema import write_manifest
 
 
+def align_rows(rows, aligned_out: str, size: int, on_multiple: str, report: Report):
+    """Align each row's photo once, point the rows at the crops, keep `source_uri` and
+    `align_quad` (8 floats: the crop quad's corners in source pixels)."""
+    from jobs.align_cmd import _open_image, _save_png
+    from manifests.align import AlignError, Aligner
+    aligner = Aligner(size=size, on_multiple=on_multiple)
+    crops = {}
+    for uri in dict.fromkeys(rows["image_uri"]):
+        stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        try:
+            crop, quad = aligner.align(_open_image(uri))
+        except (AlignError, OSError) as e:
+            report.add(f"{uri}: not aligned: {e}")
+            continue
+        target = f"{aligned_out.rstrip('/')}/{stem}.png"
+        _save_png(crop, target)
+        crops[uri] = (target, [float(v) for v in quad.flatten()])
+    rows = rows[rows["image_uri"].isin(crops)].copy()
+    rows["source_uri"] = rows["image_uri"]
+    rows["align_quad"] = [crops[u][1] for u in rows["image_uri"]]
+    rows["image_uri"] = [crops[u][0] for u in rows["image_uri"]]
+    return rows.reset_index(drop=True)
+
+
 def run_manifest(args) -> int:
-    if getattr(args, "align", False):
-        print("error: --align (FFHQ face alignment) is not built yet; align the images first",
-              file=sys.stderr)
+    if getattr(args, "align", False) and not args.aligned_out:
+        print("error: --align needs --aligned-out URI for the aligned crops", file=sys.stderr)
         return 2
     report = Report()
     labelled = args.dataset in ("celebahq", "celeba")
@@ -27,6 +50,8 @@ def run_manifest(args) -> int:
             labels = {f: v for f, v in labels.items() if f in keep}
             images = {f: u for f, u in images.items() if f in keep}
     rows = build_rows(images, edits, labels, header, report, subset, strict=args.strict)
+    if getattr(args, "align", False):
+        rows = align_rows(rows, args.aligned_out, args.size, args.multiple, report)
     write_manifest(rows, args.out)
     if report.problems:
         print(f"{len(report.problems)} input problem(s) skipped:\n{report.summary()}",
@@ -51,7 +76,12 @@ def add_parser(commands) -> None:
             q.add_argument("--partition", help="list_eval_partition.txt")
             q.add_argument("--split", default="test", help="train, val or test (default test)")
         if name != "celebahq":
-            q.add_argument("--align", action="store_true", help="FFHQ-align the faces first")
+            q.add_argument("--align", action="store_true",
+                           help="FFHQ-align the faces first (needs the align extra)")
+            q.add_argument("--aligned-out", help="folder URI for the aligned crops")
+            q.add_argument("--size", type=int, default=1024, help="aligned crop size")
+            q.add_argument("--multiple", choices=("largest", "skip"), default="largest",
+                           help="photos with several faces: the largest, or skip them")
         q.add_argument("--edit", action="append", required=True, metavar="NAME=flip|0|1",
                        help="edit to apply to every image (repeatable)")
         q.add_argument("--out", required=True, help="manifest URI to write (Parquet)")

@@ -1,0 +1,76 @@
+"""`maskface align` and `maskface paste`: FFHQ alignment of photos, and the way back."""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import sys
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from manifests.align import LANDMARK_LICENCE, AlignError, Aligner, paste
+from manifests.builders import list_images
+
+
+def _open_image(uri: str) -> Image.Image:
+    with fsspec.open(uri, "rb") as f:
+        return Image.open(io.BytesIO(f.read())).convert("RGB")
+
+
+def _save_png(image: Image.Image, uri: str) -> None:
+    with fsspec.open(uri, "wb") as f:
+        image.save(f, format="PNG")
+
+
+def run_align(args) -> int:
+    aligner = Aligner(size=args.size, on_multiple=args.multiple)
+    fs, path = fsspec.core.url_to_fs(args.input)
+    sources = list_images(args.input) if fs.isdir(path) else {posixpath.basename(path): args.input}
+    out = args.output.rstrip("/")
+    quads, failed = {}, 0
+    for name, uri in sources.items():
+        stem = posixpath.splitext(name)[0]
+        try:
+            crop, quad = aligner.align(_open_image(uri))
+        except (AlignError, OSError) as e:
+            failed += 1
+            print(f"skipped {uri}: {e}", file=sys.stderr)
+            continue
+        _save_png(crop, f"{out}/{stem}.png")
+        quads[f"{stem}.png"] = {"source_uri": uri, "align_quad": quad.flatten().tolist()}
+    with fsspec.open(f"{out}/quads.json", "w") as f:
+        json.dump(quads, f, indent=2)
+    print(f"aligned {len(quads)} of {len(sources)} photo(s) into {out} (quads in quads.json)")
+    print(f"note: {LANDMARK_LICENCE}")
+    return 1 if failed else 0
+
+
+def run_paste(args) -> int:
+    quad = np.array([float(v) for v in args.quad.split(",")], dtype=np.float64)
+    if quad.size != 8:
+        print("error: --quad wants 8 numbers x0,y0,...,x3,y3", file=sys.stderr)
+        return 2
+    result = paste(_open_image(args.source), _open_image(args.edited), quad.reshape(4, 2),
+                   feather=args.feather)
+    _save_png(result, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_parsers(commands) -> None:
+    a = commands.add_parser("align", help="FFHQ-align the faces of photos (needs .[align])")
+    a.add_argument("input", metavar="IN_URI", help="a photo or a folder of photos")
+    a.add_argument("output", metavar="OUT_URI", help="folder for the aligned crops")
+    a.add_argument("--size", type=int, default=1024)
+    a.add_argument("--multiple", choices=("largest", "skip"), default="largest",
+                   help="photos with several faces: take the largest, or skip them")
+    a.set_defaults(func=run_align)
+    p = commands.add_parser("paste", help="blend an edited crop back into its source photo")
+    p.add_argument("--edited", required=True, help="the edited aligned crop")
+    p.add_argument("--source", required=True, help="the full original photo")
+    p.add_argument("--quad", required=True, help="x0,y0,x1,y1,x2,y2,x3,y3 from alignment")
+    p.add_argument("--feather", type=float, default=0.1, help="border ramp, share of the crop")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_paste)

@@ -1,0 +1,158 @@
+"""FFHQ-style face alignment, and pasting an edited crop back into the full photo.
+
+The StyleGAN2 FFHQ generator only understands faces aligned the way FFHQ was: 68 dlib
+landmarks -> eye and mouth centres -> an oriented square quad around the face -> a
+warp of that quad to a square image. `paste` inverts the warp and blends the crop back
+with a feathered mask.
+
+Needs the `align` extra (`pip install .[align]`): dlib (the `dlib-bin` wheel) and dlib's
+68-point shape predictor from `face_recognition_models` (or Debian's libdlib-data).
+That model was trained on iBUG's 300-W data, whose terms exclude commercial use.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
+LANDMARK_LICENCE = ("dlib's 68-point shape predictor was trained on iBUG 300-W, whose "
+                    "licence excludes commercial use.")
+
+
+class AlignError(ValueError):
+    """A photo that cannot be aligned (no face, several faces with on_multiple='skip')."""
+
+
+def landmark_model_path() -> Path:
+    """The 68-point model: $MASKFACE_LANDMARKS, face_recognition_models, or Debian's copy."""
+    candidates = [os.environ.get("MASKFACE_LANDMARKS")]
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec and spec.submodule_search_locations:
+        candidates.append(os.path.join(spec.submodule_search_locations[0], "models",
+                                       LANDMARK_MODEL))
+    candidates.append(f"/usr/share/dlib/{LANDMARK_MODEL}")
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    raise AlignError(f"no {LANDMARK_MODEL}: install the align extra (pip install '.[align]'), "
+                     "or Debian's libdlib-data, or set MASKFACE_LANDMARKS")
+
+
+def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
+    """FFHQ's crop quad [4, 2] (corners: top-left, bottom-left, bottom-right, top-right)
+    from 68 landmarks [68, 2] in source pixels."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    eye_left, eye_right = lm[36:42].mean(0), lm[42:48].mean(0)
+    eye_avg = (eye_left + eye_right) * 0.5
+    eye_to_eye = eye_right - eye_left
+    mouth_avg = (lm[48] + lm[54]) * 0.5
+    eye_to_mouth = mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x /= np.hypot(*x)
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * [-1, 1]
+    c = eye_avg + eye_to_mouth * 0.1
+    return np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+
+
+def quad_to_crop(quad: np.ndarray, size: int) -> np.ndarray:
+    """The 2x3 affine map from source pixels to crop pixels of a size x size crop."""
+    q0 = quad[0]
+    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)   # crop -> source
+    inv = np.linalg.inv(basis)
+    return np.concatenate([inv, (-inv @ q0)[:, None]], axis=1)
+
+
+def crop_to_source(quad: np.ndarray, size: int) -> np.ndarray:
+    """The 2x3 affine map from crop pixels to source pixels."""
+    q0 = quad[0]
+    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)
+    return np.concatenate([basis, q0[:, None]], axis=1)
+
+
+def warp_crop(image: Image.Image, quad: np.ndarray, size: int) -> Image.Image:
+    """Cut the quad out of `image` as a size x size square (reflect-padded at the edges)."""
+    rgb = np.asarray(image.convert("RGB"))
+    quad = np.asarray(quad, dtype=np.float64)
+    qsize = np.hypot(*(quad[3] - quad[0]))
+    shrink = int(np.floor(qsize / size * 0.5))
+    if shrink > 1:      # shrink first so bilinear sampling does not alias
+        small = (int(np.rint(rgb.shape[1] / shrink)), int(np.rint(rgb.shape[0] / shrink)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(small, Image.LANCZOS))
+        quad = quad / shrink
+    border = int(np.ceil(max(0, -quad.min(), (quad[:, 0] - rgb.shape[1]).max(),
+                             (quad[:, 1] - rgb.shape[0]).max()))) + 2
+    border = min(border, max(rgb.shape[:2]) - 1)
+    padded = np.pad(rgb, ((border, border), (border, border), (0, 0)), mode="reflect")
+    quad = quad + border
+    m = crop_to_source(quad, size)
+    data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
+    return Image.fromarray(padded).transform((size, size), Image.AFFINE, data, Image.BILINEAR)
+
+
+def paste(source: Image.Image, edited: Image.Image, quad: np.ndarray,
+          feather: float = 0.1) -> Image.Image:
+    """Blend an edited crop back into the full photo it was cut from.
+
+    The crop is warped back by the inverse of its quad's transform; a mask that is 1 in
+    the middle and ramps to 0 over `feather` of the crop's width at its border keeps
+    the seam invisible. Pixels outside the quad are the source's, unchanged.
+    """
+    src = source.convert("RGB")
+    size = edited.size[0]
+    m = quad_to_crop(np.asarray(quad, dtype=np.float64), size)
+    data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
+    warped = edited.convert("RGB").transform(src.size, Image.AFFINE, data, Image.BILINEAR)
+    ramp = np.minimum(np.arange(size) + 0.5, size - 0.5 - np.arange(size)) / max(feather * size, 1)
+    ramp = np.clip(ramp, 0, 1)
+    mask = Image.fromarray((np.outer(ramp, ramp) * 255).round().astype(np.uint8), "L")
+    alpha = np.asarray(mask.transform(src.size, Image.AFFINE, data, Image.BILINEAR),
+                       dtype=np.float32)[..., None] / 255
+    out = alpha * np.asarray(warped, dtype=np.float32) + (1 - alpha) * np.asarray(src, np.float32)
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+@dataclass
+class Aligner:
+    """Detect, landmark and align faces.
+
+    on_multiple: 'largest' takes the largest face, 'skip' refuses photos with several.
+    Detections scoring below `min_score` are ignored (dlib finds weak false faces when
+    it upsamples).
+    """
+    size: int = 1024
+    on_multiple: str = "largest"
+    upsample: int = 1
+    min_score: float = 0.5
+
+    def __post_init__(self):
+        if self.on_multiple not in ("largest", "skip"):
+            raise ValueError("on_multiple must be 'largest' or 'skip'")
+        try:
+            import dlib
+        except ImportError:
+            raise AlignError("face alignment needs dlib: pip install '.[align]'") from None
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(landmark_model_path()))
+
+    def landmarks(self, image: Image.Image) -> np.ndarray:
+        rgb = np.asarray(image.convert("RGB"))
+        rects, scores, _ = self._detector.run(rgb, self.upsample, 0)
+        faces = [r for r, s in zip(rects, scores) if s >= self.min_score]
+        if not faces:
+            raise AlignError("no face found")
+        if len(faces) > 1 and self.on_multiple == "skip":
+            raise AlignError(f"{len(faces)} faces found (on_multiple=skip)")
+        face = max(faces, key=lambda r: r.width() * r.height())
+        shape = self._predictor(rgb, face)
+        return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
+
+    def align(self, image: Image.Image) -> tuple[Image.Image, np.ndarray]:
+        """(the aligned size x size crop, its quad [4, 2] in source pixels)."""
+        quad = ffhq_quad(self.landmarks(image))
+        return warp_crop(image, quad, self.size), quad
