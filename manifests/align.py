@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.images import crop_to_source, paste, quad_to_crop  # noqa: F401  (re-exported)
+
 LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
 LANDMARK_LICENCE = ("dlib's 68-point shape predictor was trained on iBUG 300-W, whose "
                     "licence excludes commercial use.")
@@ -60,21 +62,6 @@ def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
 
 
-def quad_to_crop(quad: np.ndarray, size: int) -> np.ndarray:
-    """The 2x3 affine map from source pixels to crop pixels of a size x size crop."""
-    q0 = quad[0]
-    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)   # crop -> source
-    inv = np.linalg.inv(basis)
-    return np.concatenate([inv, (-inv @ q0)[:, None]], axis=1)
-
-
-def crop_to_source(quad: np.ndarray, size: int) -> np.ndarray:
-    """The 2x3 affine map from crop pixels to source pixels."""
-    q0 = quad[0]
-    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)
-    return np.concatenate([basis, q0[:, None]], axis=1)
-
-
 def warp_crop(image: Image.Image, quad: np.ndarray, size: int) -> Image.Image:
     """Cut the quad out of `image` as a size x size square (reflect-padded at the edges)."""
     rgb = np.asarray(image.convert("RGB"))
@@ -93,28 +80,6 @@ def warp_crop(image: Image.Image, quad: np.ndarray, size: int) -> Image.Image:
     m = crop_to_source(quad, size)
     data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
     return Image.fromarray(padded).transform((size, size), Image.AFFINE, data, Image.BILINEAR)
-
-
-def paste(source: Image.Image, edited: Image.Image, quad: np.ndarray,
-          feather: float = 0.1) -> Image.Image:
-    """Blend an edited crop back into the full photo it was cut from.
-
-    The crop is warped back by the inverse of its quad's transform; a mask that is 1 in
-    the middle and ramps to 0 over `feather` of the crop's width at its border keeps
-    the seam invisible. Pixels outside the quad are the source's, unchanged.
-    """
-    src = source.convert("RGB")
-    size = edited.size[0]
-    m = quad_to_crop(np.asarray(quad, dtype=np.float64), size)
-    data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
-    warped = edited.convert("RGB").transform(src.size, Image.AFFINE, data, Image.BILINEAR)
-    ramp = np.minimum(np.arange(size) + 0.5, size - 0.5 - np.arange(size)) / max(feather * size, 1)
-    ramp = np.clip(ramp, 0, 1)
-    mask = Image.fromarray((np.outer(ramp, ramp) * 255).round().astype(np.uint8), "L")
-    alpha = np.asarray(mask.transform(src.size, Image.AFFINE, data, Image.BILINEAR),
-                       dtype=np.float32)[..., None] / 255
-    out = alpha * np.asarray(warped, dtype=np.float32) + (1 - alpha) * np.asarray(src, np.float32)
-    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
 @dataclass

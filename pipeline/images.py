@@ -55,6 +55,16 @@ def read_image(uri: str, resolution: int, storage_options: Mapping | None = None
     return decode_image(data, resolution, uri)
 
 
+def read_pil(uri: str, storage_options: Mapping | None = None) -> Image.Image:
+    """A photo as an RGB PIL image, at its own size."""
+    with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+        data = f.read()
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{uri}: not a readable image ({e})") from None
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] or [1, H, W] float (any range) -> HxWx3 / HxW uint8, clamped to [0, 1]."""
     arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
@@ -70,3 +80,41 @@ def encode_png(image: torch.Tensor) -> bytes:
 def write_bytes(uri: str, data: bytes, storage_options: Mapping | None = None) -> None:
     with fsspec.open(uri, "wb", **dict(storage_options or {})) as f:
         f.write(data)
+
+
+# -- the alignment quad: crop <-> source photo (see manifests/align.py) --------------------
+def quad_to_crop(quad: np.ndarray, size: int) -> np.ndarray:
+    """The 2x3 affine map from source pixels to crop pixels of a size x size crop."""
+    q0 = quad[0]
+    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)   # crop -> source
+    inv = np.linalg.inv(basis)
+    return np.concatenate([inv, (-inv @ q0)[:, None]], axis=1)
+
+
+def crop_to_source(quad: np.ndarray, size: int) -> np.ndarray:
+    """The 2x3 affine map from crop pixels to source pixels."""
+    q0 = quad[0]
+    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)
+    return np.concatenate([basis, q0[:, None]], axis=1)
+
+
+def paste(source: Image.Image, edited: Image.Image, quad: np.ndarray,
+          feather: float = 0.1) -> Image.Image:
+    """Blend an edited crop back into the full photo it was cut from.
+
+    The crop is warped back by the inverse of its quad's transform; a mask that is 1 in
+    the middle and ramps to 0 over `feather` of the crop's width at its border keeps
+    the seam invisible. Pixels outside the quad are the source's, unchanged.
+    """
+    src = source.convert("RGB")
+    size = edited.size[0]
+    m = quad_to_crop(np.asarray(quad, dtype=np.float64), size)
+    data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
+    warped = edited.convert("RGB").transform(src.size, Image.AFFINE, data, Image.BILINEAR)
+    ramp = np.minimum(np.arange(size) + 0.5, size - 0.5 - np.arange(size)) / max(feather * size, 1)
+    ramp = np.clip(ramp, 0, 1)
+    mask = Image.fromarray((np.outer(ramp, ramp) * 255).round().astype(np.uint8), "L")
+    alpha = np.asarray(mask.transform(src.size, Image.AFFINE, data, Image.BILINEAR),
+                       dtype=np.float32)[..., None] / 255
+    out = alpha * np.asarray(warped, dtype=np.float32) + (1 - alpha) * np.asarray(src, np.float32)
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))

@@ -39,6 +39,7 @@ class JobSettings:
     actor_cpus: float = 0.25          # CPUs reserved per GPU actor (leave room for reads)
     storage_options: dict = field(default_factory=dict)
     save_noises: bool = False
+    paste_back: bool = False          # write pasted/<id>.png for rows with source_uri + align_quad
     no_progress_timeout_s: float = 7200.0
     retry_errors: bool = False
 
@@ -99,7 +100,10 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
                      else {"num_gpus": 0, "num_cpus": min(settings.cpu_threads, cpu_room)})
         log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if gpus else "CPU",
                  settings.batch_size)
-        DataContext.get_current().execution_no_progress_timeout_s = settings.no_progress_timeout_s
+        ctx = DataContext.get_current()
+        ctx.execution_no_progress_timeout_s = settings.no_progress_timeout_s
+        # passthrough list columns (align_quad) may hold nulls: keep them plain lists
+        ctx.enable_tensor_extension_casting = False
         resolved = [config.resolve(a, m) for a, m in zip(todo["attributes"], todo["mode"])]
         with_global = any(r["mode"] == "global" or r["e4e_init"] for r in resolved)
         blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
@@ -110,7 +114,8 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
             fn_constructor_kwargs=dict(
                 models_uri=settings.models, edit=settings.edit, output_uri=settings.output,
                 storage_options=settings.storage_options, schema=schema,
-                save_noises=settings.save_noises, with_global=with_global,
+                save_noises=settings.save_noises, paste_back=settings.paste_back,
+                with_global=with_global,
                 cpu_threads=None if gpus else settings.cpu_threads),
             **per_actor)
         parts = [b[["id", "status"]] for b in ds.iter_batches(batch_format="pandas",

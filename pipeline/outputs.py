@@ -2,6 +2,7 @@
 
     images/<id>.png      edited image            latents/<id>.npy   W+ latent, float32
     masks/<id>.png       blend mask, 8-bit       noises/<id>.npz    noise maps (optional)
+    pasted/<id>.png      the edit pasted back into the full photo (paste_back, aligned rows)
     metrics/*.parquet    one row per manifest row (written last: a row with a metrics
                          row is complete)
     job.json, summary.json
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 # The metrics columns every row has; passthrough columns from the manifest follow them.
 METRICS_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("source_uri", pa.string()), ("image_uri", pa.string()), ("latent_uri", pa.string()),
-    ("mask_uri", pa.string()), ("noises_uri", pa.string()),
+    ("source_uri", pa.string()), ("input_uri", pa.string()), ("image_uri", pa.string()),
+    ("latent_uri", pa.string()), ("mask_uri", pa.string()), ("noises_uri", pa.string()),
+    ("pasted_uri", pa.string()),
     ("attributes", pa.list_(pa.string())), ("targets", pa.list_(pa.float64())),
     ("size", pa.float64()), ("seed", pa.int64()), ("mode", pa.string()),
     ("prob_input", pa.list_(pa.float64())), ("prob_result", pa.list_(pa.float64())),
@@ -50,7 +52,8 @@ class Output:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **dict(storage_options or {}))
 
     def uri_of(self, kind: str, row_id: str) -> str:
-        ext = {"images": "png", "latents": "npy", "masks": "png", "noises": "npz"}[kind]
+        ext = {"images": "png", "latents": "npy", "masks": "png", "noises": "npz",
+               "pasted": "png"}[kind]
         return f"{self.uri}/{kind}/{row_id}.{ext}"
 
     def _path(self, rel: str) -> str:
@@ -139,6 +142,7 @@ class Output:
 def passthrough_schema(manifest: pa.Schema | None, columns: Iterable[str]) -> pa.Schema:
     """The metrics schema plus the manifest's passthrough columns, with their own types."""
     fields = list(METRICS_SCHEMA)
+    columns = [c for c in columns if c != "source_uri"]   # an aligned row's photo: merged
     clash = sorted(set(columns) & set(METRICS_SCHEMA.names))
     if clash:
         raise ValueError(f"manifest column(s) {clash} would overwrite metrics columns; rename them")

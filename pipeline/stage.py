@@ -9,6 +9,7 @@ batch.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -20,13 +21,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
+from PIL import Image
 
 from models.loaders import load_models
 from models.spec import read_spec
 
 from .config import EditConfig, apply_mean_latent
 from .engine import Editor, EditRequest
-from .images import ImageError, encode_png, read_image
+from .images import ImageError, encode_png, paste, read_image, read_pil, to_uint8
 from .outputs import Output
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ MODEL_LOADS = 0      # per process: how often this worker loaded the models (sho
 class EditStage:
     def __init__(self, models_uri: str, edit: Mapping, output_uri: str,
                  storage_options: Mapping | None, schema: pa.Schema, save_noises: bool = False,
-                 with_global: bool = True, cpu_threads: int | None = None):
+                 paste_back: bool = False, with_global: bool = True,
+                 cpu_threads: int | None = None):
         global MODEL_LOADS
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -51,6 +54,7 @@ class EditStage:
         self.output = Output(output_uri, self.storage_options)
         self.schema = schema
         self.save_noises = save_noises
+        self.paste_back = paste_back
         self.identity = self._identity()
         log.info("edit actor ready on %s (%s)", self.identity["node"], self.device)
 
@@ -93,7 +97,10 @@ class EditStage:
                 if not result.ok:
                     records[k].update(status="error", error=result.error)
                     continue
-                records[k].update(self._write(rows[k]["id"], result))
+                try:
+                    records[k].update(self._write(rows[k], result))
+                except (ImageError, OSError, ValueError) as e:
+                    records[k].update(status="error", error=f"writing outputs: {e}")
             log.info("edited %d rows in %.1f s", len(live), time.perf_counter() - started)
         now = time.time()
         for r in records:
@@ -114,7 +121,8 @@ class EditStage:
         record = {k: v for k, v in row.items() if k in self.schema.names}
         hashes = self.models.hashes
         record.update({
-            "status": "ok", "error": None, "source_uri": row["image_uri"],
+            "status": "ok", "error": None, "input_uri": row["image_uri"],
+            "source_uri": _none(row.get("source_uri")) or row["image_uri"],
             "attributes": list(row["attributes"]), "targets": [float(t) for t in row["targets"]],
             "size": float(row["size"]), "seed": int(row["seed"]),
             "mode": None, **self.identity, "actor_model_loads": MODEL_LOADS,
@@ -123,8 +131,8 @@ class EditStage:
                ("generator", "face_parser", "classifier", "e4e", "lpips_trunk")}})
         return record
 
-    def _write(self, row_id: str, result) -> dict:
-        out = self.output
+    def _write(self, row, result) -> dict:
+        out, row_id = self.output, row["id"]
         out.put(f"images/{row_id}.png", encode_png(result.edited))
         out.put_npy(f"latents/{row_id}.npy", result.latent.float().numpy())
         out.put(f"masks/{row_id}.png", encode_png(result.masks["blend"]))
@@ -135,6 +143,15 @@ class EditStage:
             out.put_npz(f"noises/{row_id}.npz",
                         {f"noise_{i}": n.float().numpy() for i, n in enumerate(result.noises)})
             record["noises_uri"] = out.uri_of("noises", row_id)
+        quad = row.get("align_quad")
+        if self.paste_back and _none(row.get("source_uri")) and quad is not None and len(quad) == 8:
+            photo = read_pil(row["source_uri"], self.storage_options)
+            edited = Image.fromarray(to_uint8(result.edited))
+            pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
+            buf = io.BytesIO()
+            pasted.save(buf, format="PNG")
+            out.put(f"pasted/{row_id}.png", buf.getvalue())
+            record["pasted_uri"] = out.uri_of("pasted", row_id)
         m = result.metrics
         attrs = list(m["prob_input"])
         record.update({k: m[k] for k in ("preservation_l1", "outside_pixels", "outside_mse",

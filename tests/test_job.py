@@ -337,3 +337,29 @@ def test_a_job_against_a_separate_signature_checking_s3_server(ray_cluster, rclo
     root = rclone_s3["root"] / "bucket" / "out"            # rclone stores objects as files
     assert sorted(p.name for p in (root / "images").iterdir()) == ["c0.png", "c1.png"]
     assert len(pd.read_parquet(root / "metrics")) == 2
+
+
+def test_paste_back_writes_the_edit_into_the_full_photo(ray_cluster, tmp_path, tiny32, photos):
+    big = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((80, 100, 3)) * 255).astype("uint8")).save(big)
+    quad = [20.0, 10.0, 20.0, 60.0, 70.0, 60.0, 70.0, 10.0]     # a 50 px square in the photo
+    rows = manifest(["pa", "pb"], [str(photos / "p0.png"), str(photos / "p1.png")],
+                    source_uri=[str(big), None], align_quad=[quad, None])
+    write_manifest(rows, str(tmp_path / "m.parquet"))
+    spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
+                      output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
+                      paste_back=True)
+    assert run(spec) == 0
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics").set_index("id")
+    assert metrics.loc["pa", "source_uri"] == str(big)
+    assert metrics.loc["pa", "input_uri"] == str(photos / "p0.png")
+    assert metrics.loc["pb", "source_uri"] == str(photos / "p1.png")   # not aligned
+    assert list(metrics.loc["pa", "align_quad"]) == quad
+    pasted = np.asarray(Image.open(tmp_path / "out" / "pasted" / "pa.png"))
+    assert pasted.shape == (80, 100, 3)
+    original = np.asarray(Image.open(big))
+    assert (pasted[:5] == original[:5]).all()                  # outside the quad: untouched
+    assert not (pasted[30:40, 40:50] == original[30:40, 40:50]).all()
+    assert metrics.loc["pa", "pasted_uri"].endswith("pasted/pa.png")
+    assert pd.isna(metrics.loc["pb", "pasted_uri"])
+    assert not (tmp_path / "out" / "pasted" / "pb.png").exists()
