@@ -59,9 +59,11 @@ def test_align_identity_edit_paste_round_trip(astronaut, aligner):
 def test_no_face_and_two_faces_take_the_documented_paths(astronaut, aligner):
     with pytest.raises(AlignError, match="no face found"):
         aligner.align(Image.fromarray(np.full((200, 200, 3), 128, np.uint8)))
+    strict = Aligner(size=64, on_multiple="skip")
+    strict.align(astronaut)                                # exactly one face in the astronaut
     two = Image.fromarray(np.concatenate([np.asarray(astronaut)] * 2, axis=1))
     with pytest.raises(AlignError, match="2 faces found"):
-        Aligner(size=64, on_multiple="skip").align(two)
+        strict.align(two)
     crop, quad = Aligner(size=64, on_multiple="largest").align(two)
     assert crop.size == (64, 64)
 
