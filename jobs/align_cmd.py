@@ -1,27 +1,16 @@
 """`maskface align` and `maskface paste`: FFHQ alignment of photos, and the way back."""
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import sys
 
 import fsspec
 import numpy as np
-from PIL import Image
 
 from manifests.align import LANDMARK_LICENCE, AlignError, Aligner, paste
 from manifests.builders import list_images
-
-
-def _open_image(uri: str) -> Image.Image:
-    with fsspec.open(uri, "rb") as f:
-        return Image.open(io.BytesIO(f.read())).convert("RGB")
-
-
-def _save_png(image: Image.Image, uri: str) -> None:
-    with fsspec.open(uri, "wb") as f:
-        image.save(f, format="PNG")
+from pipeline.images import ImageError, png_bytes, read_pil, write_bytes
 
 
 def run_align(args) -> int:
@@ -33,12 +22,12 @@ def run_align(args) -> int:
     for name, uri in sources.items():
         stem = posixpath.splitext(name)[0]
         try:
-            crop, quad = aligner.align(_open_image(uri))
-        except (AlignError, OSError) as e:
+            crop, quad = aligner.align(read_pil(uri))
+        except (AlignError, ImageError, OSError) as e:
             failed += 1
             print(f"skipped {uri}: {e}", file=sys.stderr)
             continue
-        _save_png(crop, f"{out}/{stem}.png")
+        write_bytes(f"{out}/{stem}.png", png_bytes(crop))
         quads[f"{stem}.png"] = {"source_uri": uri, "align_quad": quad.flatten().tolist()}
     with fsspec.open(f"{out}/quads.json", "w") as f:
         json.dump(quads, f, indent=2)
@@ -52,9 +41,9 @@ def run_paste(args) -> int:
     if quad.size != 8:
         print("error: --quad wants 8 numbers x0,y0,...,x3,y3", file=sys.stderr)
         return 2
-    result = paste(_open_image(args.source), _open_image(args.edited), quad.reshape(4, 2),
+    result = paste(read_pil(args.source), read_pil(args.edited), quad.reshape(4, 2),
                    feather=args.feather)
-    _save_png(result, args.out)
+    write_bytes(args.out, png_bytes(result))
     print(f"wrote {args.out}")
     return 0
 

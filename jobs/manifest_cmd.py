@@ -11,19 +11,19 @@ from manifests.schema import write_manifest
 def align_rows(rows, aligned_out: str, size: int, on_multiple: str, report: Report):
     """Align each row's photo once, point the rows at the crops, keep `source_uri` and
     `align_quad` (8 floats: the crop quad's corners in source pixels)."""
-    from jobs.align_cmd import _open_image, _save_png
     from manifests.align import AlignError, Aligner
+    from pipeline.images import ImageError, png_bytes, read_pil, write_bytes
     aligner = Aligner(size=size, on_multiple=on_multiple)
     crops = {}
     for uri in dict.fromkeys(rows["image_uri"]):
         stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
         try:
-            crop, quad = aligner.align(_open_image(uri))
-        except (AlignError, OSError) as e:
+            crop, quad = aligner.align(read_pil(uri))
+        except (AlignError, ImageError, OSError) as e:
             report.add(f"{uri}: not aligned: {e}")
             continue
         target = f"{aligned_out.rstrip('/')}/{stem}.png"
-        _save_png(crop, target)
+        write_bytes(target, png_bytes(crop))
         crops[uri] = (target, [float(v) for v in quad.flatten()])
     rows = rows[rows["image_uri"].isin(crops)].copy()
     rows["source_uri"] = rows["image_uri"]

@@ -90,25 +90,19 @@ def _coerce(key: str, value: Any) -> Any:
             value = value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    elif kind is int:
+    elif kind in (int, float):
         if isinstance(value, str):
             try:
-                value = int(value)
+                value = kind(value)
             except ValueError:
                 pass
-        if isinstance(value, float) and value.is_integer():
+        if kind is int and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    elif kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
+        allowed = (int, float) if kind is float else int
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            what = "a number" if kind is float else "an integer"
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        value = kind(value)
     elif not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if check is not None and not check(value):

@@ -71,10 +71,15 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
 
 
-def encode_png(image: torch.Tensor) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(image)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """A [3, H, W] or [1, H, W] tensor as PNG bytes (clamped to [0, 1], 8-bit)."""
+    return png_bytes(Image.fromarray(to_uint8(image)))
 
 
 def write_bytes(uri: str, data: bytes, storage_options: Mapping | None = None) -> None:

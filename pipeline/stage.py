@@ -9,7 +9,6 @@ batch.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -28,7 +27,8 @@ from models.spec import read_spec
 
 from .config import EditConfig, apply_mean_latent
 from .engine import Editor, EditRequest
-from .images import ImageError, encode_png, paste, read_image, read_pil, to_uint8
+from .images import (ImageError, encode_png, paste, png_bytes, read_image, read_pil,
+                     to_uint8)
 from .outputs import Output
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ class EditStage:
             photo = read_pil(row["source_uri"], self.storage_options)
             edited = Image.fromarray(to_uint8(result.edited))
             pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
-            buf = io.BytesIO()
-            pasted.save(buf, format="PNG")
-            out.put(f"pasted/{row_id}.png", buf.getvalue())
+            out.put(f"pasted/{row_id}.png", png_bytes(pasted))
             record["pasted_uri"] = out.uri_of("pasted", row_id)
         m = result.metrics
         attrs = list(m["prob_input"])
