@@ -2,6 +2,7 @@
 
     maskface weights make-tiny --dest DIR [--resolution 64]
     maskface weights fetch --dest DIR [--only NAME ...] [--generator URI]
+    maskface weights convert stylegan2-ffhq-config-f.pkl --dest stylegan2-ffhq-config-f.pt
     maskface weights check SPEC
     maskface run JOB.yaml [--set key=value] [--retry-errors]
     maskface manifest celebahq --images DIR --attr-file FILE --edit smiling=flip --out URI
@@ -58,10 +59,28 @@ def _weights_fetch(args) -> int:
     print("Licence terms of these weights (read before use):")
     for line in licences:
         print(f"  - {line}")
-    if not args.generator:
-        print("The StyleGAN2 generator is not downloaded: convert NVIDIA's "
-              "stylegan2-ffhq-config-f.pkl to rosinality's layout and put it next to the spec "
-              "as stylegan2-ffhq-config-f.pt, or pass --generator URI.")
+    print(f"next: maskface weights check {spec}")
+    return 0
+
+
+def _weights_convert(args) -> int:
+    from pathlib import Path
+
+    from models.fetch import GENERATOR_LICENCE
+    from models.nvidia_pickle import convert_pickle
+    dest = args.dest or Path(args.src.split("?")[0]).with_suffix(".pt").name
+    done = convert_pickle(args.src, dest)
+    c = done.config
+    print(f"wrote {done.dest}  (sha256 {done.sha256})")
+    print(f"  from      {args.src}  (sha256 {done.source_sha256})")
+    print(f"  generator {c['size']} px, style {c['style_dim']}, {c['n_mlp']} mapping layers, "
+          f"{done.parameters:,} parameters")
+    if done.latent_avg_norm is None:
+        print("  the file has no dlatent_avg: use mean_latent: {source: computed} in the spec")
+    else:
+        print(f"  latent_avg (the file's dlatent_avg) norm {done.latent_avg_norm:.3f}; use it "
+              "with mean_latent: {source: checkpoint} in the spec")
+    print(f"Licence: {GENERATOR_LICENCE} (for NVIDIA's FFHQ networks)")
     return 0
 
 
@@ -99,7 +118,10 @@ def _weights_check(args) -> int:
         with torch.no_grad():
             img = gm(w.view(1, 1, -1).repeat(1, gm.n_latent, 1), gm.make_noise(1))
         state["image"] = img
-        return g, img.shape, f"  mean latent norm {w.norm():.3f}"
+        made = g.extra.get("converted_from")
+        origin = (f"  converted from {made.get('file')} (sha256 {str(made.get('sha256'))[:16]}) "
+                  f"by {made.get('converter')}" if isinstance(made, dict) else "")
+        return g, img.shape, f"  mean latent ({spec.mean_latent.source}) norm {w.norm():.3f}{origin}"
 
     def needs_image():
         if "image" not in state:
@@ -152,16 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_weights_make_tiny)
 
-    fetch = wsub.add_parser("fetch", help="download the public checkpoints + write a spec")
+    fetch = wsub.add_parser("fetch", help="download the public checkpoints (converting NVIDIA's "
+                                          "generator pickle) + write a hashed spec")
     fetch.add_argument("--dest", required=True, help="output folder")
     fetch.add_argument("--only", action="append", metavar="NAME",
-                       help="fetch only this network (repeatable): classifier, face_parser, "
-                            "e4e, lpips_trunk")
+                       help="fetch only this network (repeatable): generator, classifier, "
+                            "face_parser, e4e, lpips_trunk")
     fetch.add_argument("--url", action="append", metavar="NAME=URL",
                        help="download NAME from URL instead (a mirror)")
     fetch.add_argument("--generator", metavar="URI",
-                       help="an already converted rosinality-layout generator to name in the spec")
+                       help="an already converted rosinality-layout generator to name in the "
+                            "spec instead of fetching NVIDIA's")
     fetch.set_defaults(func=_weights_fetch)
+
+    convert = wsub.add_parser("convert", help="convert NVIDIA's StyleGAN2 TensorFlow .pkl to our "
+                                              "generator checkpoint (no TensorFlow; runs nothing "
+                                              "from the file)")
+    convert.add_argument("src", help="the .pkl (path or fsspec URI), e.g. stylegan2-ffhq-config-f.pkl")
+    convert.add_argument("--dest", help="output .pt (default: the source name with .pt, here)")
+    convert.set_defaults(func=_weights_convert)
 
     check = wsub.add_parser("check", help="load every network of a spec and run one forward")
     check.add_argument("spec", help="models spec URI")

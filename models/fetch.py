@@ -1,9 +1,9 @@
 """Download the public checkpoints the original MaskFaceGAN uses, and write a models spec.
 
-Sources are those of the original's download.sh (its Dropbox links) plus torchvision's
-VGG16 for the LPIPS trunk. The StyleGAN2 FFHQ generator is published by NVIDIA only
-as a TensorFlow pickle; it must be converted to rosinality's layout first, so it is
-named in the spec (by `generator_uri`) rather than downloaded here.
+Sources are those of the original's download.sh (its Dropbox links), torchvision's
+VGG16 for the LPIPS trunk, and NVIDIA's official StyleGAN2 FFHQ pickle, which is
+converted on arrival to our generator checkpoint (`models/nvidia_pickle.py`; no
+TensorFlow, nothing in the file is run).
 
 A download is streamed to `<file>.part`, hashed on the way, and renamed into place
 only when the byte count matches what the server announced: an interrupted download
@@ -23,7 +23,8 @@ from typing import Callable, Mapping
 import yaml
 
 from .checkpoints import redact, sha256_file
-from .spec import NETWORKS, ModelsSpec, WeightRef, write_spec
+from .nvidia_pickle import CONVERTER_VERSION, convert_pickle
+from .spec import NETWORKS, MeanLatent, ModelsSpec, WeightRef, write_spec
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,16 @@ class Source:
     url: str
     filename: str
     licence: str
+    convert_to: str | None = None   # the pickle is converted; the spec names this file
 
+
+GENERATOR_FILE = "stylegan2-ffhq-config-f.pt"
+GENERATOR_LICENCE = ("StyleGAN2 FFHQ config-f generator: " + NON_COMMERCIAL_NVIDIA +
+                     " FFHQ images: CC BY-NC-SA 4.0.")
+# NVIDIA moved its StyleGAN2 networks to NGC; nvlabs-fi-cdn.nvidia.com/stylegan2/networks/
+# serves the same file (pass it with --url generator=... if NGC is unreachable).
+GENERATOR_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan2/versions/1/"
+                 "files/stylegan2-ffhq-config-f.pkl")
 
 SOURCES: dict[str, Source] = {
     "classifier": Source("https://www.dropbox.com/s/4j1x9zhri8cndny/state.pt?dl=1",
@@ -52,10 +62,9 @@ SOURCES: dict[str, Source] = {
                           "vgg16-397923af.pth",
                           "torchvision VGG16 (BSD-3-Clause code); trained on ImageNet, whose "
                           "terms allow non-commercial research use only."),
+    "generator": Source(GENERATOR_URL, "stylegan2-ffhq-config-f.pkl", GENERATOR_LICENCE,
+                        convert_to=GENERATOR_FILE),
 }
-GENERATOR_FILE = "stylegan2-ffhq-config-f.pt"
-GENERATOR_LICENCE = ("StyleGAN2 FFHQ config-f generator: " + NON_COMMERCIAL_NVIDIA +
-                     " FFHQ images: CC BY-NC-SA 4.0.")
 RECORDED_NOTE = "sha256 recorded at first download; upstream publishes none"
 
 
@@ -118,48 +127,69 @@ def fetch_weights(dest: str | Path, only: list[str] | None = None,
                   urls: Mapping[str, str] | None = None, generator_uri: str | None = None,
                   progress_factory: Callable[[str], Callable[[int, int | None], None]] | None = None
                   ) -> tuple[Path, list[str]]:
-    """Download the checkpoints into `dest` and write `dest/models.yaml`.
+    """Download (and for the generator, convert) the checkpoints into `dest`, and write
+    `dest/models.yaml`.
 
-    Files already present are checked against the hash in an existing spec and kept
-    when they match. Returns the spec path and the licence lines to show the user.
+    A file the spec already records is kept when its sha256 still matches. Upstream
+    publishes no hashes, so each is recorded at first download and marked as such.
+    `generator_uri` names an already converted generator instead of fetching NVIDIA's.
+    Returns the spec path and the licence lines to show the user.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    names = list(only) if only else list(SOURCES)
+    names = list(only) if only else [n for n in SOURCES if not (generator_uri and n == "generator")]
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise ValueError(f"cannot fetch {unknown}; choose from {sorted(SOURCES)}")
+    if generator_uri and "generator" in names:
+        raise ValueError("--generator names a converted generator; do not also fetch one")
     spec_path = dest / "models.yaml"
     previous: dict[str, WeightRef] = {}
+    mean = MeanLatent()
     if spec_path.exists():
         old = ModelsSpec.from_dict(yaml.safe_load(spec_path.read_text()))  # URIs kept relative
         previous = {n: getattr(old, n) for n in NETWORKS if getattr(old, n) is not None}
+        mean = old.mean_latent
 
     refs: dict[str, WeightRef] = {}
     licences = []
     for name in names:
         src = SOURCES[name]
         url = (urls or {}).get(name, src.url)
-        path = dest / src.filename
+        target = src.convert_to or src.filename          # the file the spec names
         known = previous.get(name)
-        if path.exists() and known and known.sha256 and sha256_file(path) == known.sha256:
-            log.info("%s: %s already complete (sha256 verified)", name, path)
-            refs[name] = WeightRef(src.filename, known.sha256, known.note)
+        licences.append(f"{name}: {src.licence}")
+        if ((dest / target).exists() and known and known.sha256 and known.uri == target
+                and sha256_file(dest / target) == known.sha256):
+            log.info("%s: %s already complete (sha256 verified)", name, dest / target)
+            refs[name] = known
+            continue
+        path = dest / src.filename
+        if src.convert_to and path.exists():     # downloads land only when complete
+            log.info("%s: converting the pickle already downloaded to %s", name, path)
+            sha = sha256_file(path)
         else:
             log.info("%s: downloading %s", name, redact(url))
             sha = download(url, path, progress_factory(name) if progress_factory else None)
+        if src.convert_to:
+            done = convert_pickle(str(path), dest / target, source_sha256=sha)
+            refs[name] = WeightRef(target, done.sha256,
+                                   f"converted by {CONVERTER_VERSION} from {src.filename} "
+                                   f"(sha256 {sha}; {RECORDED_NOTE})")
+            if done.latent_avg_norm is not None:      # the mean latent comes from the file
+                mean = MeanLatent(source="checkpoint", samples=mean.samples, seed=mean.seed)
+        else:
             refs[name] = WeightRef(src.filename, sha, RECORDED_NOTE)
-        licences.append(f"{name}: {src.licence}")
 
     for name, ref in previous.items():      # keep what an earlier fetch recorded
         refs.setdefault(name, ref)
     if generator_uri:
         local = Path(generator_uri)
         refs["generator"] = WeightRef(generator_uri, sha256_file(local) if local.is_file() else None)
+        licences.append(f"generator: {GENERATOR_LICENCE}")
     refs.setdefault("generator", WeightRef(GENERATOR_FILE))
-    licences.append(f"generator: {GENERATOR_LICENCE}")
     for name in ("face_parser", "classifier"):
         refs.setdefault(name, WeightRef(SOURCES[name].filename))
-    write_spec(ModelsSpec(**refs), str(spec_path),
+    write_spec(ModelsSpec(**refs, mean_latent=mean), str(spec_path),
                header="models spec written by `maskface weights fetch`")
     return spec_path, licences

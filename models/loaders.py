@@ -45,7 +45,8 @@ def _open(ref: WeightRef, storage_options) -> tuple[Path, str]:
 
 
 def load_generator(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
-    """rosinality layout: {'g_ema': state_dict, optional 'latent_avg': [style_dim]}."""
+    """rosinality layout: {'g_ema': state_dict, optional 'latent_avg': [style_dim]}, plus
+    'converted_from' (source file, sha256, converter) when `weights convert` wrote it."""
     path, sha = _open(ref, storage_options)
     name = redact(ref.uri)
     ckpt = require_mapping(safe_load(path, name), name, ["g_ema"])
@@ -62,7 +63,8 @@ def load_generator(ref: WeightRef, storage_options: Mapping | None = None) -> Lo
         if latent_avg.numel() != g.style_dim:
             raise CheckpointError(f"{name}: latent_avg has {latent_avg.numel()} values, "
                                   f"expected {g.style_dim}")
-    return Loaded(_freeze(g), sha, {"latent_avg": latent_avg, "config": config})
+    return Loaded(_freeze(g), sha, {"latent_avg": latent_avg, "config": config,
+                                    "converted_from": ckpt.get("converted_from")})
 
 
 def load_face_parser(ref: WeightRef, working_size: int = 512,

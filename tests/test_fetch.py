@@ -3,10 +3,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 import yaml
 
 from jobs.cli import main
+from models.checkpoints import sha256_file
 from models.fetch import SOURCES, DownloadError, download, fetch_weights
+from models.tiny import FILES
+from nvidia_pickles import official_networks, pickle_bytes
 
 
 class Files(BaseHTTPRequestHandler):
@@ -42,9 +46,17 @@ class Files(BaseHTTPRequestHandler):
         self.wfile.write(body[start:])
 
 
+def generator_pickle(tiny_dir) -> bytes:
+    """The tiny generator written as NVIDIA's pickle would hold it."""
+    ckpt = torch.load(tiny_dir / FILES["generator"], map_location="cpu", weights_only=True)
+    return pickle_bytes(official_networks(ckpt["g_ema"], ckpt["latent_avg"]))
+
+
 @pytest.fixture
-def server():
+def server(tiny_dir):
+    """Opaque bytes for the checkpoints the fetch only hashes; a real pickle to convert."""
     Files.files = {name: hashlib.sha256(name.encode()).digest() * 5000 for name in SOURCES}
+    Files.files["generator"] = generator_pickle(tiny_dir)
     Files.requests = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -62,9 +74,15 @@ def test_fetch_downloads_hashes_and_writes_a_spec(tmp_path, server, capsys):
     for name, src in SOURCES.items():
         body = Files.files[name]
         assert (tmp_path / src.filename).read_bytes() == body
-        assert spec[name]["sha256"] == hashlib.sha256(body).hexdigest()
         assert "first download" in spec[name]["note"]
+        if name != "generator":
+            assert spec[name]["sha256"] == hashlib.sha256(body).hexdigest()
+    # the generator pickle is converted: the spec names the .pt, the note the .pkl's hash
     assert spec["generator"]["uri"] == "stylegan2-ffhq-config-f.pt"
+    assert spec["generator"]["sha256"] == sha256_file(tmp_path / "stylegan2-ffhq-config-f.pt")
+    assert hashlib.sha256(Files.files["generator"]).hexdigest() in spec["generator"]["note"]
+    assert "converted by maskface" in spec["generator"]["note"]
+    assert spec["mean_latent"]["source"] == "checkpoint"
 
     # a second run verifies by hash and downloads nothing
     before = len(Files.requests)
@@ -96,3 +114,56 @@ def test_only_one_network_and_a_missing_url(tmp_path, server, capsys):
     assert code == 1
     assert "HTTP 404" in capsys.readouterr().err
     assert not (tmp_path / "x" / "classifier.pt").exists()
+
+
+def test_fetch_converts_and_the_spec_passes_weights_check(tmp_path, tiny_dir, capsys):
+    """Real tiny checkpoints served over HTTP; NVIDIA's generator as a pickle."""
+    Files.files = {name: (tiny_dir / FILES[name]).read_bytes() for name in SOURCES
+                   if name != "generator"}
+    Files.files["generator"] = generator_pickle(tiny_dir)
+    Files.requests = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        urls = [f"--url={name}={base}/ok/{name}" for name in SOURCES]
+        assert main(["weights", "fetch", "--dest", str(tmp_path), *urls]) == 0
+    finally:
+        httpd.shutdown()
+    capsys.readouterr()
+    assert main(["weights", "check", str(tmp_path / "models.yaml"), "--parser-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "ok", out
+    line = next(l for l in out.splitlines() if l.startswith("generator"))
+    assert "[1, 3, 64, 64]" in line and "mean latent (checkpoint)" in line
+    assert "converted from stylegan2-ffhq-config-f.pkl" in line
+    # the mean latent is the pickle's dlatent_avg, which was the tiny file's latent_avg
+    converted = torch.load(tmp_path / "stylegan2-ffhq-config-f.pt", weights_only=True)
+    tiny = torch.load(tiny_dir / FILES["generator"], weights_only=True)
+    assert torch.equal(converted["latent_avg"], tiny["latent_avg"])
+
+
+def test_an_already_downloaded_pickle_is_converted_without_a_download(tmp_path, server):
+    (tmp_path / "stylegan2-ffhq-config-f.pkl").write_bytes(Files.files["generator"])
+    spec, licences = fetch_weights(tmp_path, only=["generator"],
+                                   urls={"generator": f"{server}/ok/nothing"})
+    assert Files.requests == []
+    assert (tmp_path / "stylegan2-ffhq-config-f.pt").is_file()
+    assert any("NVIDIA Source Code License-NC" in line for line in licences)
+    data = yaml.safe_load(spec.read_text())
+    assert data["generator"]["sha256"] == sha256_file(tmp_path / "stylegan2-ffhq-config-f.pt")
+
+
+def test_convert_command(tmp_path, server, capsys):
+    (tmp_path / "net.pkl").write_bytes(Files.files["generator"])
+    assert main(["weights", "convert", str(tmp_path / "net.pkl"),
+                 "--dest", str(tmp_path / "out" / "g.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"sha256 {sha256_file(tmp_path / 'out' / 'g.pt')}" in out
+    assert "64 px, style 64, 8 mapping layers" in out and "Licence" in out
+    (tmp_path / "bad.pkl").write_bytes(Files.files["generator"][:1000])
+    assert main(["weights", "convert", str(tmp_path / "bad.pkl"),
+                 "--dest", str(tmp_path / "bad.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a readable pickle" in err
+    assert not (tmp_path / "bad.pt").exists()

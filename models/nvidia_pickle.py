@@ -1,0 +1,325 @@
+"""NVIDIA's official StyleGAN2 TensorFlow pickle -> our generator checkpoint, without TensorFlow.
+
+NVIDIA publishes `stylegan2-ffhq-config-f.pkl` as `pickle.dump((G, D, Gs))` of
+`dnnlib.tflib.network.Network` objects. Each network pickles a state dict: its name,
+build function name and source code, static kwargs, sub-networks (`components`) and its
+own variables as (name, numpy array) pairs. Unpickling it the usual way execs the
+recorded source and builds a TF graph. We never do either: a restricted unpickler
+resolves exactly the globals such a file needs (numpy's array and scalar rebuilders,
+numpy's dtype, and `Network`, which becomes `RecordedNetwork`: a class that only keeps
+the state). Any other global is refused before anything is called.
+
+Layout facts, TensorFlow (G_ema = Gs) -> rosinality `g_ema` (ours):
+
+  G_mapping/Dense{i}/weight [in, out]  -> style.{i+1}.weight [out, in] (transposed)
+  G_mapping/Dense{i}/bias              -> style.{i+1}.bias
+      Both frameworks store weight = N(0,1)/lrmul and scale at run time by
+      lrmul/sqrt(in) (bias by lrmul), so the values carry over when the file's
+      `mapping_lrmul` is ours (0.01); another multiplier is folded into the values.
+  .../Conv*/weight [kh, kw, in, out]   -> conv.weight [1, out, in, kh, kw]
+      The up-sampling `Conv0_up` kernel is also flipped in both spatial axes: TF's
+      upsample_conv_2d calls conv2d_transpose on the flipped kernel, ours calls
+      conv_transpose2d on the stored one.
+  .../mod_weight [style, in]           -> conv.modulation.weight [in, style]
+  .../mod_bias [in]                    -> conv.modulation.bias = mod_bias + 1
+      (TF adds 1 after the bias; ours initialises the bias at 1 instead)
+  .../noise_strength []                -> noise.weight [1]
+  .../Conv*/bias                       -> activate.bias
+  .../ToRGB/bias [3]                   -> bias [1, 3, 1, 1]
+  4x4/Const/const [1, C, 4, 4]         -> input.input
+  noise{i} [1, 1, r, r]                -> noises.noise_{i}
+  Gs dlatent_avg [style]               -> latent_avg (the mean latent, from the file)
+
+Blur kernels are fixed [1, 3, 3, 1] taps, not variables; they come from our module.
+"""
+from __future__ import annotations
+
+import _codecs
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import CheckpointError, load_strict, local_file, redact, sha256_file
+from .stylegan2 import Generator
+
+try:                                     # numpy >= 2 moved it; 1.x pickles name numpy.core
+    from numpy._core import multiarray as _multiarray
+except ImportError:                      # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _multiarray
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = "maskface nvidia-pickle converter 1"
+LR_MLP = 0.01            # our Generator's mapping lr multiplier (rosinality's default)
+SYNTHESIS_FUNC = "G_synthesis_stylegan2"
+MAPPING_FUNC = "G_mapping"
+
+
+class PickleError(CheckpointError):
+    """The file is not a readable NVIDIA StyleGAN2 pickle, or asks for something unsafe."""
+
+
+class RecordedNetwork:
+    """Stand-in for `dnnlib.tflib.network.Network`: keeps the pickled state, runs nothing.
+
+    The recorded build source (`build_module_src`) is dropped unread.
+    """
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or not {"name", "variables"} <= set(state):
+            raise PickleError("a Network whose state has no name or variables")
+        self.name = str(state["name"])
+        self.version = state.get("version")
+        self.build_func_name = state.get("build_func_name")
+        self.static_kwargs = dict(state.get("static_kwargs") or {})
+        self.components = dict(state.get("components") or {})
+        self.variables = {}
+        for item in state["variables"]:
+            name, value = item
+            if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in "fiub":
+                raise PickleError(f"variable {name!r} of network {self.name!r} is not a numeric "
+                                  f"array (got {type(value).__name__})")
+            self.variables[str(name)] = np.asarray(value)
+
+    def __repr__(self):
+        return f"RecordedNetwork({self.name!r}, {len(self.variables)} variables)"
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not np.ndarray:
+        raise PickleError(f"an array of type {getattr(subtype, '__name__', subtype)!r}")
+    return _multiarray._reconstruct(subtype, shape, dtype)
+
+
+def _dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise PickleError("an array of Python objects")
+    return dtype
+
+
+_ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype,
+            ("dnnlib.tflib.network", "Network"): RecordedNetwork,
+            ("_codecs", "encode"): _codecs.encode}      # protocol 2 writes bytes this way
+for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _ALLOWED[(_module, "_reconstruct")] = _reconstruct
+    _ALLOWED[(_module, "scalar")] = _multiarray.scalar
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            hint = (" (a StyleGAN2-ADA/StyleGAN3 PyTorch pickle: not supported)"
+                    if module.startswith("torch_utils") else "")
+            raise PickleError(f"refused: the file asks for the global {module}.{name}{hint}, "
+                              "which an NVIDIA StyleGAN2 pickle never needs; nothing in the "
+                              "file was run")
+        return found
+
+    def persistent_load(self, pid):
+        raise PickleError("refused: the file uses persistent ids (a PyTorch checkpoint?); "
+                          "an NVIDIA StyleGAN2 pickle has none")
+
+
+def read_network_pickle(path: str | os.PathLike, name: str | None = None) -> RecordedNetwork:
+    """The G_ema network (`Gs`) of an NVIDIA StyleGAN2 pickle, as recorded state."""
+    name = redact(name or str(path))
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        try:
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+        except PickleError as e:
+            raise PickleError(f"{name}: {e}") from None
+        except Exception as e:   # truncated, corrupt, or not a pickle at all
+            what = " (it is a ZIP archive: a PyTorch checkpoint?)" if head.startswith(b"PK") else ""
+            raise PickleError(f"{name}: not a readable pickle{what}: truncated or corrupt? "
+                              f"{type(e).__name__}: {e}") from None
+    if (isinstance(obj, tuple) and len(obj) == 3
+            and all(isinstance(n, RecordedNetwork) for n in obj)):
+        return obj[2]                         # (G, D, Gs): Gs is the EMA generator
+    if isinstance(obj, RecordedNetwork):
+        return obj
+    shape = (f"a {len(obj)}-tuple" if isinstance(obj, tuple) else f"a {type(obj).__name__}")
+    raise PickleError(f"{name}: not an NVIDIA StyleGAN2 network pickle: it holds {shape}, "
+                      "expected the tuple (G, D, Gs) of networks")
+
+
+class _Variables:
+    """One network's variables, handed out once each so that leftovers can be reported."""
+
+    def __init__(self, network: RecordedNetwork, where: str):
+        self.values, self.where, self.used = network.variables, where, set()
+
+    def take(self, name: str, ndim: int) -> np.ndarray:
+        if name not in self.values:
+            raise PickleError(f"{self.where} has no variable {name!r}")
+        value = self.values[name].astype(np.float32)
+        if value.ndim != ndim:
+            raise PickleError(f"{self.where}/{name} has shape {list(value.shape)}; "
+                              f"expected {ndim} dimensions")
+        self.used.add(name)
+        return value
+
+    def unused(self) -> list[str]:
+        return [f"{self.where}/{n}" for n in self.values if n not in self.used]
+
+
+def _component(gs: RecordedNetwork, key: str, func: str) -> RecordedNetwork:
+    net = gs.components.get(key)
+    if not isinstance(net, RecordedNetwork):
+        raise PickleError(f"network {gs.name!r} has no {key} sub-network; found "
+                          f"{sorted(gs.components)}: not a StyleGAN2 generator")
+    if net.build_func_name != func:
+        raise PickleError(f"the {key} network is built by {net.build_func_name!r}, not {func!r}: "
+                          "only StyleGAN2 generators (configs e/f, 'skip' architecture) convert")
+    return net
+
+
+def _check_kwargs(kwargs: dict, where: str) -> None:
+    """Refuse the StyleGAN2 options that change what the layers compute."""
+    supported = {"architecture": "skip", "nonlinearity": "lrelu", "mapping_nonlinearity": "lrelu",
+                 "normalize_latents": True, "label_size": 0, "num_channels": 3}
+    for key, want in supported.items():
+        if key in kwargs and kwargs[key] != want:
+            raise PickleError(f"{where}: {key}={kwargs[key]!r} is not supported (only {want!r})")
+    kernel = kwargs.get("resample_kernel")
+    if kernel is not None and list(kernel) != [1, 3, 3, 1]:
+        raise PickleError(f"{where}: resample_kernel={list(kernel)} is not supported "
+                          "(only [1, 3, 3, 1])")
+
+
+def _modconv(v: _Variables, src: str, dst: str, flip: bool = False) -> dict[str, np.ndarray]:
+    weight = v.take(f"{src}/weight", 4).transpose(3, 2, 0, 1)[None]   # [1, out, in, kh, kw]
+    if flip:
+        weight = weight[..., ::-1, ::-1]
+    return {f"{dst}.conv.weight": weight,
+            f"{dst}.conv.modulation.weight": v.take(f"{src}/mod_weight", 2).T,
+            f"{dst}.conv.modulation.bias": v.take(f"{src}/mod_bias", 1) + 1,
+            f"{dst}.noise.weight": v.take(f"{src}/noise_strength", 0).reshape(1),
+            f"{dst}.activate.bias": v.take(f"{src}/bias", 1)}
+
+
+def _torgb(v: _Variables, src: str, dst: str) -> dict[str, np.ndarray]:
+    return {f"{dst}.conv.weight": v.take(f"{src}/weight", 4).transpose(3, 2, 0, 1)[None],
+            f"{dst}.conv.modulation.weight": v.take(f"{src}/mod_weight", 2).T,
+            f"{dst}.conv.modulation.bias": v.take(f"{src}/mod_bias", 1) + 1,
+            f"{dst}.bias": v.take(f"{src}/bias", 1).reshape(1, -1, 1, 1)}
+
+
+def convert_generator(gs: RecordedNetwork, name: str = "pickle"
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict]:
+    """Gs -> (g_ema state dict, latent_avg or None, Generator config). Strict both ways:
+    every variable of the synthesis and mapping networks is used, and every key of our
+    generator is filled (blur kernels excepted: they are not variables)."""
+    try:
+        synthesis = _component(gs, "synthesis", SYNTHESIS_FUNC)
+        mapping = _component(gs, "mapping", MAPPING_FUNC)
+        for net in (gs, synthesis, mapping):
+            _check_kwargs(net.static_kwargs, net.name)
+        s = _Variables(synthesis, synthesis.name)
+        m = _Variables(mapping, mapping.name)
+        found = (re.fullmatch(r"(\d+)x\1/ToRGB/weight", k) for k in s.values)
+        resolutions = sorted(int(match.group(1)) for match in found if match)
+        if not resolutions or resolutions[0] != 4:
+            raise PickleError(f"{synthesis.name} has no 4x4/ToRGB layer: not the 'skip' "
+                              "architecture of StyleGAN2 configs e/f")
+        log_size = int(np.log2(resolutions[-1]))
+        n_mlp = sum(1 for k in m.values if re.fullmatch(r"Dense\d+/weight", k))
+        lrmul = float(mapping.static_kwargs.get("mapping_lrmul",
+                                                gs.static_kwargs.get("mapping_lrmul", LR_MLP)))
+        fold = np.float32(lrmul / LR_MLP)
+
+        arrays: dict[str, np.ndarray] = {}
+        for i in range(n_mlp):
+            weight, bias = m.take(f"Dense{i}/weight", 2).T, m.take(f"Dense{i}/bias", 1)
+            arrays[f"style.{i + 1}.weight"] = weight * fold if fold != 1 else weight
+            arrays[f"style.{i + 1}.bias"] = bias * fold if fold != 1 else bias
+        arrays["input.input"] = s.take("4x4/Const/const", 4)
+        arrays.update(_modconv(s, "4x4/Conv", "conv1"))
+        arrays.update(_torgb(s, "4x4/ToRGB", "to_rgb1"))
+        for i in range(log_size - 2):
+            res = 2 ** (i + 3)
+            arrays.update(_modconv(s, f"{res}x{res}/Conv0_up", f"convs.{2 * i}", flip=True))
+            arrays.update(_modconv(s, f"{res}x{res}/Conv1", f"convs.{2 * i + 1}"))
+            arrays.update(_torgb(s, f"{res}x{res}/ToRGB", f"to_rgbs.{i}"))
+        for i in range((log_size - 2) * 2 + 1):
+            arrays[f"noises.noise_{i}"] = s.take(f"noise{i}", 4)
+        leftover = s.unused() + m.unused()
+        if leftover:
+            raise PickleError(f"unexpected variables {leftover[:5]}"
+                              f"{f' (+{len(leftover) - 5} more)' if len(leftover) > 5 else ''}: "
+                              "not a StyleGAN2 config e/f generator")
+        latent_avg = gs.variables.get("dlatent_avg")
+    except PickleError as e:
+        raise PickleError(f"{name}: {e}") from None
+
+    state_dict = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+                  for k, v in arrays.items()}
+    try:
+        config = Generator.config_from_state_dict(state_dict)
+        generator = Generator(**config)
+    except (ValueError, KeyError) as e:
+        raise PickleError(f"{name}: the layer shapes do not form a generator: {e}") from None
+    order = list(generator.state_dict())
+    for key, value in generator.state_dict().items():
+        if key.endswith(".kernel") and key not in state_dict:
+            state_dict[key] = value.clone()        # fixed blur taps
+    load_strict(generator, state_dict, name)       # every key and shape fits
+    state_dict = {key: state_dict[key] for key in order}     # the module's key order
+    if latent_avg is not None:
+        latent_avg = torch.from_numpy(np.ascontiguousarray(latent_avg, dtype=np.float32).reshape(-1))
+        if latent_avg.numel() != config["style_dim"]:
+            raise PickleError(f"{name}: dlatent_avg has {latent_avg.numel()} values, expected "
+                              f"{config['style_dim']}")
+    return state_dict, latent_avg, config
+
+
+@dataclass(frozen=True)
+class Conversion:
+    dest: Path
+    sha256: str
+    source_sha256: str
+    config: dict
+    parameters: int
+    latent_avg_norm: float | None
+
+
+def convert_pickle(src: str, dest: str | os.PathLike, source_sha256: str | None = None
+                   ) -> Conversion:
+    """Convert the pickle at `src` (path or fsspec URI) into the checkpoint `dest`.
+
+    The output is rosinality's generator file: {'g_ema', 'latent_avg'} plus
+    'converted_from' (source file name and sha256, converter version). It is written
+    to a temporary name and renamed, so a failed conversion leaves nothing behind.
+    """
+    name = redact(src)
+    path = local_file(src)
+    source_sha256 = source_sha256 or sha256_file(path)
+    log.info("reading %s (sha256 %s) without TensorFlow", name, source_sha256)
+    gs = read_network_pickle(path, name)
+    state_dict, latent_avg, config = convert_generator(gs, name)
+    checkpoint = {"g_ema": state_dict,
+                  "converted_from": {"file": Path(src.split("?")[0]).name,
+                                     "sha256": source_sha256, "converter": CONVERTER_VERSION,
+                                     "network": gs.name}}
+    if latent_avg is not None:
+        checkpoint["latent_avg"] = latent_avg
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, dest)
+    params = sum(v.numel() for k, v in state_dict.items()
+                 if not k.startswith("noises.") and not k.endswith(".kernel"))
+    log.info("wrote %s: %d px, %d mapping layers, %d parameters", dest, config["size"],
+             config["n_mlp"], params)
+    return Conversion(dest, sha256_file(dest), source_sha256, config, params,
+                      None if latent_avg is None else float(latent_avg.norm()))
