@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import yaml
 
 from .checkpoints import redact, sha256_file
-from .nvidia_pickle import CONVERTER_VERSION, convert_pickle
+from .nvidia_pickle import CONVERTER_VERSION, PickleError, convert_pickle
 from .spec import NETWORKS, MeanLatent, ModelsSpec, WeightRef, write_spec
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,11 @@ def fetch_weights(dest: str | Path, only: list[str] | None = None,
             log.info("%s: downloading %s", name, redact(url))
             sha = download(url, path, progress_factory(name) if progress_factory else None)
         if src.convert_to:
-            done = convert_pickle(str(path), dest / target, source_sha256=sha)
+            try:
+                done = convert_pickle(str(path), dest / target, source_sha256=sha)
+            except PickleError as e:
+                raise PickleError(f"{e}. The file stays at {path}; delete it to download "
+                                  "again, or fetch from another --url") from None
             refs[name] = WeightRef(target, done.sha256,
                                    f"converted by {CONVERTER_VERSION} from {src.filename} "
                                    f"(sha256 {sha}; {RECORDED_NOTE})")

@@ -1,4 +1,5 @@
 import hashlib
+import pickle
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -152,6 +153,16 @@ def test_an_already_downloaded_pickle_is_converted_without_a_download(tmp_path, 
     assert any("NVIDIA Source Code License-NC" in line for line in licences)
     data = yaml.safe_load(spec.read_text())
     assert data["generator"]["sha256"] == sha256_file(tmp_path / "stylegan2-ffhq-config-f.pt")
+
+
+def test_a_download_that_does_not_convert_says_what_to_do(tmp_path, server, capsys):
+    Files.files["generator"] = pickle.dumps({"not": "a network"})
+    code = main(["weights", "fetch", "--dest", str(tmp_path), "--only", "generator",
+                 f"--url=generator={server}/ok/generator"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "not an NVIDIA StyleGAN2 network pickle" in err and "delete it to download again" in err
+    assert not (tmp_path / "stylegan2-ffhq-config-f.pt").exists()
 
 
 def test_convert_command(tmp_path, server, capsys):
