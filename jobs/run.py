@@ -76,16 +76,19 @@ def run_command(args) -> int:
     schema = _arrow_schema(settings)
     print(f"manifest: {len(rows)} rows valid; output: {settings.output}")
     summary = run_job(rows, settings, schema, address=args.address)
-    run, whole = summary["this_run"], summary["whole_output"]
+    run, mine, whole = summary["this_run"], summary["manifest"], summary["whole_output"]
     print(f"this run: {run['ok']} ok, {run['error']} error, {run['skipped_already_done']} "
           f"already done; {run['images_per_hour']} images/hour")
-    print(f"whole output: {whole['ok']} ok, {whole['error']} error")
+    print(f"this manifest: {mine['ok']} ok, {mine['error']} error, {mine['pending']} pending "
+          f"of {mine['rows']} rows")
+    if (whole["ok"], whole["error"]) != (mine["ok"], mine["error"]):
+        print(f"whole output (other manifests too): {whole['ok']} ok, {whole['error']} error")
     for attr, s in sorted(summary["per_attribute"].items()):
         print(f"  {attr}: on target {s['on_target']}/{s['rows']}, flipped {s['flipped']}")
     for e in summary["errors"]:
         print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
     print(f"results: {settings.output} (metrics/, images/, latents/, masks/, summary.json)")
-    return 1 if whole["error"] else 0
+    return 1 if mine["error"] or mine["pending"] else 0
 
 
 def _arrow_schema(settings: JobSettings):

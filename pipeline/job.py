@@ -124,18 +124,23 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
     if settings.retry_errors:
         out.drop_stale_rows()
 
-    summary = summarize(out.read_metrics(), this_run, skipped, time.time() - started, settings)
+    summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
+                        time.time() - started, settings)
     out.put_json("summary.json", summary)
     return summary
 
 
-def summarize(all_rows: pd.DataFrame, this_run: pd.DataFrame, skipped: int, seconds: float,
-              settings: JobSettings) -> dict[str, Any]:
+def summarize(all_rows: pd.DataFrame, manifest_ids: set[str], this_run: pd.DataFrame,
+              skipped: int, seconds: float, settings: JobSettings) -> dict[str, Any]:
+    """Counts for this run, for this manifest's rows (the job's state) and for everything
+    under the output (other manifests may share it); per-attribute rates and errors are
+    over this manifest's rows."""
     def counts(df):
         return {"ok": int((df["status"] == "ok").sum()), "error": int((df["status"] == "error").sum())}
 
+    mine = all_rows[all_rows["id"].isin(manifest_ids)] if len(all_rows) else all_rows
     per_attr: dict[str, dict[str, float]] = {}
-    ok = all_rows[all_rows["status"] == "ok"] if len(all_rows) else all_rows
+    ok = mine[mine["status"] == "ok"] if len(mine) else mine
     for row in ok.to_dict("records"):
         for a, t, p0, p1 in zip(row["attributes"], row["targets"], row["prob_input"],
                                 row["prob_result"]):
@@ -149,13 +154,16 @@ def summarize(all_rows: pd.DataFrame, this_run: pd.DataFrame, skipped: int, seco
         s["on_target_rate"] = s["on_target"] / s["rows"]
         s["flipped_rate"] = s["flipped"] / s["rows"]
     run_counts = counts(this_run)
+    manifest_counts = counts(mine) if len(mine) else {"ok": 0, "error": 0}
     return {
         "output": settings.output,
         "this_run": {**run_counts, "skipped_already_done": skipped, "seconds": round(seconds, 2),
                      "images_per_hour": round(run_counts["ok"] / seconds * 3600, 1) if seconds else None},
+        "manifest": {"rows": len(manifest_ids), **manifest_counts,
+                     "pending": len(manifest_ids) - len(mine)},
         "whole_output": counts(all_rows) if len(all_rows) else {"ok": 0, "error": 0},
         "per_attribute": per_attr,
         "errors": ([{"id": r["id"], "error": r["error"]} for r in
-                    all_rows[all_rows["status"] == "error"].head(20).to_dict("records")]
-                   if len(all_rows) else []),
+                    mine[mine["status"] == "error"].head(20).to_dict("records")]
+                   if len(mine) else []),
     }

@@ -92,6 +92,7 @@ def test_two_gpu_actors_each_load_once_and_a_bad_row_fails_alone(ray_cluster, tm
         assert np.load(tmp_path / "out" / "latents" / f"{rid}.npy").shape == (8, 64)
     summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
     assert summary["this_run"]["ok"] == 7 and summary["this_run"]["error"] == 1
+    assert summary["manifest"] == {"rows": 8, "ok": 7, "error": 1, "pending": 0}
     job = yaml.safe_load((tmp_path / "out" / "job.json").read_text())
     assert job["settings"]["batch_size"] == 1 and job["code_version"]
 
@@ -148,6 +149,15 @@ def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tm
     again = after.set_index("id")["written_at"]
     for rid in first.index:
         assert (again[rid] == first[rid]) == (rid not in gone)      # only the missing recomputed
+
+    # a second, smaller manifest over the same output: its own counts, all already done
+    write_manifest(manifest(["r0", "r1"], str(photos / "p0.png")), str(tmp_path / "m2.parquet"))
+    assert run(write_spec(tmp_path / "job2.yaml", manifest=str(tmp_path / "m2.parquet"),
+                          output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"))) == 0
+    summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"]["skipped_already_done"] == 2
+    assert summary["manifest"] == {"rows": 2, "ok": 2, "error": 0, "pending": 0}
+    assert summary["whole_output"]["ok"] == 6
 
 
 def test_retry_errors_replaces_the_error_rows(ray_cluster, tmp_path, tiny32, photos):
