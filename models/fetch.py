@@ -191,6 +191,8 @@ def fetch_weights(dest: str | Path, only: list[str] | None = None,
         local = Path(generator_uri)
         refs["generator"] = WeightRef(generator_uri, sha256_file(local) if local.is_file() else None)
         licences.append(f"generator: {GENERATOR_LICENCE}")
+        # a file of unknown make may hold no latent_avg: average the mapping network instead
+        mean = MeanLatent(source="computed", samples=mean.samples, seed=mean.seed)
     refs.setdefault("generator", WeightRef(GENERATOR_FILE))
     for name in ("face_parser", "classifier"):
         refs.setdefault(name, WeightRef(SOURCES[name].filename))

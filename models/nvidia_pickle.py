@@ -7,7 +7,9 @@ own variables as (name, numpy array) pairs. Unpickling it the usual way execs th
 recorded source and builds a TF graph. We never do either: a restricted unpickler
 resolves exactly the globals such a file needs (numpy's array and scalar rebuilders,
 numpy's dtype, and `Network`, which becomes `RecordedNetwork`: a class that only keeps
-the state). Any other global is refused before anything is called.
+the state). Any other global is refused before anything is called. Even the numpy names
+resolve to our own records, which check every field and build arrays from exactly-sized
+bytes, and the file may set state (BUILD) on nothing but those records.
 
 Layout facts, TensorFlow (G_ema = Gs) -> rosinality `g_ema` (ours):
 
@@ -34,7 +36,6 @@ Blur kernels are fixed [1, 3, 3, 1] taps, not variables; they come from our modu
 """
 from __future__ import annotations
 
-import _codecs
 import logging
 import os
 import pickle
@@ -47,11 +48,6 @@ import torch
 
 from .checkpoints import CheckpointError, load_strict, local_file, redact, sha256_file
 from .stylegan2 import Generator
-
-try:                                     # numpy >= 2 moved it; 1.x pickles name numpy.core
-    from numpy._core import multiarray as _multiarray
-except ImportError:                      # pragma: no cover - numpy 1.x
-    from numpy.core import multiarray as _multiarray
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +78,9 @@ class RecordedNetwork:
         self.variables = {}
         for item in state["variables"]:
             name, value = item
-            if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in "fiub":
+            if isinstance(value, ArrayRecord):
+                value = value.array
+            if not isinstance(value, (np.ndarray, np.generic)):
                 raise PickleError(f"variable {name!r} of network {self.name!r} is not a numeric "
                                   f"array (got {type(value).__name__})")
             self.variables[str(name)] = np.asarray(value)
@@ -91,28 +89,114 @@ class RecordedNetwork:
         return f"RecordedNetwork({self.name!r}, {len(self.variables)} variables)"
 
 
-def _reconstruct(subtype, shape, dtype):
-    if subtype is not np.ndarray:
-        raise PickleError(f"an array of type {getattr(subtype, '__name__', subtype)!r}")
-    return _multiarray._reconstruct(subtype, shape, dtype)
+# numpy's own __setstate__ never sees the file's data: the pickle's numpy globals build
+# these records, which check every field and then make arrays from exactly-sized bytes.
+# (dtype.__setstate__ accepts internal flags that make numpy read memory it should not.)
+
+NUMERIC_KINDS = "fiub"
+_PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)    # subarray, names, fields, elsize, align, flags
 
 
-def _dtype(*args):
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise PickleError("an array of Python objects")
-    return dtype
+class DtypeRecord:
+    """`numpy.dtype(spec, align, copy)` plus its BUILD state, checked to be a plain number."""
+
+    def __init__(self, spec, align=False, copy=True):
+        if not isinstance(spec, str):
+            raise PickleError(f"a dtype given as {type(spec).__name__}")
+        try:
+            dtype = np.dtype(spec)
+        except TypeError:
+            raise PickleError(f"an unknown dtype {spec!r}") from None
+        if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
+            raise PickleError(f"a non-numeric dtype {spec!r}")
+        self.dtype = dtype
+
+    def __setstate__(self, state):
+        ok = (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+              and state[1] in ("<", ">", "|", "=") and tuple(state[2:8]) == _PLAIN_DTYPE_STATE
+              and (len(state) == 8 or state[8] is None))
+        if not ok:
+            raise PickleError(f"a dtype with unexpected state {state!r:.120}")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
 
 
-_ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype,
+def _raw_bytes(data) -> bytes:
+    if isinstance(data, str):           # a Python 2 pickle read with encoding='latin1'
+        data = data.encode("latin1")
+    if not isinstance(data, (bytes, bytearray)):
+        raise PickleError(f"array data of type {type(data).__name__} (only raw numbers allowed)")
+    return bytes(data)
+
+
+def _native(values: np.ndarray) -> np.ndarray:
+    return values.astype(values.dtype.newbyteorder("="))     # a copy, owned and writable
+
+
+class ArrayRecord:
+    """`numpy.core.multiarray._reconstruct(ndarray, ...)` plus its BUILD state."""
+    array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], DtypeRecord)):
+            raise PickleError("an array with unexpected state")
+        _, shape, dtype, fortran, data = state
+        if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
+            raise PickleError(f"an array with shape {shape!r:.80}")
+        raw, dtype = _raw_bytes(data), dtype.dtype
+        if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise PickleError(f"an array of shape {list(shape)} {dtype} whose data has "
+                              f"{len(raw)} bytes")
+        values = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+        self.array = _native(values)
+
+
+class _NdarrayMarker:
+    """What `numpy.ndarray` resolves to: accepted by `_reconstruct`, never callable."""
+
+    def __call__(self, *args):
+        raise PickleError("refused: the file calls numpy.ndarray directly")
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+def _reconstruct(subtype, shape, typecode):
+    if subtype is not _NDARRAY:
+        raise PickleError("refused: an array of a type other than numpy.ndarray")
+    return ArrayRecord()
+
+
+def _scalar(dtype, data):
+    if not isinstance(dtype, DtypeRecord):
+        raise PickleError("refused: a numpy scalar without a plain dtype")
+    raw = _raw_bytes(data)
+    if len(raw) != dtype.dtype.itemsize:
+        raise PickleError(f"a {dtype.dtype} scalar with {len(raw)} bytes")
+    return _native(np.frombuffer(raw, dtype.dtype))[0]
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    """`_codecs.encode`, which protocol 2 uses to write bytes: only str -> latin-1."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise PickleError(f"refused: _codecs.encode with {type(text).__name__}, {encoding!r}")
+    return text.encode("latin1")
+
+
+_ALLOWED = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): DtypeRecord,
             ("dnnlib.tflib.network", "Network"): RecordedNetwork,
-            ("_codecs", "encode"): _codecs.encode}      # protocol 2 writes bytes this way
-for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            ("_codecs", "encode"): _latin1_encode}
+for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):   # numpy 1.x and 2.x names
     _ALLOWED[(_module, "_reconstruct")] = _reconstruct
-    _ALLOWED[(_module, "scalar")] = _multiarray.scalar
+    _ALLOWED[(_module, "scalar")] = _scalar
+_BUILDABLE = (RecordedNetwork, DtypeRecord, ArrayRecord)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, so that BUILD (setting state) can be limited to our records:
+    a file cannot set attributes on anything else, the allowed globals included."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module, name):
         found = _ALLOWED.get((module, name))
         if found is None:
@@ -122,6 +206,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
                               "which an NVIDIA StyleGAN2 pickle never needs; nothing in the "
                               "file was run")
         return found
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if not isinstance(target, _BUILDABLE):
+            raise PickleError(f"refused: the file sets the state of a {type(target).__name__}")
+        super().load_build()
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid):
         raise PickleError("refused: the file uses persistent ids (a PyTorch checkpoint?); "

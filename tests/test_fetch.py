@@ -153,6 +153,11 @@ def test_an_already_downloaded_pickle_is_converted_without_a_download(tmp_path, 
     assert any("NVIDIA Source Code License-NC" in line for line in licences)
     data = yaml.safe_load(spec.read_text())
     assert data["generator"]["sha256"] == sha256_file(tmp_path / "stylegan2-ffhq-config-f.pt")
+    assert data["mean_latent"]["source"] == "checkpoint"
+    # naming some other generator instead goes back to the computed mean latent
+    spec, _ = fetch_weights(tmp_path, only=["e4e"], urls={"e4e": f"{server}/ok/e4e"},
+                            generator_uri=str(tmp_path / "stylegan2-ffhq-config-f.pt"))
+    assert yaml.safe_load(spec.read_text())["mean_latent"]["source"] == "computed"
 
 
 def test_a_download_that_does_not_convert_says_what_to_do(tmp_path, server, capsys):

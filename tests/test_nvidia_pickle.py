@@ -1,4 +1,5 @@
 """Converting NVIDIA's StyleGAN2 TensorFlow pickle: round trip, TF semantics, safety."""
+import codecs
 import os
 import pickle
 
@@ -200,8 +201,50 @@ def test_an_array_of_python_objects_is_refused(tmp_path, g64):
     Gs.state["variables"].append(("extra", np.array([1, "x"], dtype=object)))
     src = tmp_path / "obj.pkl"
     src.write_bytes(pickle_bytes((G, D, Gs)))
-    with pytest.raises(PickleError, match="Python objects"):
+    with pytest.raises(PickleError, match="non-numeric dtype 'O"):
         convert_pickle(str(src), tmp_path / "g.pt")
+
+
+class Reduces:
+    """An object that pickles as `callable(*args)` with an optional BUILD state."""
+
+    def __init__(self, *reduce_value):
+        self.reduce_value = reduce_value
+
+    def __reduce__(self):
+        return self.reduce_value
+
+
+RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+HOSTILE = {
+    # numpy's dtype state carries internal flags: 0x02 made numpy read past a list
+    # (segfault), 0x04 returned a process address instead of the file's bytes
+    "dtype flags": (Reduces(np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 2)),
+                    "dtype with unexpected state"),
+    # a zero-stride view: 4 bytes in the file, 4 TiB once copied
+    "ndarray called": (Reduces(np.ndarray, ((1 << 40,), np.dtype("f4"), b"\0" * 4, 0, (0,))),
+                       "calls numpy.ndarray directly"),
+    "short array data": (Reduces(RECONSTRUCT, (np.ndarray, (0,), b"b"),
+                                 (1, (10 ** 6,), np.dtype("f4"), False, b"\0" * 4)),
+                         "whose data has 4 bytes"),
+    # nested codecs grow a small file into a huge object
+    "other codec": (Reduces(codecs.encode, ("abc", "rot13")), "_codecs.encode with str, 'rot13'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_uses_of_the_allowed_globals_are_refused(tmp_path, case):
+    obj, message = HOSTILE[case]
+    (tmp_path / "x.pkl").write_bytes(pickle_bytes(obj, protocol=4))
+    with pytest.raises(PickleError, match=message):
+        convert_pickle(str(tmp_path / "x.pkl"), tmp_path / "g.pt")
+
+
+def test_a_file_cannot_set_state_on_an_allowed_global(tmp_path):
+    # GLOBAL numpy.dtype, an empty dict + one item, BUILD: would set an attribute on the class
+    (tmp_path / "x.pkl").write_bytes(b"\x80\x02cnumpy\ndtype\n}X\x01\x00\x00\x00aK\x01sb.")
+    with pytest.raises(PickleError, match="sets the state of a type"):
+        convert_pickle(str(tmp_path / "x.pkl"), tmp_path / "g.pt")
 
 
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path, g64):
