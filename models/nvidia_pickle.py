@@ -331,8 +331,8 @@ def convert_generator(gs: RecordedNetwork, name: str = "pickle"
         arrays: dict[str, np.ndarray] = {}
         for i in range(n_mlp):
             weight, bias = m.take(f"Dense{i}/weight", 2).T, m.take(f"Dense{i}/bias", 1)
-            arrays[f"style.{i + 1}.weight"] = weight * fold if fold != 1 else weight
-            arrays[f"style.{i + 1}.bias"] = bias * fold if fold != 1 else bias
+            arrays[f"style.{i + 1}.weight"] = weight * fold      # x * 1.0 is exact
+            arrays[f"style.{i + 1}.bias"] = bias * fold
         arrays["input.input"] = s.take("4x4/Const/const", 4)
         arrays.update(_modconv(s, "4x4/Conv", "conv1"))
         arrays.update(_torgb(s, "4x4/ToRGB", "to_rgb1"))
@@ -359,12 +359,12 @@ def convert_generator(gs: RecordedNetwork, name: str = "pickle"
         generator = Generator(**config)
     except (ValueError, KeyError) as e:
         raise PickleError(f"{name}: the layer shapes do not form a generator: {e}") from None
-    order = list(generator.state_dict())
-    for key, value in generator.state_dict().items():
+    template = generator.state_dict()
+    for key, value in template.items():
         if key.endswith(".kernel") and key not in state_dict:
             state_dict[key] = value.clone()        # fixed blur taps
     load_strict(generator, state_dict, name)       # every key and shape fits
-    state_dict = {key: state_dict[key] for key in order}     # the module's key order
+    state_dict = {key: state_dict[key] for key in template}  # the module's key order
     if latent_avg is not None:
         latent_avg = torch.from_numpy(np.ascontiguousarray(latent_avg, dtype=np.float32).reshape(-1))
         if latent_avg.numel() != config["style_dim"]:
