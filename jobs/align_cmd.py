@@ -8,27 +8,21 @@ import sys
 import fsspec
 import numpy as np
 
-from manifests.align import LANDMARK_LICENCE, AlignError, Aligner, paste
+from manifests.align import LANDMARK_LICENCE, Aligner, align_photos, paste
 from manifests.builders import list_images
-from pipeline.images import ImageError, png_bytes, read_pil, write_bytes
+from pipeline.images import png_bytes, read_pil, write_bytes
 
 
 def run_align(args) -> int:
     aligner = Aligner(size=args.size, on_multiple=args.multiple)
     fs, path = fsspec.core.url_to_fs(args.input)
-    sources = list_images(args.input) if fs.isdir(path) else {posixpath.basename(path): args.input}
+    sources = list(list_images(args.input).values()) if fs.isdir(path) else [args.input]
     out = args.output.rstrip("/")
-    quads, failed = {}, 0
-    for name, uri in sources.items():
-        stem = posixpath.splitext(name)[0]
-        try:
-            crop, quad = aligner.align(read_pil(uri))
-        except (AlignError, ImageError, OSError) as e:
-            failed += 1
-            print(f"skipped {uri}: {e}", file=sys.stderr)
-            continue
-        write_bytes(f"{out}/{stem}.png", png_bytes(crop))
-        quads[f"{stem}.png"] = {"source_uri": uri, "align_quad": quad.flatten().tolist()}
+    aligned, failed = align_photos(sources, out, aligner)
+    for uri, reason in failed:
+        print(f"skipped {uri}: {reason}", file=sys.stderr)
+    quads = {posixpath.basename(a.crop_uri): {"source_uri": a.source_uri, "align_quad": a.quad}
+             for a in aligned}
     with fsspec.open(f"{out}/quads.json", "w") as f:
         json.dump(quads, f, indent=2)
     print(f"aligned {len(quads)} of {len(sources)} photo(s) into {out} (quads in quads.json)")

@@ -17,7 +17,8 @@ from models.loaders import Models
 from models.stylegan2 import compute_mean_latent
 from models.tiny import tiny_classifier, tiny_generator
 from pipeline.config import EditConfig
-from pipeline.engine import Editor, EditRequest
+from pipeline.engine import Editor
+from pipeline.rows import EditRequest
 
 
 def tiny_models(resolution: int, parser_size: int, device: str) -> Models:
@@ -84,7 +85,7 @@ def run_pipeline_bench(args) -> int:
     from jobs.demo import PHOTO
     from manifests.schema import validate, write_manifest
     from models.loaders import load_models
-    from models.spec import read_spec
+    from models.spec import REQUIRED, read_spec
     from models.tiny import make_tiny
     from pipeline.images import read_image
     from pipeline.job import JobSettings, run_job
@@ -108,8 +109,8 @@ def run_pipeline_bench(args) -> int:
 
     config = EditConfig.from_overrides(PIPELINE_EDIT)
     start = time.perf_counter()
-    editor = Editor(load_models(read_spec(str(spec_path)), parser_size=64, with_global=False),
-                    config)
+    editor = Editor(load_models(read_spec(str(spec_path)), parser_size=64,
+                                networks=REQUIRED), config)
     stamps = []
     for k in range(0, n, batch):
         images = torch.stack([read_image(str(PHOTO), 64) for _ in range(min(batch, n - k))])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -18,8 +17,10 @@ import yaml
 
 from models.loaders import load_models
 from models.spec import read_spec
-from pipeline.config import EditConfig, apply_mean_latent, flatten, parse_set
-from pipeline.engine import Editor, EditRequest
+from pipeline.config import EditConfig, apply_mean_latent, flatten, parse_set, required_networks
+from pipeline.engine import Editor
+from pipeline.rows import BLENDS, MODES, EditRequest, unique_stems
+from pipeline.schedule import Schedule
 from pipeline.images import ImageError, encode_png, read_image, write_bytes
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,6 @@ def parse_attribute(text: str) -> tuple[str, float]:
     except ValueError:
         raise ValueError(f"--attribute {text!r}: the target must be a number in [0, 1]") from None
     return name.strip(), target
-
-
-def output_names(paths: list[str]) -> list[str]:
-    """File stems, made unique (`a`, `a-1`, ...) and safe as file names."""
-    names, seen = [], {}
-    for p in paths:
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(p.split("?")[0]).stem) or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(stem if n == 0 else f"{stem}-{n}")
-    return names
 
 
 def build_config(args) -> EditConfig:
@@ -66,21 +56,19 @@ def run_edit(args) -> int:
     request = EditRequest(tuple(a for a, _ in attrs), tuple(t for _, t in attrs),
                           size=args.size, seed=args.seed)
     config = build_config(args)
-    resolved = config.resolve(request.attributes)
-    spec = apply_mean_latent(read_spec(args.models), config)
+    settings = config.resolve(request.attributes)
+    spec = apply_mean_latent(read_spec(args.models), settings)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_models(spec, device=device, parser_size=config["parser_size"],
-                         with_global=resolved["mode"] == "global" or resolved["e4e_init"])
+    models = load_models(spec, device=device, parser_size=settings.parser_size,
+                         networks=required_networks([settings]))
     if spec.tiny:
         print("note: tiny random-weight models: the outputs are not real edits", file=sys.stderr)
     editor = Editor(models, config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = output_names(args.images)
+    names = unique_stems(args.images)
     failures = 0
-    steps_per_batch = (resolved["steps.latent"] - (resolved["e4e_start_step"]
-                                                   if resolved["e4e_init"] else 0)
-                       + (resolved["steps.noise"] + 1 if resolved["steps.noise"] else 0))
+    steps_per_batch = Schedule.for_group(settings).total_iterations
 
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
@@ -97,7 +85,7 @@ def run_edit(args) -> int:
             continue
         bar = _progress(steps_per_batch, f"images {start + 1}-{start + len(paths)}")
         results = editor.edit(torch.stack(images), [request] * len(images),
-                              callback=lambda info: bar.update(1) if info.rows[0] == 0 else None)
+                              settings=[settings] * len(images), callback=lambda info: bar.update(1) if info.rows[0] == 0 else None)
         bar.close()
         for (path, name), result in zip(kept, results):
             record = {"source": path, "attributes": list(request.attributes),
@@ -134,8 +122,8 @@ def add_parser(commands) -> None:
     p.add_argument("--models", required=True, metavar="SPEC",
                    help="models spec (maskface weights fetch, or make-tiny for a test set)")
     p.add_argument("--size", type=float, default=0.0, help="edit-region size factor (0: off)")
-    p.add_argument("--blend", choices=("include_skin", "no_skin"))
-    p.add_argument("--mode", choices=("auto", "local", "global"))
+    p.add_argument("--blend", choices=BLENDS)
+    p.add_argument("--mode", choices=MODES)
     p.add_argument("--smoothing", type=float, help="classifier target = |t - smoothing|")
     p.add_argument("--e4e-init", action="store_true", help="start local edits from e4e")
     p.add_argument("--seed", type=int, default=0, help="seed of the redrawn noise maps")

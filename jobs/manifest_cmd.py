@@ -11,24 +11,16 @@ from manifests.schema import write_manifest
 def align_rows(rows, aligned_out: str, size: int, on_multiple: str, report: Report):
     """Align each row's photo once, point the rows at the crops, keep `source_uri` and
     `align_quad` (8 floats: the crop quad's corners in source pixels)."""
-    from manifests.align import AlignError, Aligner
-    from pipeline.images import ImageError, png_bytes, read_pil, write_bytes
-    aligner = Aligner(size=size, on_multiple=on_multiple)
-    crops = {}
-    for uri in dict.fromkeys(rows["image_uri"]):
-        stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        try:
-            crop, quad = aligner.align(read_pil(uri))
-        except (AlignError, ImageError, OSError) as e:
-            report.add(f"{uri}: not aligned: {e}")
-            continue
-        target = f"{aligned_out.rstrip('/')}/{stem}.png"
-        write_bytes(target, png_bytes(crop))
-        crops[uri] = (target, [float(v) for v in quad.flatten()])
+    from manifests.align import Aligner, align_photos
+    aligned, failed = align_photos(rows["image_uri"], aligned_out,
+                                   Aligner(size=size, on_multiple=on_multiple))
+    for uri, reason in failed:
+        report.add(f"{uri}: not aligned: {reason}")
+    crops = {a.source_uri: a for a in aligned}
     rows = rows[rows["image_uri"].isin(crops)].copy()
     rows["source_uri"] = rows["image_uri"]
-    rows["align_quad"] = [crops[u][1] for u in rows["image_uri"]]
-    rows["image_uri"] = [crops[u][0] for u in rows["image_uri"]]
+    rows["align_quad"] = [crops[u].quad for u in rows["image_uri"]]
+    rows["image_uri"] = [crops[u].crop_uri for u in rows["image_uri"]]
     return rows.reset_index(drop=True)
 
 

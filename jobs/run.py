@@ -72,10 +72,9 @@ def run_command(args) -> int:
     if args.retry_errors:
         settings.retry_errors = True
     # the manifest is validated before any model loads or Ray starts
-    rows = read_manifest(settings.manifest, settings.storage_options)
-    schema = _arrow_schema(settings)
-    print(f"manifest: {len(rows)} rows valid; output: {settings.output}")
-    summary = run_job(rows, settings, schema, address=args.address)
+    manifest = read_manifest(settings.manifest, settings.storage_options)
+    print(f"manifest: {len(manifest.rows)} rows valid; output: {settings.output}")
+    summary = run_job(manifest.rows, settings, manifest.schema, address=args.address)
     run, mine, whole = summary["this_run"], summary["manifest"], summary["whole_output"]
     print(f"this run: {run['ok']} ok, {run['error']} error, {run['skipped_already_done']} "
           f"already done; {run['images_per_hour']} images/hour")
@@ -89,14 +88,6 @@ def run_command(args) -> int:
         print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
     print(f"results: {settings.output} (metrics/, images/, latents/, masks/, summary.json)")
     return 1 if mine["error"] or mine["pending"] else 0
-
-
-def _arrow_schema(settings: JobSettings):
-    """The manifest's Arrow schema (a file or a folder), so passthrough columns keep their types."""
-    import fsspec
-    import pyarrow.dataset as pads
-    fs, path = fsspec.core.url_to_fs(settings.manifest, **settings.storage_options)
-    return pads.dataset(path, filesystem=fs, format="parquet").schema
 
 
 def add_parser(commands) -> None:

@@ -1,1 +1,1 @@
-"""Manifest schema, dataset builders and face alignment (built by the manifest issues)."""
+"""Manifests: the schema and validator, dataset builders, and face alignment."""

@@ -12,14 +12,20 @@ That model was trained on iBUG's 300-W data, whose terms exclude commercial use.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import numpy as np
 from PIL import Image
 
-from pipeline.images import crop_to_source, paste, quad_to_crop  # noqa: F401  (re-exported)
+from pipeline.images import (ImageError, crop_to_source, paste, png_bytes,  # noqa: F401
+                             quad_to_crop, read_pil, write_bytes)           # (re-exported)
+from pipeline.rows import unique_stems
+
+log = logging.getLogger(__name__)
 
 LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
 LANDMARK_LICENCE = ("dlib's 68-point shape predictor was trained on iBUG 300-W, whose "
@@ -121,3 +127,32 @@ class Aligner:
         """(the aligned size x size crop, its quad [4, 2] in source pixels)."""
         quad = ffhq_quad(self.landmarks(image))
         return warp_crop(image, quad, self.size), quad
+
+
+@dataclass(frozen=True)
+class AlignedPhoto:
+    source_uri: str          # the photo
+    crop_uri: str            # its aligned crop
+    quad: list[float]        # the crop quad's 4 corners in source pixels, x0,y0,...,x3,y3
+
+
+def align_photos(uris: Iterable[str], out_uri: str, aligner: Aligner,
+                 storage_options: Mapping | None = None
+                 ) -> tuple[list[AlignedPhoto], list[tuple[str, str]]]:
+    """Align each photo once and write its crop as `<out_uri>/<name>.png`, the names
+    being the photos' stems made safe and unique (x, x-1, ...). Returns the aligned
+    photos and (uri, reason) for each photo that could not be aligned."""
+    uris = list(dict.fromkeys(uris))
+    out = out_uri.rstrip("/")
+    aligned, failed = [], []
+    for uri, name in zip(uris, unique_stems(uris)):
+        try:
+            crop, quad = aligner.align(read_pil(uri, storage_options))
+        except (AlignError, ImageError, OSError) as e:
+            log.warning("not aligned: %s: %s", uri, e)
+            failed.append((uri, str(e)))
+            continue
+        target = f"{out}/{name}.png"
+        write_bytes(target, png_bytes(crop), storage_options)
+        aligned.append(AlignedPhoto(uri, target, [float(v) for v in quad.flatten()]))
+    return aligned, failed

@@ -21,6 +21,7 @@ import fsspec
 import pandas as pd
 
 from models.classifier import ATTRIBUTES
+from pipeline.rows import safe_stem
 
 from .schema import ManifestError, validate
 
@@ -139,10 +140,6 @@ def apply_subset(files: list[str], subset: Subset) -> list[str]:
     return files
 
 
-def _stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.splitext(name)[0]).lstrip(".") or "image"
-
-
 def build_rows(images: dict[str, str], edits: list[tuple[str, str]],
                labels: dict[str, list[int]] | None, header: list[str] | None,
                report: Report, subset: Subset = Subset(), strict: bool = False) -> pd.DataFrame:
@@ -169,7 +166,7 @@ def build_rows(images: dict[str, str], edits: list[tuple[str, str]],
                 target = 1 - own
             else:
                 target = int(value)
-            row = {"id": f"{_stem(f)}.{name}-{target}", "image_uri": images[f],
+            row = {"id": f"{safe_stem(f)}.{name}-{target}", "image_uri": images[f],
                    "attributes": [name], "targets": [float(target)]}
             if labels is not None:
                 row.update({f"attr_{a}": v for a, v in zip(header, labels[f]) if a in ATTRIBUTES})

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import pickle
+import posixpath
 import re
 import zipfile
 from pathlib import Path
@@ -40,6 +41,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def resolve_uri(uri: str, base: str | None) -> str:
+    """A URI relative to the file `base` names (a spec's or a manifest's own URI): paths
+    are joined to base's folder; URLs, absolute and home (~) paths are kept as given."""
+    if base is None or "://" in uri or uri.startswith(("/", "~")):
+        return uri
+    return posixpath.join(posixpath.dirname(base), uri)
 
 
 def redact(text: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .classifier import BranchedTiny
 from .e4e import E4E_OPTIONS_TYPE, E4EInitializer, Encoder4Editing
 from .face_parser import FaceParser
 from .lpips_masked import TORCHVISION_VGG16_FILE, MaskedLPIPS, lpips_linear_file
-from .spec import MeanLatent, ModelsSpec, WeightRef
+from .spec import NETWORKS, REQUIRED, MeanLatent, ModelsSpec, SpecError, WeightRef
 from .stylegan2 import Generator, compute_mean_latent
 
 log = logging.getLogger(__name__)
@@ -197,21 +197,43 @@ class Models:
     tiny: bool
 
 
+def check_spec_names(spec: ModelsSpec, networks: Iterable[str], spec_uri: str = "the models spec") -> None:
+    """Fail before anything loads when the spec lacks a network that is needed. The LPIPS
+    trunk may instead sit in torchvision's cache on this machine."""
+    missing = [n for n in networks if getattr(spec, n) is None
+               and not (n == "lpips_trunk" and default_vgg16_path().is_file())]
+    if missing:
+        names = " and ".join(missing)
+        only = " ".join(f"--only {n}" for n in missing)
+        raise SpecError(f"{redact(spec_uri)} names no {names}, which these edits need "
+                        f"(global edits and e4e_init use e4e; global edits use the LPIPS "
+                        f"trunk). Fetch: maskface weights fetch {only} --dest DIR, then add "
+                        "the printed entries to the spec.")
+
+
 def load_models(spec: ModelsSpec, device: str | torch.device = "cpu", parser_size: int = 512,
-                with_global: bool = True, storage_options: Mapping | None = None) -> Models:
-    """Load every network a spec names. `with_global=False` skips e4e and LPIPS."""
+                networks: Iterable[str] = NETWORKS, storage_options: Mapping | None = None
+                ) -> Models:
+    """Load exactly `networks` (default: all five; pipeline.config.required_networks
+    gives what a set of edits needs). The generator, parser and classifier are always
+    loaded; a requested e4e the spec does not name is a SpecError."""
+    networks = set(networks) | set(REQUIRED)
+    unknown = sorted(networks - set(NETWORKS))
+    if unknown:
+        raise ValueError(f"unknown network(s) {unknown}; known: {', '.join(NETWORKS)}")
+    check_spec_names(spec, networks)
     gen = load_generator(spec.generator, storage_options)
     parser = load_face_parser(spec.face_parser, parser_size, storage_options)
     clf = load_classifier(spec.classifier, storage_options)
     hashes = {"generator": gen.sha256, "face_parser": parser.sha256, "classifier": clf.sha256}
     e4e = lpips = None
-    if with_global:
-        if spec.e4e is not None:
-            e4e = load_e4e(spec.e4e, storage_options)
-            hashes["e4e"] = e4e.sha256
-            if e4e.extra["stylegan_size"] != gen.module.size:
-                raise CheckpointError(f"{redact(spec.e4e.uri)}: made for a {e4e.extra['stylegan_size']} px "
-                                      f"generator, but the generator is {gen.module.size} px")
+    if "e4e" in networks and spec.e4e is not None:
+        e4e = load_e4e(spec.e4e, storage_options)
+        hashes["e4e"] = e4e.sha256
+        if e4e.extra["stylegan_size"] != gen.module.size:
+            raise CheckpointError(f"{redact(spec.e4e.uri)}: made for a {e4e.extra['stylegan_size']} px "
+                                  f"generator, but the generator is {gen.module.size} px")
+    if "lpips_trunk" in networks:
         lpips = load_lpips(spec.lpips_trunk, storage_options)
         hashes["lpips_trunk"] = lpips.sha256
     w = mean_latent(gen, spec.mean_latent)

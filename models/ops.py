@@ -6,9 +6,9 @@ reference implementations that run on any device and support autograd; a faster 
 kernel can later sit behind the same functions.
 
 upfirdn2d is written as one depthwise convolution (the kernel expanded per channel,
-zeros inserted by strided assignment, `stride=down`). On CPU this is 2-2.5x faster
-than the usual per-channel reshape to [N*C, 1, H, W]
-(see shared/notes/cpu-performance-facts.md).
+zeros inserted by strided assignment, `stride=down`). On a 2-core CPU this measured
+2-2.5x faster for StyleGAN2's forward and backward than the usual per-channel reshape
+to [N*C, 1, H, W] (5.5-6.9 s against 13.2 s per 1024 px step).
 """
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ Relative URIs are resolved against the spec's own location.
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import fsspec
 import yaml
+
+from .checkpoints import resolve_uri
 
 NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk")
 REQUIRED = ("generator", "face_parser", "classifier")
@@ -104,13 +105,6 @@ class ModelsSpec:
         out["mean_latent"] = dataclasses.asdict(self.mean_latent)
         out["tiny"] = self.tiny
         return out
-
-
-def resolve_uri(uri: str, base: str | None) -> str:
-    """Resolve a relative path against the directory of `base` (a spec's own URI)."""
-    if base is None or "://" in uri or uri.startswith("/") or uri.startswith("~"):
-        return uri
-    return posixpath.join(posixpath.dirname(base), uri)
 
 
 def read_spec(uri: str, storage_options: Mapping | None = None) -> ModelsSpec:

@@ -1,1 +1,2 @@
-"""The editing engine and the Ray stage (built by the engine and main-job issues)."""
+"""The editing engine (engine.py and the modules it composes) and the main job on Ray
+(job.py, stage.py, outputs.py)."""

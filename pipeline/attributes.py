@@ -1,14 +1,13 @@
 """The attribute table: which face regions an edit may touch, and how it is optimised.
 
-Every classifier attribute (models.classifier.ATTRIBUTES) can be edited. The 14 local
-ones run the local schedule (mean-latent start, masked MSE); every other attribute
-runs the global schedule (e4e start, masked LPIPS), as in the original.
+Every classifier attribute (models.classifier.ATTRIBUTES) can be edited; the names are
+checked in pipeline/rows.py. The 14 local ones run the local schedule (mean-latent
+start, masked MSE); every other attribute runs the global schedule (e4e start, masked
+LPIPS), as in the original.
 """
 from __future__ import annotations
 
 from typing import Iterable
-
-from models.classifier import ATTRIBUTE_INDEX, ATTRIBUTES
 
 LOCAL_ATTRIBUTES = frozenset({
     "wearing_lipstick", "mouth_slightly_open", "smiling", "bushy_eyebrows", "arched_eyebrows",
@@ -32,21 +31,15 @@ DEFAULT_REGIONS = ("mouth", "eyebrows", "eyes", "hair", "nose", "ears")
 GLOBAL_REGIONS = ("mouth", "eyebrows", "eyes", "hair", "nose", "skin", "ears", "belowface")
 
 
-def check_attribute(name: str) -> str:
-    if name not in ATTRIBUTE_INDEX:
-        raise ValueError(f"unknown attribute {name!r}; known: {', '.join(ATTRIBUTES)}")
-    return name
-
-
 def regions(attributes: Iterable[str]) -> tuple[str, ...]:
     """The union of the attributes' edit regions, in a fixed order."""
-    found = {r for a in attributes for r in REGIONS.get(check_attribute(a), DEFAULT_REGIONS)}
+    found = {r for a in attributes for r in REGIONS.get(a, DEFAULT_REGIONS)}
     return tuple(r for r in DEFAULT_REGIONS if r in found)
 
 
 def is_local(attributes: Iterable[str]) -> bool:
     """A row is local only when every attribute is: any global one makes it global."""
-    return all(check_attribute(a) in LOCAL_ATTRIBUTES for a in attributes)
+    return all(a in LOCAL_ATTRIBUTES for a in attributes)
 
 
 def has_hair(attributes: Iterable[str]) -> bool:

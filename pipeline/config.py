@@ -1,9 +1,11 @@
-"""The edit configuration: the original config.yml's settings, typed and validated.
+"""Edit settings: the original config.yml's keys, typed and validated, resolved per group.
 
 Keys keep the original's names (`steps.latent`, `loss.weights.classf`, ...) so its
 users can carry settings over; the new keys are `mode`, `e4e_init`, `e4e_start_step`,
-`smoothing`, `blend`, `parser_size` and `mean_latent.*`. Overrides come as nested
-mappings (YAML) or dotted keys (`--set steps.latent=200`).
+`smoothing`, `blend`, `parser_size` and `mean_latent.*`. Users give them as nested
+mappings (YAML) or dotted keys (`--set steps.latent=200`); the code reads them as
+attributes of a frozen `Settings` (`settings.loss.weights.classf`), so a misspelt
+setting fails when the settings are built, not at step 500.
 
 Settings resolve in three layers, the later winning:
   1. the defaults below (the original's config.yml);
@@ -15,58 +17,167 @@ Settings resolve in three layers, the later winning:
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import yaml
 
-from . import attributes as attr_table
+from models.spec import REQUIRED
 
-# key: (default, type, check, help). Types: int, float, bool, str. The order is the README's.
-SCHEMA: dict[str, tuple[Any, type, Any, str]] = {
-    "steps.latent": (1000, int, lambda v: v >= 1, "latent-phase steps"),
-    "steps.noise": (500, int, lambda v: v >= 0,
-                    "noise-phase length: steps.noise + 1 iterations; 0 skips the phase"),
-    "steps.log": (100, int, lambda v: v >= 1, "log every this many steps"),
-    "optimizer.lr_latent": (0.001, float, lambda v: v > 0, "Adam learning rate, latent phase"),
-    "optimizer.lr_noise": (0.1, float, lambda v: v > 0, "Adam learning rate, noise phase"),
-    "optimizer.reinit": (True, bool, None, "re-create Adam when the classifier starts"),
-    "loss.weights.classf": (0.005, float, lambda v: v >= 0, "classifier KL weight"),
-    "loss.weights.mse": (2.0, float, lambda v: v >= 0, "recon weight in local mode (masked MSE)"),
-    "loss.weights.lpips": (0.03, float, lambda v: v >= 0,
-                           "recon weight in global mode (masked LPIPS)"),
-    "loss.weights.seg": (0.5, float, lambda v: v >= 0, "shape (seg) weight, hair attributes"),
-    "loss.weights.size": (1.0, float, lambda v: v >= 0, "size KL weight (rows with size > 0)"),
-    "loss.weights.n_loss": (1.0, float, lambda v: v >= 0, "noise regularisation weight"),
-    "loss.start_steps.classf": (500, int, lambda v: v >= 0, "classifier loss from this step"),
-    "loss.start_steps.seg": (500, int, lambda v: v >= 0,
-                             "seg and size losses, and dynamic masking, from this step"),
-    "loss.start_steps.mse": (0, int, lambda v: v >= 0, "accepted for config.yml; unused there too"),
-    "loss.start_steps.n_loss": (0, int, lambda v: v >= 0,
-                                "accepted for config.yml; unused there too"),
-    "dynamic_masking": (True, bool, None, "grow the masks with the edit region"),
-    "dynamic_masking_iters": (200, int, lambda v: v >= 0,
-                              "dynamic-masking window length; noise is redrawn at its end"),
-    "models.update_shape": (False, bool, None, "dynamic masking also grows the shape mask"),
-    "mode": ("auto", str, lambda v: v in ("auto", "local", "global"),
-             "auto (from the attributes), local or global"),
-    "e4e_init": (False, bool, None, "start from the e4e encoder's latent (always in global)"),
-    "e4e_start_step": (300, int, lambda v: v >= 0, "first step when starting from e4e"),
-    "smoothing": (0.05, float, lambda v: 0 <= v < 1, "classifier target = abs(t - smoothing)"),
-    "blend": ("include_skin", str, lambda v: v in ("include_skin", "no_skin"),
-              "blend the skin too (include_skin) or only the edit regions"),
-    "parser_size": (512, int, lambda v: v >= 16, "face parser working size"),
-    "mean_latent.source": (None, str, lambda v: v in ("computed", "checkpoint"),
-                           "override the models spec's mean latent source"),
-    "mean_latent.samples": (None, int, lambda v: v >= 1, "override the mean latent sample count"),
-    "mean_latent.seed": (None, int, None, "override the mean latent seed"),
-}
-DERIVED_KEYS = ("loss.weights.seg", "models.update_shape", "e4e_init", "dynamic_masking",
-                "loss.start_steps.classf", "optimizer.reinit")
+from . import attributes as attr_table
+from . import rows
 
 
 class ConfigError(ValueError):
-    """An edit configuration key or value that cannot be used."""
+    """An edit setting key or value that cannot be used."""
+
+
+def setting(default: Any, help: str, check: Callable[[Any], bool] | None = None, *,
+            per_image: bool = False) -> Any:
+    """One setting: its default, its README line, its range check. `per_image` settings
+    may differ between the rows of one batch (they are tensors in the engine); rows
+    that differ in any other setting run as separate groups."""
+    return field(default=default, metadata={"help": help, "check": check,
+                                            "per_image": per_image})
+
+
+def _group(cls):
+    return field(default_factory=cls)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    latent: int = setting(1000, "latent-phase steps", lambda v: v >= 1)
+    noise: int = setting(500, "noise-phase length: steps.noise + 1 iterations; 0 skips the "
+                              "phase", lambda v: v >= 0)
+    log: int = setting(100, "log every this many steps", lambda v: v >= 1)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr_latent: float = setting(0.001, "Adam learning rate, latent phase", lambda v: v > 0)
+    lr_noise: float = setting(0.1, "Adam learning rate, noise phase", lambda v: v > 0)
+    reinit: bool = setting(True, "re-create Adam when the classifier starts")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    classf: float = setting(0.005, "classifier KL weight", lambda v: v >= 0)
+    mse: float = setting(2.0, "recon weight in local mode (masked MSE)", lambda v: v >= 0)
+    lpips: float = setting(0.03, "recon weight in global mode (masked LPIPS)", lambda v: v >= 0)
+    seg: float = setting(0.5, "shape (seg) weight, hair attributes", lambda v: v >= 0,
+                         per_image=True)
+    size: float = setting(1.0, "size KL weight (rows with size > 0)", lambda v: v >= 0)
+    n_loss: float = setting(1.0, "noise regularisation weight", lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
+class LossStartSteps:
+    classf: int = setting(500, "classifier loss from this step", lambda v: v >= 0)
+    seg: int = setting(500, "seg and size losses, and dynamic masking, from this step",
+                       lambda v: v >= 0)
+    mse: int = setting(0, "accepted for config.yml; unused there too", lambda v: v >= 0)
+    n_loss: int = setting(0, "accepted for config.yml; unused there too", lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    weights: LossWeights = _group(LossWeights)
+    start_steps: LossStartSteps = _group(LossStartSteps)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    update_shape: bool = setting(False, "dynamic masking also grows the shape mask",
+                                 per_image=True)
+
+
+@dataclass(frozen=True)
+class MeanLatentOverride:
+    source: str | None = setting(None, "override the models spec's mean latent source",
+                                 lambda v: v in ("computed", "checkpoint"))
+    samples: int | None = setting(None, "override the mean latent sample count", lambda v: v >= 1)
+    seed: int | None = setting(None, "override the mean latent seed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every edit setting, typed. `EditConfig.resolve` builds the one a group of rows runs
+    with; there `mode` is always 'local' or 'global'."""
+    steps: StepSettings = _group(StepSettings)
+    optimizer: OptimizerSettings = _group(OptimizerSettings)
+    loss: LossSettings = _group(LossSettings)
+    dynamic_masking: bool = setting(True, "grow the masks with the edit region")
+    dynamic_masking_iters: int = setting(200, "dynamic-masking window length; noise is "
+                                              "redrawn at its end", lambda v: v >= 0)
+    models: ModelSettings = _group(ModelSettings)
+    mode: str = setting("auto", "auto (from the attributes), local or global",
+                        lambda v: rows.choice_problem("mode", v, rows.MODES) is None)
+    e4e_init: bool = setting(False, "start from the e4e encoder's latent (always in global)")
+    e4e_start_step: int = setting(300, "first step when starting from e4e", lambda v: v >= 0)
+    smoothing: float = setting(0.05, "classifier target = abs(t - smoothing)",
+                               lambda v: rows.smoothing_problem(v) is None)
+    blend: str = setting("include_skin", "blend the skin too (include_skin) or only the edit "
+                                         "regions", lambda v: rows.choice_problem(
+                                             "blend", v, rows.BLENDS) is None)
+    parser_size: int = setting(512, "face parser working size", lambda v: v >= 16)
+    mean_latent: MeanLatentOverride = _group(MeanLatentOverride)
+
+    @property
+    def local(self) -> bool:
+        return self.mode == "local"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat dotted view: {'steps.latent': 1000, ...} in the README's order."""
+        return {key: _get(self, key) for key in SCHEMA}
+
+    def group_key(self) -> tuple:
+        """What rows must share to run in one batch: every setting but the per-image ones."""
+        return tuple((k, v) for k, v in self.as_dict().items() if not SCHEMA[k].per_image)
+
+
+class SettingInfo(NamedTuple):
+    default: Any
+    kind: type          # int, float, bool or str
+    check: Callable[[Any], bool] | None
+    help: str
+    per_image: bool
+
+
+def _walk(cls, prefix: str = "") -> Iterable[tuple[str, SettingInfo]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _walk(kind, f"{prefix}{f.name}.")
+            continue
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = args[0] if args else kind            # `int | None` -> int
+        yield f"{prefix}{f.name}", SettingInfo(f.default, kind, f.metadata["check"],
+                                               f.metadata["help"], f.metadata["per_image"])
+
+
+# Every setting by dotted key, in the README's order.
+SCHEMA: dict[str, SettingInfo] = dict(_walk(Settings))
+
+
+def _get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str = ""):
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        kind = hints[f.name]
+        kwargs[f.name] = (_build(kind, values, key + ".") if dataclasses.is_dataclass(kind)
+                          else values[key])
+    return cls(**kwargs)
 
 
 def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -82,62 +193,55 @@ def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    default, kind, check, _ = SCHEMA[key]
-    if value is None and default is None:
+    info = SCHEMA[key]
+    if value is None and info.default is None:
         return None
-    if kind is bool:
+    if info.kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             value = value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    elif kind in (int, float):
-        if isinstance(value, str):
-            try:
-                value = kind(value)
-            except ValueError:
-                pass
-        if kind is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        allowed = (int, float) if kind is float else int
-        if isinstance(value, bool) or not isinstance(value, allowed):
-            what = "a number" if kind is float else "an integer"
-            raise ConfigError(f"{key}: expected {what}, got {value!r}")
-        value = kind(value)
+    elif info.kind in (int, float):
+        value = _coerce_number(key, value, info.kind)
     elif not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if check is not None and not check(value):
-        raise ConfigError(f"{key}: value {value!r} is out of range ({SCHEMA[key][3]})")
+    if info.check is not None and not info.check(value):
+        raise ConfigError(f"{key}: value {value!r} is out of range ({info.help})")
     return value
+
+
+def _coerce_number(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    allowed = (int, float) if kind is float else int
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        what = "a number" if kind is float else "an integer"
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+    return kind(value)
 
 
 @dataclass(frozen=True)
 class EditConfig:
-    """A validated set of settings: every SCHEMA key, plus which ones the user set."""
-    values: tuple[tuple[str, Any], ...]
-    user_keys: frozenset[str] = frozenset()
-    _lookup: dict = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "_lookup", dict(self.values))
-
-    def __getitem__(self, key: str) -> Any:
-        return self._lookup[key]
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self._lookup)
+    """The user's layer: validated values for the keys they set. `resolve` turns it into
+    the `Settings` of a group of rows; `base` is the settings before any derivation."""
+    user: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_overrides(cls, overrides: Mapping | None = None) -> "EditConfig":
-        """Defaults, then `overrides` (nested or dotted keys). Unknown keys are an error."""
+        """Nested or dotted keys. Unknown keys and bad values are an error."""
         given = flatten(overrides or {})
         unknown = sorted(set(given) - set(SCHEMA))
         if unknown:
             raise ConfigError(f"unknown edit setting(s): {', '.join(unknown)}; "
                               f"known: {', '.join(SCHEMA)}")
-        values = {k: spec[0] for k, spec in SCHEMA.items()}
-        values.update({k: _coerce(k, v) for k, v in given.items()})
-        _check_together(values)
-        return cls(tuple(values.items()), frozenset(given))
+        config = cls(tuple((k, _coerce(k, v)) for k, v in given.items()))
+        config.base                                    # the keys must also work together
+        return config
 
     @classmethod
     def from_yaml(cls, text: str) -> "EditConfig":
@@ -146,22 +250,35 @@ class EditConfig:
             raise ConfigError("an edit config file must hold a mapping of settings")
         return cls.from_overrides(data)
 
-    def with_overrides(self, overrides: Mapping) -> "EditConfig":
-        merged = {k: v for k, v in self.values if k in self.user_keys}
-        merged.update(flatten(overrides))
-        return EditConfig.from_overrides(merged)
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.user)
 
-    def resolve(self, attributes: Iterable[str], mode: str | None = None) -> "EditConfig":
-        """The effective settings for a group of rows with these attributes (see module doc)."""
+    @property
+    def base(self) -> Settings:
+        """Defaults plus the user's keys, before the attributes derive anything."""
+        return _settings({k: info.default for k, info in SCHEMA.items()} | self.overrides)
+
+    def resolve(self, attributes: Iterable[str], mode: str | None = None) -> Settings:
+        """The effective settings for rows with these attributes (see the module doc)."""
         attributes = list(attributes)
-        mode = mode or self["mode"]
+        problem = rows.attributes_problem(attributes)
+        if problem:
+            raise ConfigError(problem)
+        mode = mode or self.base.mode
         local = attr_table.is_local(attributes) if mode == "auto" else mode == "local"
-        values = {k: spec[0] for k, spec in SCHEMA.items()}
+        values = {k: info.default for k, info in SCHEMA.items()}
         values.update(derived_settings(attributes, local))
-        values.update({k: v for k, v in self.values if k in self.user_keys})
+        values.update(self.overrides)
         values["mode"] = "local" if local else "global"
-        _check_together(values)
-        return EditConfig(tuple(values.items()), self.user_keys)
+        return _settings(values)
+
+
+def _settings(values: Mapping[str, Any]) -> Settings:
+    if values["e4e_init"] and values["e4e_start_step"] >= values["steps.latent"]:
+        raise ConfigError(f"e4e_start_step ({values['e4e_start_step']}) must be below "
+                          f"steps.latent ({values['steps.latent']})")
+    return _build(Settings, values)
 
 
 def derived_settings(attributes: list[str], local: bool) -> dict[str, Any]:
@@ -176,18 +293,28 @@ def derived_settings(attributes: list[str], local: bool) -> dict[str, Any]:
     return out
 
 
-def _check_together(values: Mapping[str, Any]) -> None:
-    if values["e4e_init"] and values["e4e_start_step"] >= values["steps.latent"]:
-        raise ConfigError(f"e4e_start_step ({values['e4e_start_step']}) must be below "
-                          f"steps.latent ({values['steps.latent']})")
+def required_networks(settings: Iterable[Settings]) -> tuple[str, ...]:
+    """The networks that rows with these settings need: the generator, parser and
+    classifier always; e4e where a row starts from it; the LPIPS trunk where a row is
+    global (its recon loss is masked LPIPS)."""
+    settings = list(settings)
+    extra = []
+    if any(s.e4e_init for s in settings):
+        extra.append("e4e")
+    if any(not s.local for s in settings):
+        extra.append("lpips_trunk")
+    return REQUIRED + tuple(extra)
 
 
-def apply_mean_latent(spec, config: EditConfig):
-    """The models spec with this config's `mean_latent.*` overrides applied."""
-    import dataclasses
-    changes = {k.split(".", 1)[1]: config[k] for k in
-               ("mean_latent.source", "mean_latent.samples", "mean_latent.seed")
-               if config[k] is not None}
+def settings_key(attributes: Iterable[str], mode: str | None) -> tuple:
+    """What a row's settings depend on: its attributes and its mode column. A job
+    resolves each distinct key once and hands the settings to its actors by key."""
+    return (tuple(attributes), mode or "auto")
+
+
+def apply_mean_latent(spec, settings: Settings):
+    """The models spec with the settings' `mean_latent.*` overrides applied."""
+    changes = {k: v for k, v in dataclasses.asdict(settings.mean_latent).items() if v is not None}
     if not changes:
         return spec
     return dataclasses.replace(spec, mean_latent=dataclasses.replace(spec.mean_latent, **changes))
@@ -202,9 +329,3 @@ def parse_set(items: Iterable[str]) -> dict[str, str]:
             raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value) if value.strip() else value
     return out
-
-
-def describe() -> list[tuple[str, Any, str]]:
-    """(key, default, help) rows for documentation."""
-    return [(k, spec[0], spec[3]) for k, spec in SCHEMA.items()]
-

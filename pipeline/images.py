@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .errors import RowError
+
 log = logging.getLogger(__name__)
 
 
-class ImageError(ValueError):
+class ImageError(RowError):
     """An input image that cannot be read."""
 
 
@@ -27,8 +29,7 @@ def decode_image(data: bytes, resolution: int, name: str = "image") -> torch.Ten
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from None
     except (OSError, ValueError) as e:
@@ -37,11 +38,18 @@ def decode_image(data: bytes, resolution: int, name: str = "image") -> torch.Ten
     h, w = x.shape[-2:]
     if h != w:
         log.warning("%s is %dx%d, not square: stretched to %d px", name, w, h, resolution)
-    if (h, w) != (resolution, resolution):
-        mode = "area" if min(h, w) > resolution else "bilinear"
-        kwargs = {"align_corners": False} if mode == "bilinear" else {}
-        x = F.interpolate(x, size=(resolution, resolution), mode=mode, **kwargs)
-    return x[0]
+    return resize(x, resolution)[0]
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, size, size] as the original resizes: area when shrinking,
+    bilinear when enlarging (or when only one side shrinks)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    if min(h, w) > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def read_image(uri: str, resolution: int, storage_options: Mapping | None = None) -> torch.Tensor:
@@ -88,19 +96,20 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping | None = None) -
 
 
 # -- the alignment quad: crop <-> source photo (see manifests/align.py) --------------------
-def quad_to_crop(quad: np.ndarray, size: int) -> np.ndarray:
-    """The 2x3 affine map from source pixels to crop pixels of a size x size crop."""
-    q0 = quad[0]
-    basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)   # crop -> source
-    inv = np.linalg.inv(basis)
-    return np.concatenate([inv, (-inv @ q0)[:, None]], axis=1)
-
-
 def crop_to_source(quad: np.ndarray, size: int) -> np.ndarray:
-    """The 2x3 affine map from crop pixels to source pixels."""
+    """The 2x3 affine map from crop pixels to source pixels of a size x size crop: the
+    crop's x axis runs along the quad's top edge (corner 0 -> 3), its y axis down the
+    left edge (corner 0 -> 1)."""
     q0 = quad[0]
     basis = np.stack([(quad[3] - q0) / size, (quad[1] - q0) / size], axis=1)
     return np.concatenate([basis, q0[:, None]], axis=1)
+
+
+def quad_to_crop(quad: np.ndarray, size: int) -> np.ndarray:
+    """The 2x3 affine map from source pixels to crop pixels (the inverse of the above)."""
+    forward = crop_to_source(quad, size)
+    inv = np.linalg.inv(forward[:, :2])
+    return np.concatenate([inv, (-inv @ forward[:, 2])[:, None]], axis=1)
 
 
 def paste(source: Image.Image, edited: Image.Image, quad: np.ndarray,
@@ -115,11 +124,11 @@ def paste(source: Image.Image, edited: Image.Image, quad: np.ndarray,
     size = edited.size[0]
     m = quad_to_crop(np.asarray(quad, dtype=np.float64), size)
     data = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2])
-    warped = edited.convert("RGB").transform(src.size, Image.AFFINE, data, Image.BILINEAR)
+    warped = edited.convert("RGB").transform(src.size, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
     ramp = np.minimum(np.arange(size) + 0.5, size - 0.5 - np.arange(size)) / max(feather * size, 1)
     ramp = np.clip(ramp, 0, 1)
     mask = Image.fromarray((np.outer(ramp, ramp) * 255).round().astype(np.uint8), "L")
-    alpha = np.asarray(mask.transform(src.size, Image.AFFINE, data, Image.BILINEAR),
+    alpha = np.asarray(mask.transform(src.size, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR),
                        dtype=np.float32)[..., None] / 255
     out = alpha * np.asarray(warped, dtype=np.float32) + (1 - alpha) * np.asarray(src, np.float32)
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))

@@ -21,8 +21,12 @@ from typing import Any, Mapping
 import pandas as pd
 import pyarrow as pa
 
-from .config import EditConfig
+from models.loaders import check_spec_names
+from models.spec import ModelsSpec, read_spec
+
+from .config import EditConfig, Settings, apply_mean_latent, required_networks, settings_key
 from .outputs import Output, passthrough_schema
+from .rows import passthrough_columns
 
 log = logging.getLogger(__name__)
 
@@ -53,81 +57,116 @@ def code_version() -> str:
         return "unknown"
 
 
-def _schedule_key(row, config: EditConfig) -> str:
-    return config.resolve(row["attributes"], row["mode"])["mode"]
+@dataclass
+class JobPlan:
+    """What the driver decides once, before Ray starts: each distinct edit's settings,
+    the networks they need, and the models spec the actors load."""
+    settings: dict[tuple, Settings]      # by settings_key(attributes, mode)
+    networks: tuple[str, ...]
+    spec: ModelsSpec
+    parser_size: int
+
+
+def plan_job(todo: pd.DataFrame, settings: JobSettings) -> JobPlan:
+    """Resolve each distinct edit once; a network the edits need that the spec lacks is
+    an error here, before any row runs."""
+    config = EditConfig.from_overrides(settings.edit)
+    keys = {settings_key(a, m) for a, m in zip(todo["attributes"], todo["mode"])}
+    by_key = {key: config.resolve(*key) for key in keys}
+    networks = required_networks(by_key.values())
+    spec = apply_mean_latent(read_spec(settings.models, settings.storage_options), config.base)
+    check_spec_names(spec, networks, settings.models)
+    return JobPlan(by_key, networks, spec, config.base.parser_size)
+
+
+def _schedule_order(todo: pd.DataFrame, plan: JobPlan) -> pd.DataFrame:
+    """Rows that share a schedule go together into batches: sorted by group, then id."""
+    group = [plan.settings[settings_key(a, m)] for a, m in zip(todo["attributes"], todo["mode"])]
+    order = {k: i for i, k in enumerate(sorted({(s.mode, repr(s.group_key())) for s in group}))}
+    todo = todo.assign(_group=[order[(s.mode, repr(s.group_key()))] for s in group])
+    return todo.sort_values(["_group", "id"]).drop(columns="_group").reset_index(drop=True)
+
+
+def pending_rows(rows: pd.DataFrame, out: Output, retry_errors: bool) -> pd.DataFrame:
+    """The rows with no metrics row under the output yet (with retry_errors, error rows
+    too): a rerun does only these."""
+    done = out.read_metrics()
+    complete = set(done["id"]) if len(done) else set()
+    if retry_errors and len(done):
+        complete -= set(done.loc[done["status"] == "error", "id"])
+    return rows[~rows["id"].isin(complete)].copy()
 
 
 def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schema | None = None,
             address: str | None = None, ray_init_kwargs: Mapping | None = None) -> dict:
     """Run (or resume) a job over validated manifest rows. Returns the summary dict."""
+    started = time.time()
+    out = Output(settings.output, settings.storage_options)
+    schema = passthrough_schema(manifest_schema, passthrough_columns(rows.columns))
+    todo = pending_rows(rows, out, settings.retry_errors)
+    skipped = len(rows) - len(todo)
+    plan = plan_job(todo, settings) if len(todo) else None
+    out.put_json("job.json", {"settings": asdict(settings), "code_version": code_version(),
+                              "started_at": started, "rows": len(rows)})
+    log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
+    this_run = pd.DataFrame(columns=["id", "status"])
+    if plan is not None:
+        this_run = _run_on_ray(_schedule_order(todo, plan), settings, plan, schema, address,
+                               ray_init_kwargs)
+    if settings.retry_errors:
+        out.drop_stale_rows()
+    summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
+                        time.time() - started, settings)
+    out.put_json("summary.json", summary)
+    return summary
+
+
+def _actor_resources(settings: JobSettings) -> tuple[int, dict, bool]:
+    """(actors, resources per actor, on GPUs). An actor must never hold every CPU: the
+    read and repartition tasks would then wait forever (a GPU actor takes 1 CPU by
+    default; a CPU actor its threads)."""
+    import ray
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    n_actors = settings.actors or max(gpus, 1)
+    cpu_room = max(resources.get("CPU", 1) - 1, 0.5) / n_actors
+    per_actor = ({"num_gpus": 1, "num_cpus": min(settings.actor_cpus, cpu_room)} if gpus
+                 else {"num_gpus": 0, "num_cpus": min(settings.cpu_threads, cpu_room)})
+    return n_actors, per_actor, bool(gpus)
+
+
+def _run_on_ray(todo: pd.DataFrame, settings: JobSettings, plan: JobPlan, schema: pa.Schema,
+                address: str | None, ray_init_kwargs: Mapping | None) -> pd.DataFrame:
+    """The rows through an actor pool of EditStage; returns each row's id and status."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     from .stage import EditStage
 
-    started = time.time()
-    config = EditConfig.from_overrides(settings.edit)
-    out = Output(settings.output, settings.storage_options)
-    schema = passthrough_schema(manifest_schema, [c for c in rows.columns
-                                                  if c not in ("image_uri", "attributes", "targets",
-                                                               "size", "smoothing", "seed", "mode",
-                                                               "blend", "id")])
-    out.put_json("job.json", {"settings": asdict(settings), "code_version": code_version(),
-                              "started_at": started, "rows": len(rows)})
-
-    done = out.read_metrics()
-    complete = set(done["id"]) if len(done) else set()
-    if settings.retry_errors and len(done):
-        complete -= set(done.loc[done["status"] == "error", "id"])
-    todo = rows[~rows["id"].isin(complete)].copy()
-    skipped = len(rows) - len(todo)
-    log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
-
-    this_run = pd.DataFrame(columns=["id", "status"])
-    if len(todo):
-        todo["_group"] = [_schedule_key(r, config) for r in todo.to_dict("records")]
-        todo = todo.sort_values(["_group", "id"]).drop(columns="_group")
-        if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-                     **dict(ray_init_kwargs or {}))
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        n_actors = settings.actors or max(gpus, 1)
-        # An actor must never hold every CPU: the read and repartition tasks would then
-        # wait forever (a GPU actor takes 1 CPU by default; a CPU actor its threads).
-        cpu_room = max(resources.get("CPU", 1) - 1, 0.5) / n_actors
-        per_actor = ({"num_gpus": 1, "num_cpus": min(settings.actor_cpus, cpu_room)} if gpus
-                     else {"num_gpus": 0, "num_cpus": min(settings.cpu_threads, cpu_room)})
-        log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if gpus else "CPU",
-                 settings.batch_size)
-        ctx = DataContext.get_current()
-        ctx.execution_no_progress_timeout_s = settings.no_progress_timeout_s
-        # passthrough list columns (align_quad) may hold nulls: keep them plain lists
-        ctx.enable_tensor_extension_casting = False
-        resolved = [config.resolve(a, m) for a, m in zip(todo["attributes"], todo["mode"])]
-        with_global = any(r["mode"] == "global" or r["e4e_init"] for r in resolved)
-        blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
-        ds = ray.data.from_pandas(todo.reset_index(drop=True)).repartition(blocks)
-        ds = ds.map_batches(
-            EditStage, batch_size=settings.batch_size, batch_format="pandas",
-            compute=ActorPoolStrategy(size=n_actors),
-            fn_constructor_kwargs=dict(
-                models_uri=settings.models, edit=settings.edit, output_uri=settings.output,
-                storage_options=settings.storage_options, schema=schema,
-                save_noises=settings.save_noises, paste_back=settings.paste_back,
-                with_global=with_global,
-                cpu_threads=None if gpus else settings.cpu_threads),
-            **per_actor)
-        parts = [b[["id", "status"]] for b in ds.iter_batches(batch_format="pandas",
-                                                              batch_size=None)]
-        this_run = pd.concat(parts, ignore_index=True) if parts else this_run
-    if settings.retry_errors:
-        out.drop_stale_rows()
-
-    summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
-                        time.time() - started, settings)
-    out.put_json("summary.json", summary)
-    return summary
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
+                 **dict(ray_init_kwargs or {}))
+    n_actors, per_actor, on_gpus = _actor_resources(settings)
+    log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if on_gpus else "CPU",
+             settings.batch_size)
+    ctx = DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = settings.no_progress_timeout_s
+    # passthrough list columns (align_quad) may hold nulls: keep them plain lists
+    ctx.enable_tensor_extension_casting = False
+    blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
+    ds = ray.data.from_pandas(todo).repartition(blocks)
+    ds = ds.map_batches(
+        EditStage, batch_size=settings.batch_size, batch_format="pandas",
+        compute=ActorPoolStrategy(size=n_actors),
+        fn_constructor_kwargs=dict(
+            spec=plan.spec, networks=plan.networks, settings=plan.settings,
+            parser_size=plan.parser_size, output_uri=settings.output,
+            storage_options=settings.storage_options, schema=schema,
+            save_noises=settings.save_noises, paste_back=settings.paste_back,
+            cpu_threads=None if on_gpus else settings.cpu_threads),
+        **per_actor)
+    parts = [b[["id", "status"]] for b in ds.iter_batches(batch_format="pandas", batch_size=None)]  # type: ignore[index]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "status"])
 
 
 def summarize(all_rows: pd.DataFrame, manifest_ids: set[str], this_run: pd.DataFrame,

@@ -30,9 +30,22 @@ def portion(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=(2, 3)) / (mask.shape[2] * mask.shape[3])
 
 
+def shape_mse(region: torch.Tensor, shape_mask: torch.Tensor) -> torch.Tensor:
+    """The seg loss: mean squared difference between the edit region the parser sees on
+    the generated image and the shape mask, both [N, 1, P, P]."""
+    return ((region - shape_mask) ** 2).mean(dim=(1, 2, 3))
+
+
+def size_kl(now: torch.Tensor, target: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The size loss: KL between the edit region's share of the image now and its target
+    share, [N, 1] each. A row with size 0 compares its share with itself, so its KL is
+    0; the original also zeroes it by its weight, and so does the engine."""
+    return bernoulli_kl(now, torch.where(sizes > 0, target, now.detach()))
+
+
 def noise_regularize(noises: list[torch.Tensor]) -> torch.Tensor:
     """StyleGAN2 projector's noise autocorrelation penalty over a pyramid down to 8 px."""
-    loss = 0
+    loss = noises[0].new_zeros(noises[0].shape[0])     # adding to 0.0 is exact
     for noise in noises:
         size = noise.shape[2]
         while True:

@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 # The metrics columns every row has; passthrough columns from the manifest follow them.
+# source_uri: the photo (an aligned row's full photo); input_uri: the image edited (the
+# manifest's image_uri); edited_uri: the result, null on error rows.
 METRICS_SCHEMA = pa.schema([
     ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("source_uri", pa.string()), ("input_uri", pa.string()), ("image_uri", pa.string()),
+    ("source_uri", pa.string()), ("input_uri", pa.string()), ("edited_uri", pa.string()),
     ("latent_uri", pa.string()), ("mask_uri", pa.string()), ("noises_uri", pa.string()),
     ("pasted_uri", pa.string()),
     ("attributes", pa.list_(pa.string())), ("targets", pa.list_(pa.float64())),
@@ -107,7 +109,8 @@ class Output:
         files = self.metrics_files()
         if not files:
             return pd.DataFrame(columns=METRICS_SCHEMA.names)
-        frames = [pq.read_table(f, filesystem=self.fs).to_pandas() for f in files]
+        frames = [_current_columns(pq.read_table(f, filesystem=self.fs).to_pandas())
+                  for f in files]
         df = pd.concat(frames, ignore_index=True)
         return df.sort_values("written_at").drop_duplicates("id", keep="last")
 
@@ -137,6 +140,15 @@ class Output:
                 pq.write_table(kept, buf)
                 self.put_atomic(rel, buf.getvalue())
         return dropped
+
+
+def _current_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Metrics written before the result column was named `edited_uri` called it
+    `image_uri`, and put the input's URI there on error rows."""
+    if "image_uri" in df.columns and "edited_uri" not in df.columns:
+        df = df.rename(columns={"image_uri": "edited_uri"})
+        df.loc[df["status"] != "ok", "edited_uri"] = None
+    return df
 
 
 def passthrough_schema(manifest: pa.Schema | None, columns: Iterable[str]) -> pa.Schema:

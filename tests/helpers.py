@@ -11,6 +11,11 @@ DATA = Path(__file__).parent / "data"
 LISTINGS = DATA / "checkpoint-keys"
 FIDELITY = DATA / "fidelity"
 
+# A few steps of every phase and term: the job and stage tests' edit settings.
+SHORT = {"steps.latent": 3, "steps.noise": 1, "loss.start_steps.classf": 1,
+         "loss.start_steps.seg": 1, "dynamic_masking_iters": 1, "parser_size": 32,
+         "e4e_start_step": 1}
+
 
 def read_listing(name: str) -> list[tuple[str, list[int], str]]:
     """(key, shape, dtype) rows of one listing, in file order."""
@@ -97,3 +102,14 @@ def write_reference_checkpoints(out: Path) -> dict[str, Path]:
                                    {"loss.weight": torch.ones(9)}, "model.classifier.4."),
                paths["face_parser"])
     return paths
+
+
+def write_photos(folder: Path, count: int, size: int = 48, seed: int = 0) -> Path:
+    """p0.png ... random RGB photos, plus broken.png, a file that is no image."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"p{k}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return folder

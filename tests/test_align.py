@@ -80,7 +80,7 @@ def test_folder_manifest_with_align(tmp_path, astronaut):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wall.png: not aligned: no face found" in result.stderr
-    rows = read_manifest(str(tmp_path / "m.parquet"))
+    rows = read_manifest(str(tmp_path / "m.parquet")).rows
     assert rows["id"].tolist() == ["astronaut.smiling-1"]
     assert Image.open(rows["image_uri"].iloc[0]).size == (128, 128)
     assert rows["source_uri"].iloc[0].endswith("astronaut.png")

@@ -124,7 +124,7 @@ def test_manifest_command_writes_a_valid_manifest(celebahq):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "input problem(s) skipped" in result.stderr
-    rows = read_manifest(str(out))
+    rows = read_manifest(str(out)).rows
     assert len(rows) == 3 * 2 and rows["id"].is_unique
     strict = subprocess.run([maskface, "manifest", "celebahq", "--images", str(root / "images"),
                              "--attr-file", str(root / "anno.txt"), "--edit", "smiling=flip",

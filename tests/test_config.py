@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import SCHEMA, ConfigError, EditConfig, parse_set
+from pipeline.config import SCHEMA, ConfigError, EditConfig, Settings, StepSettings, parse_set
 
 ORIGINAL_CONFIG_YML = """
 optimizer: {lr_latent: 0.001, lr_noise: 0.1, reinit: true}
@@ -15,18 +15,20 @@ dynamic_masking_iters: 200
 
 
 def test_defaults_equal_the_originals_config_yml():
-    assert EditConfig.from_yaml(ORIGINAL_CONFIG_YML).as_dict() == EditConfig.from_overrides().as_dict()
-    cfg = EditConfig.from_overrides()
-    assert cfg["smoothing"] == 0.05 and cfg["e4e_start_step"] == 300
-    assert cfg["blend"] == "include_skin" and cfg["parser_size"] == 512 and cfg["mode"] == "auto"
+    assert EditConfig.from_yaml(ORIGINAL_CONFIG_YML).base == EditConfig.from_overrides().base
+    cfg = EditConfig.from_overrides().base
+    assert cfg.smoothing == 0.05 and cfg.e4e_start_step == 300
+    assert cfg.blend == "include_skin" and cfg.parser_size == 512 and cfg.mode == "auto"
+    assert cfg.steps.latent == 1000 and cfg.loss.weights.classf == 0.005
+    assert cfg.as_dict()["loss.start_steps.seg"] == 500 and list(cfg.as_dict()) == list(SCHEMA)
 
 
 def test_nested_and_dotted_overrides_agree():
-    nested = EditConfig.from_yaml("steps: {latent: 50}\nloss: {weights: {seg: 0.25}}")
-    dotted = EditConfig.from_overrides(parse_set(["steps.latent=50", "loss.weights.seg=0.25"]))
-    assert nested.as_dict() == dotted.as_dict()
-    assert nested["steps.latent"] == 50 and nested["loss.weights.seg"] == 0.25
-    assert EditConfig.from_overrides(parse_set(["dynamic_masking=false"]))["dynamic_masking"] is False
+    nested = EditConfig.from_yaml("steps: {latent: 50}\nloss: {weights: {seg: 0.25}}").base
+    dotted = EditConfig.from_overrides(parse_set(["steps.latent=50", "loss.weights.seg=0.25"])).base
+    assert nested == dotted
+    assert nested.steps.latent == 50 and nested.loss.weights.seg == 0.25
+    assert EditConfig.from_overrides(parse_set(["dynamic_masking=false"])).base.dynamic_masking is False
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -47,26 +49,44 @@ def test_bad_settings_are_rejected_with_the_reason(overrides, message):
 def test_derived_settings_per_mode_and_the_users_keys_win():
     cfg = EditConfig.from_overrides()
     local = cfg.resolve(["smiling"])
-    assert local["mode"] == "local" and local["loss.weights.seg"] == 0
-    assert local["optimizer.reinit"] and local["dynamic_masking"] and not local["e4e_init"]
+    assert local.mode == "local" and local.local and local.loss.weights.seg == 0
+    assert local.optimizer.reinit and local.dynamic_masking and not local.e4e_init
     hair = cfg.resolve(["wavy_hair"])
-    assert hair["loss.weights.seg"] == 0.5 and hair["models.update_shape"]
+    assert hair.loss.weights.seg == 0.5 and hair.models.update_shape
     glob = cfg.resolve(["male"])
-    assert glob["mode"] == "global" and glob["e4e_init"] and glob["loss.start_steps.classf"] == 0
-    assert not glob["optimizer.reinit"] and not glob["dynamic_masking"]
+    assert glob.mode == "global" and glob.e4e_init and glob.loss.start_steps.classf == 0
+    assert not glob.optimizer.reinit and not glob.dynamic_masking
     # multi-attribute rows: any global attribute makes the row global; hair turns seg on
     mixed = cfg.resolve(["smiling", "black_hair", "young"])
-    assert mixed["mode"] == "global" and mixed["loss.weights.seg"] == 0.5
-    assert cfg.resolve(["male"], mode="local")["mode"] == "local"
+    assert mixed.mode == "global" and mixed.loss.weights.seg == 0.5
+    assert cfg.resolve(["male"], mode="local").mode == "local"
     user = EditConfig.from_overrides({"loss.weights.seg": 0.1, "dynamic_masking": True})
-    assert user.resolve(["smiling"])["loss.weights.seg"] == 0.1
-    assert user.resolve(["male"])["dynamic_masking"] is True
+    assert user.resolve(["smiling"]).loss.weights.seg == 0.1
+    assert user.resolve(["male"]).dynamic_masking is True
     with pytest.raises(ConfigError, match="e4e_start_step"):
         EditConfig.from_overrides({"steps.latent": 100}).resolve(["male"])
 
 
-def test_every_key_is_documented_in_the_readme():
+def test_the_readme_settings_table_is_true():
+    """Every key, in order, with its default (settings the spec decides say so)."""
+    import re
     from pathlib import Path
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [key for key in SCHEMA if f"`{key}`" not in readme]
-    assert not missing
+    table = re.findall(r"^\| `([a-z_.0-9]+)` \| ([^|]+) \|", readme.split("### Edit settings")[1],
+                       re.M)
+    assert [key for key, _ in table] == list(SCHEMA)
+    for key, default in table:
+        want = SCHEMA[key].default
+        assert default.strip() == ("from the spec" if want is None else str(want)), key
+
+
+def test_a_misspelt_or_missing_setting_fails_before_any_step():
+    settings = EditConfig().resolve(["smiling"])
+    with pytest.raises(AttributeError):
+        settings.steps.latnt                                    # noqa: B018
+    with pytest.raises(TypeError):
+        Settings(steps=StepSettings(latent=5), bogus=1)         # type: ignore[call-arg]
+    assert set(k for k, info in SCHEMA.items() if info.per_image) == {
+        "loss.weights.seg", "models.update_shape"}
+    hair, plain = EditConfig().resolve(["black_hair"]), settings
+    assert hair.group_key() == plain.group_key() and hair != plain   # one batch, two images

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jobs.edit import output_names, parse_attribute
+from jobs.edit import parse_attribute
+from pipeline.rows import unique_stems
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
 FAST = ["--set", "steps.latent=6", "--set", "steps.noise=1", "--set", "loss.start_steps.classf=2",
@@ -44,8 +45,8 @@ def test_edit_writes_image_latent_metrics_and_mask_and_survives_a_bad_file(tmp_p
 
 
 def test_edit_rejects_bad_values_before_any_work(tmp_path, tiny_dir):
-    for args, message in [(["--attribute", "smilling"], "unknown attribute 'smilling'"),
-                          (["--attribute", "smiling=2"], "must be in [0, 1]"),
+    for args, message in [(["--attribute", "smilling"], "unknown attribute(s) ['smilling']"),
+                          (["--attribute", "smiling=2"], "targets must be numbers in [0, 1]"),
                           (["--attribute", "smiling", "--size", "-1"], "size must be"),
                           (["--attribute", "smiling", "--set", "steps.latnt=3"], "steps.latnt")]:
         result = subprocess.run([MASKFACE, "edit", "x.png", "--models", str(tiny_dir / "models.yaml"),
@@ -57,7 +58,7 @@ def test_edit_rejects_bad_values_before_any_work(tmp_path, tiny_dir):
 def test_attribute_and_name_parsing():
     assert parse_attribute("smiling") == ("smiling", 1.0)
     assert parse_attribute("male=0") == ("male", 0.0)
-    assert output_names(["a/x.png", "b/x.jpg", "s3://b/y z.png"]) == ["x", "x-1", "y_z"]
+    assert unique_stems(["a/x.png", "b/x.jpg", "s3://b/y z.png"]) == ["x", "x-1", "y_z"]
 
 
 def test_bench_prints_a_row_per_resolution_and_batch():

@@ -11,7 +11,11 @@ from models.loaders import load_models
 from models.spec import ModelsSpec, read_spec
 from pipeline.attributes import GLOBAL_ATTRIBUTES, LOCAL_ATTRIBUTES
 from pipeline.config import EditConfig
-from pipeline.engine import Editor, EditRequest
+from models.spec import REQUIRED
+from pipeline.engine import Editor, StartPoint
+from pipeline.errors import SetupError
+from pipeline.rows import EditRequest
+from pipeline.schedule import Schedule
 
 FEW_STEPS = {"steps.latent": 6, "steps.noise": 2, "loss.start_steps.classf": 2,
              "loss.start_steps.seg": 2, "dynamic_masking_iters": 2, "e4e_start_step": 3,
@@ -44,7 +48,7 @@ def run(models, images, requests, overrides=None, **kwargs):
 @pytest.fixture(scope="module")
 def reference_models(reference_checkpoints):
     spec = ModelsSpec.from_dict({k: str(v) for k, v in reference_checkpoints.items()})
-    return load_models(spec, parser_size=512, with_global=False)
+    return load_models(spec, parser_size=512, networks=REQUIRED)
 
 
 @pytest.mark.parametrize("case_name", ["smiling_add", "black_hair_add"])
@@ -57,16 +61,17 @@ def test_reproduces_the_original_step_by_step(reference_models, case_name):
                           smoothing=case["smoothing"])
     editor = Editor(reference_models, EditConfig.from_overrides(
         {**case["overrides"], "parser_size": case["parser_size"]}))
-    start = dict(init_latent=mean.view(1, 1, -1).repeat(1, g.n_latent, 1),
-                 init_noises=g.make_noise(1))
+    start = dict(latent=mean.view(1, 1, -1).repeat(1, g.n_latent, 1), noises=g.make_noise(1))
 
     # zero steps run: the masks are the initial ones
-    (initial,) = editor.edit(x, [request], start_step=case["overrides"]["steps.latent"], **start)
+    (initial,) = editor.edit(x, [request],
+                             start=StartPoint(step=case["overrides"]["steps.latent"], **start))
     for name, want in case["expected_initial_mask_means"].items():
         assert initial.masks[name].mean().item() == pytest.approx(want, rel=1e-4), name
 
     steps = []
-    (result,) = editor.edit(x, [request], start_step=0, callback=steps.append, **start)
+    (result,) = editor.edit(x, [request], start=StartPoint(step=0, **start),
+                            callback=steps.append)
     assert result.ok, result.error
     assert [s.step for s in steps] == list(range(len(case["expected_per_step"])))
     for info, want in zip(steps, case["expected_per_step"]):
@@ -175,7 +180,7 @@ def test_hair_shape_brings_in_the_ears(models, faces):
     """Zero steps (start at the last step): the masks are the initial ones."""
     requests = [EditRequest(("black_hair",), (1.0,)), EditRequest(("wavy_hair",), (1.0,))]
     x = faces[:1].repeat(2, 1, 1, 1)
-    (colour, shape), _ = run(models, x, requests, start_step=FEW_STEPS["steps.latent"])
+    (colour, shape), _ = run(models, x, requests, start=StartPoint(step=FEW_STEPS["steps.latent"]))
     probs = models.face_parser(x[:1], out_size=64)
     ears = region_masks(probs, [["ears"]])[0]
     for name in ("recon", "blend", "shape"):
@@ -227,11 +232,12 @@ def test_a_numeric_blow_up_fails_only_that_image(models, faces):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(attributes=("smilling",), targets=(1.0,)), "unknown attribute 'smilling'"),
-    (dict(attributes=("smiling",), targets=(1.5,)), r"target of smiling must be in \[0, 1\]"),
+    (dict(attributes=("smilling",), targets=(1.0,)),
+     r"unknown attribute\(s\) \['smilling'\]; did you mean 'smiling'\?"),
+    (dict(attributes=("smiling",), targets=(1.5,)), r"targets must be numbers in \[0, 1\]"),
     (dict(attributes=("smiling",), targets=(1.0,), size=-0.5), "size must be"),
     (dict(attributes=("smiling", "male"), targets=(1.0,)), "2 attributes but 1 targets"),
-    (dict(attributes=(), targets=()), "no attribute"),
+    (dict(attributes=(), targets=()), "attributes must be a non-empty list"),
     (dict(attributes=("smiling",), targets=(1.0,), blend="skin"), "blend must be"),
 ])
 def test_bad_values_fail_clearly(kwargs, message):
@@ -252,3 +258,27 @@ def test_metrics_are_per_image_and_computed(models, faces):
         x = faces[k]
         want = (keep * (result.edited.clamp(0, 1) - x).abs()).sum() / (3 * keep.sum())
         assert m["preservation_l1"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_the_engine_runs_what_the_schedule_says_at_every_step(models, faces):
+    overrides = {"steps.latent": 10, "steps.noise": 2, "loss.start_steps.classf": 3,
+                 "loss.start_steps.seg": 5, "dynamic_masking_iters": 3}
+    requests = [EditRequest(("wavy_hair",), (1.0,), size=1.1), EditRequest(("smiling",), (0.0,))]
+    _, steps = run(models, faces[:2], requests, overrides)
+    settings = EditConfig.from_overrides({**FEW_STEPS, **overrides}).resolve(["wavy_hair"])
+    schedule = Schedule.for_group(settings, [0.5, 0.0], [1.1, 0.0])
+    latent = [s for s in steps if s.phase == "latent"]
+    assert [s.step for s in latent] == list(schedule.latent_range)
+    for s in latent:
+        assert s.events == schedule.events(s.step), s.step
+        assert tuple(s.losses) == schedule.terms(s.step), s.step
+    assert len(steps) == schedule.total_iterations
+
+
+def test_a_network_the_edits_need_but_the_models_lack_is_a_setup_error(models, faces):
+    local_only = copy.copy(models)
+    local_only.lpips = None
+    with pytest.raises(SetupError, match="lpips_trunk"):
+        run(local_only, faces[:1], [EditRequest(("male",), (1.0,))])
+    (result,), _ = run(local_only, faces[:1], [EditRequest(("smiling",), (1.0,))])
+    assert result.ok

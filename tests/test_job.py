@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import SHORT, write_photos
 from PIL import Image
 
 from jobs.run import JobSpecError, load_job_spec, run_command
@@ -17,9 +18,6 @@ from manifests.schema import ManifestError, read_manifest, validate, write_manif
 from models.tiny import make_tiny
 from pipeline.outputs import Output
 
-SHORT = {"steps.latent": 3, "steps.noise": 1, "loss.start_steps.classf": 1,
-         "loss.start_steps.seg": 1, "dynamic_masking_iters": 1, "parser_size": 32,
-         "e4e_start_step": 1}
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +29,7 @@ def tiny32(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for k in range(3):
-        Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8")).save(out / f"p{k}.png")
-    (out / "broken.png").write_text("not an image")
-    return out
+    return write_photos(tmp_path_factory.mktemp("photos"), 3)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +213,7 @@ def test_defaults_and_relative_image_uris(tmp_path):
         manifest(["a"], "p.png"))["seed"].iloc[0]          # stable hash of the id
     assert rows["mode"].tolist() == ["auto", "auto"] and rows["size"].tolist() == [0.0, 0.0]
     write_manifest(manifest(["a"], "p.png"), str(tmp_path / "m.parquet"))
-    assert read_manifest(str(tmp_path / "m.parquet"))["image_uri"].iloc[0] == str(tmp_path / "p.png")
+    assert read_manifest(str(tmp_path / "m.parquet")).rows["image_uri"].iloc[0] == str(tmp_path / "p.png")
 
 
 @pytest.mark.parametrize("keys,message", [

@@ -5,7 +5,7 @@ import torch
 
 from models.checkpoints import CheckpointError, cache_dir, local_file, redact, sha256_file
 from models.loaders import load_models
-from models.spec import read_spec
+from models.spec import REQUIRED, read_spec
 from models.tiny import make_tiny
 
 
@@ -17,7 +17,7 @@ def test_load_models_holds_every_network_and_its_hash(tiny_dir):
     assert models.hashes["generator"] == sha256_file(tiny_dir / "stylegan2.pt")
     assert models.mean_latent.shape == (models.generator.style_dim,)
     assert models.face_parser.working_size == 64
-    local_only = load_models(spec, parser_size=64, with_global=False)
+    local_only = load_models(spec, parser_size=64, networks=REQUIRED)
     assert local_only.e4e is None and local_only.lpips is None
     torch.testing.assert_close(local_only.mean_latent, models.mean_latent)
 

@@ -1,0 +1,71 @@
+"""The output layout and its metrics dataset: one row per id, atomic writes, old columns."""
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.job import pending_rows
+from pipeline.outputs import METRICS_SCHEMA, Output, passthrough_schema
+
+
+def rows(ids, status="ok", at=1.0, **extra):
+    df = pd.DataFrame({"id": ids, "status": status, "written_at": at, **extra})
+    for name in METRICS_SCHEMA.names:
+        if name not in df.columns:
+            df[name] = None
+    return df
+
+
+def test_metrics_round_trip_and_a_retried_batch_replaces_its_own_file(tmp_path):
+    out = Output(str(tmp_path / "o"))
+    first = out.write_metrics(rows(["b", "a"], status="error", at=1.0), METRICS_SCHEMA)
+    again = out.write_metrics(rows(["a", "b"], at=2.0), METRICS_SCHEMA)
+    assert first == again and len(out.metrics_files()) == 1        # named by its ids
+    out.write_metrics(rows(["c"], at=3.0), METRICS_SCHEMA)
+    read = out.read_metrics().set_index("id")
+    assert sorted(read.index) == ["a", "b", "c"] and (read["status"] == "ok").all()
+    assert not [p for p in (tmp_path / "o" / "metrics").iterdir() if p.name.startswith(".")]
+
+
+def test_the_newest_row_per_id_wins_and_stale_rows_are_dropped(tmp_path):
+    out = Output(str(tmp_path / "o"))
+    out.write_metrics(rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
+    out.write_metrics(rows(["a"], at=2.0), METRICS_SCHEMA)
+    assert out.read_metrics().set_index("id")["status"].to_dict() == {"a": "ok", "b": "error"}
+    assert out.drop_stale_rows() == 1
+    every = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    assert sorted(every["id"]) == ["a", "b"]
+
+
+def test_outputs_written_before_the_rename_are_read_and_resumed(tmp_path):
+    """Old metrics called the result `image_uri` and held the input's URI there on error
+    rows: read as `edited_uri`, null on error rows, and their ids count as complete."""
+    old = pd.DataFrame({"id": ["a", "b"], "status": ["ok", "error"],
+                        "image_uri": ["o/images/a.png", "in/b.png"], "written_at": [1.0, 1.0]})
+    (tmp_path / "o" / "metrics").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(old), tmp_path / "o" / "metrics" / "part-old.parquet")
+    out = Output(str(tmp_path / "o"))
+    read = out.read_metrics().set_index("id")
+    assert "image_uri" not in read.columns
+    assert read.loc["a", "edited_uri"] == "o/images/a.png" and pd.isna(read.loc["b", "edited_uri"])
+    manifest = pd.DataFrame({"id": ["a", "b", "c"]})
+    assert pending_rows(manifest, out, retry_errors=False)["id"].tolist() == ["c"]
+    assert pending_rows(manifest, out, retry_errors=True)["id"].tolist() == ["b", "c"]
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    out = Output(str(tmp_path / "o"))
+    out.put_json("summary.json", {"rows": 3})
+    out.put_npy("latents/a.npy", __import__("numpy").zeros((2, 3), "float32"))
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["latents", "summary.json"]
+    assert out.uri_of("images", "a") == f"{tmp_path}/o/images/a.png"
+
+
+def test_passthrough_columns_keep_their_types_and_may_not_shadow_metrics():
+    manifest = pa.schema([("label", pa.int8()), ("align_quad", pa.list_(pa.float64()))])
+    schema = passthrough_schema(manifest, ["label", "align_quad", "note", "source_uri"])
+    assert schema.field("label").type == pa.int8() and schema.field("note").type == pa.string()
+    assert schema.names.count("source_uri") == 1
+    with pytest.raises(ValueError, match="would overwrite metrics columns"):
+        passthrough_schema(None, ["edited_uri"])

@@ -1,0 +1,100 @@
+"""The Ray stage called directly, without Ray, and the driver's plan it is built from:
+settings resolved once per job, networks loaded by need, the column contract."""
+import pandas as pd
+import pyarrow as pa
+import pytest
+import yaml
+from helpers import SHORT, write_photos
+from PIL import Image
+
+from manifests.schema import validate
+from models.spec import REQUIRED, SpecError
+from pipeline.job import JobSettings, plan_job
+from pipeline.outputs import Output, passthrough_schema
+from pipeline.stage import EditStage
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("photos"), 2, size=40)
+
+
+def partial_spec(tiny_dir, tmp_path, *drop):
+    """The tiny spec without some networks (paths made absolute)."""
+    spec = yaml.safe_load((tiny_dir / "models.yaml").read_text())
+    for name in ("generator", "face_parser", "classifier", "e4e", "lpips_trunk"):
+        spec[name]["uri"] = str(tiny_dir / spec[name]["uri"])
+    for name in drop:
+        del spec[name]
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def rows(photos, attrs, ids=None, **extra):
+    n = len(attrs)
+    return validate(pd.DataFrame({
+        "id": ids or [f"r{k}" for k in range(n)],
+        "image_uri": [str(photos / f"p{k % 2}.png") for k in range(n)],
+        "attributes": [[a] for a in attrs], "targets": [[1.0]] * n, **extra}))
+
+
+def stage_for(todo, models, tmp_path, edit=SHORT):
+    settings = JobSettings(manifest="m", output=str(tmp_path / "out"), models=models, edit=edit)
+    plan = plan_job(todo, settings)
+    schema = passthrough_schema(pa.Schema.from_pandas(todo), ["label"])
+    stage = EditStage(plan.spec, plan.networks, plan.settings, plan.parser_size,
+                      settings.output, {}, schema)
+    return stage, plan
+
+
+def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))        # no VGG16 to fall back on
+    todo = rows(photos, ["smiling", "black_hair", "smiling"], label=[7, 8, 9])
+    todo.loc[2, "image_uri"] = str(photos / "broken.png")
+    stage, plan = stage_for(todo, partial_spec(tiny_dir, tmp_path, "e4e", "lpips_trunk"), tmp_path)
+    assert plan.networks == REQUIRED                 # local edits: no e4e, no LPIPS trunk
+    assert stage.models.e4e is None and stage.models.lpips is None
+    out = stage(todo).set_index("id")
+    assert out.loc["r0", "status"] == "ok" and out.loc["r1", "status"] == "ok"
+    assert out.loc["r2", "status"] == "error" and "broken.png: not a readable image" in out.loc["r2", "error"]
+    assert out.loc["r2", "input_uri"] == str(photos / "broken.png") and pd.isna(out.loc["r2", "edited_uri"])
+    assert out.loc["r0", "input_uri"] == str(photos / "p0.png")
+    assert Image.open(out.loc["r1", "edited_uri"]).size == (64, 64)
+    assert out["label"].tolist() == [7, 8, 9] and (out["actor_model_loads"] == 1).all()
+    assert out.loc["r1", "steps"] == 3 + 2 and out.loc["r0", "mode"] == "local"
+    written = Output(str(tmp_path / "out")).read_metrics().set_index("id")
+    assert sorted(written.index) == ["r0", "r1", "r2"]                # the metrics file is there
+
+
+def test_e4e_init_loads_e4e_but_not_the_lpips_trunk(tiny_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    todo = rows(photos, ["smiling"])
+    stage, plan = stage_for(todo, partial_spec(tiny_dir, tmp_path, "lpips_trunk"), tmp_path,
+                            edit={**SHORT, "e4e_init": True})
+    assert plan.networks == REQUIRED + ("e4e",) and stage.models.lpips is None
+    out = stage(todo)
+    assert out["status"].tolist() == ["ok"], out["error"].tolist()
+
+
+def test_a_network_the_spec_lacks_is_a_setup_error_before_any_row(tiny_dir, photos, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    spec = partial_spec(tiny_dir, tmp_path, "e4e", "lpips_trunk")
+    todo = rows(photos, ["smiling", "male"])
+    settings = JobSettings(manifest="m", output=str(tmp_path / "out"), models=spec, edit=SHORT)
+    with pytest.raises(SpecError, match=r"models.yaml names no e4e and lpips_trunk.*"
+                                        r"maskface weights fetch --only e4e --only lpips_trunk"):
+        plan_job(todo, settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_distinct_edit_is_resolved_once(tiny_dir, photos, tmp_path):
+    todo = rows(photos, ["smiling", "smiling", "male", "black_hair"],
+                mode=["auto", "auto", "local", "auto"])
+    plan = plan_job(todo, JobSettings(manifest="m", output="o", models=str(tiny_dir / "models.yaml"),
+                                      edit=SHORT))
+    assert sorted(plan.settings) == [(("black_hair",), "auto"), (("male",), "local"),
+                                     (("smiling",), "auto")]
+    assert plan.settings[(("male",), "local")].local and plan.networks == REQUIRED
+    assert plan.settings[(("black_hair",), "auto")].loss.weights.seg == 0.5
