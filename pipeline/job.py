@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from .config import EditConfig
 from .outputs import Output, passthrough_schema
+from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
             ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
                      **dict(ray_init_kwargs or {}))
         resources = ray.cluster_resources()
+        log.info("%s", describe_cluster(address or os.environ.get("RAY_ADDRESS")))
         gpus = int(resources.get("GPU", 0))
         n_actors = settings.actors or max(gpus, 1)
         # An actor must never hold every CPU: the read and repartition tasks would then
@@ -102,6 +104,7 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
                  settings.batch_size)
         ctx = DataContext.get_current()
         ctx.execution_no_progress_timeout_s = settings.no_progress_timeout_s
+        ctx.enable_progress_bars = ray_data_progress_wanted()    # ours below; theirs with -v
         # passthrough list columns (align_quad) may hold nulls: keep them plain lists
         ctx.enable_tensor_extension_casting = False
         resolved = [config.resolve(a, m) for a, m in zip(todo["attributes"], todo["mode"])]
@@ -118,8 +121,11 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
                 with_global=with_global,
                 cpu_threads=None if gpus else settings.cpu_threads),
             **per_actor)
-        parts = [b[["id", "status"]] for b in ds.iter_batches(batch_format="pandas",
-                                                              batch_size=None)]
+        parts = []
+        with DriverProgress(total=len(rows), before=skipped) as progress:
+            for b in ds.iter_batches(batch_format="pandas", batch_size=None):
+                parts.append(b[["id", "status"]])
+                progress.update(b["status"])
         this_run = pd.concat(parts, ignore_index=True) if parts else this_run
     if settings.retry_errors:
         out.drop_stale_rows()
