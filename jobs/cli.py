@@ -5,6 +5,7 @@
     maskface weights convert stylegan2-ffhq-config-f.pkl --dest stylegan2-ffhq-config-f.pt
     maskface weights check SPEC
     maskface run JOB.yaml [--set key=value] [--retry-errors]
+    maskface status OUTPUT_URI [--manifest URI] [--watch SECONDS] [--json]
     maskface manifest celebahq --images DIR --attr-file FILE --edit smiling=flip --out URI
     maskface align IN_URI OUT_URI [--size 1024]; maskface paste --edited --source --quad --out
     maskface edit IMAGE... --attribute smiling=1 --models SPEC --out DIR
@@ -200,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="face parser working size (512 for the real weights)")
     check.set_defaults(func=_weights_check)
 
-    from jobs import align_cmd, bench, edit, manifest_cmd, run
+    from jobs import align_cmd, bench, edit, manifest_cmd, run, status
     run.add_parser(commands)
+    status.add_parser(commands)
     manifest_cmd.add_parser(commands)
     align_cmd.add_parsers(commands)
     edit.add_parser(commands)

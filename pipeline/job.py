@@ -26,6 +26,7 @@ from models.spec import ModelsSpec, read_spec
 
 from .config import EditConfig, Settings, apply_mean_latent, required_networks, settings_key
 from .outputs import Output, passthrough_schema
+from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .rows import passthrough_columns
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,8 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
     log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
     this_run = pd.DataFrame(columns=["id", "status"])
     if plan is not None:
-        this_run = _run_on_ray(_schedule_order(todo, plan), settings, plan, schema, address,
-                               ray_init_kwargs)
+        this_run = _run_on_ray(_schedule_order(todo, plan), len(rows), settings, plan, schema,
+                               address, ray_init_kwargs)
     if settings.retry_errors:
         out.drop_stale_rows()
     summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
@@ -135,9 +136,11 @@ def _actor_resources(settings: JobSettings) -> tuple[int, dict, bool]:
     return n_actors, per_actor, bool(gpus)
 
 
-def _run_on_ray(todo: pd.DataFrame, settings: JobSettings, plan: JobPlan, schema: pa.Schema,
-                address: str | None, ray_init_kwargs: Mapping | None) -> pd.DataFrame:
-    """The rows through an actor pool of EditStage; returns each row's id and status."""
+def _run_on_ray(todo: pd.DataFrame, total: int, settings: JobSettings, plan: JobPlan,
+                schema: pa.Schema, address: str | None, ray_init_kwargs: Mapping | None
+                ) -> pd.DataFrame:
+    """The rows through an actor pool of EditStage, with progress over the manifest's
+    `total` rows; returns each row's id and status."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -146,11 +149,13 @@ def _run_on_ray(todo: pd.DataFrame, settings: JobSettings, plan: JobPlan, schema
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
                  **dict(ray_init_kwargs or {}))
+    log.info("%s", describe_cluster(address or os.environ.get("RAY_ADDRESS")))
     n_actors, per_actor, on_gpus = _actor_resources(settings)
     log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if on_gpus else "CPU",
              settings.batch_size)
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = settings.no_progress_timeout_s
+    ctx.enable_progress_bars = ray_data_progress_wanted()    # ours below; theirs with -v
     # passthrough list columns (align_quad) may hold nulls: keep them plain lists
     ctx.enable_tensor_extension_casting = False
     blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
@@ -165,7 +170,11 @@ def _run_on_ray(todo: pd.DataFrame, settings: JobSettings, plan: JobPlan, schema
             save_noises=settings.save_noises, paste_back=settings.paste_back,
             cpu_threads=None if on_gpus else settings.cpu_threads),
         **per_actor)
-    parts = [b[["id", "status"]] for b in ds.iter_batches(batch_format="pandas", batch_size=None)]  # type: ignore[index]
+    parts = []
+    with DriverProgress(total=total, before=total - len(todo)) as progress:
+        for b in ds.iter_batches(batch_format="pandas", batch_size=None):
+            parts.append(b[["id", "status"]])                      # type: ignore[index]
+            progress.update(b["status"])                           # type: ignore[index]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "status"])
 
 

@@ -53,3 +53,14 @@ def s3_server():
     fs.mkdir("weights")
     yield {"endpoint": endpoint, "options": options, "fs": fs}
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_multinode():
+    """A real multi-node Ray cluster on this machine (tests/ray_cluster.py): a head (1 CPU,
+    no GPU) and two workers (1 CPU, 1 logical GPU each), token auth on, free ports, its own
+    temp dirs; stopped by its own process ids. Module-scoped: a test that removes a worker
+    (`remove_worker`) leaves this module's cluster smaller; `add_worker()` adds one back."""
+    from ray_cluster import LocalRayCluster
+    with LocalRayCluster(workers=2, worker_gpus=1) as cluster:
+        yield cluster

@@ -1,0 +1,86 @@
+"""`maskface status OUTPUT_URI`: how far a job is, from another terminal, while it runs or
+after it ended: done, error and pending rows against the manifest, the recent and overall
+rate, an ETA, throughput per node and per actor, and the latest errors. It reads only the
+metrics rows and job.json under the output (local path or s3://...)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from jobs.run import CREDENTIAL_KEYS, load_job_spec
+from pipeline.config import flatten
+
+
+def _storage_options(args) -> dict:
+    if not args.storage_options:
+        return {}
+    try:
+        options = json.loads(args.storage_options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options is not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    leaked = sorted(k for k in flatten(options) if k.rsplit(".", 1)[-1].lower() in CREDENTIAL_KEYS)
+    if leaked:
+        raise ValueError(f"--storage-options must not hold credentials ({leaked}); use the "
+                         "standard AWS chain or environment variables")
+    return options
+
+
+def status_command(args) -> int:
+    from pipeline.progress import read_status, render
+    output, manifest, options = args.output, args.manifest, _storage_options(args)
+    if args.job:
+        spec = load_job_spec(args.job)
+        output = output or spec.output
+        manifest = manifest or spec.manifest
+        options = options or spec.storage_options
+    if not output:
+        raise ValueError("give an OUTPUT_URI or --job JOB.yaml")
+    if args.watch is not None and args.watch <= 0:
+        raise ValueError("--watch takes a positive number of seconds")
+    if args.window <= 0 or args.errors < 0:
+        raise ValueError("--window takes a positive number of minutes, --errors a count >= 0")
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            status = read_status(output, options, manifest, window_s=args.window * 60,
+                                 errors=args.errors)
+            if args.json:
+                print(json.dumps(status.as_dict(), default=str), flush=True)
+            else:
+                if args.watch and tty:
+                    print("\x1b[2J\x1b[H", end="")          # clear the screen, cursor home
+                print(render(status), flush=True)
+                if args.watch:
+                    print(f"\n(refreshing every {args.watch:g} s; Ctrl-C to stop)", flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("status", help="how far a job is: counts, rate, ETA, per node and "
+                                           "actor, latest errors",
+                            description=__doc__.split("\n")[0])
+    p.add_argument("output", nargs="?", help="the job's output URI (local path, s3://...)")
+    p.add_argument("--manifest", metavar="URI",
+                   help="the job's manifest: pending rows and an ETA against it (without: counts "
+                        "only)")
+    p.add_argument("--job", metavar="JOB.yaml",
+                   help="take the output, manifest and storage_options from a job spec")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'; '
+                        "credentials come from the environment")
+    p.add_argument("--window", type=float, default=10.0, metavar="MINUTES",
+                   help="the recent rate is over this many minutes (default 10)")
+    p.add_argument("--errors", type=int, default=5, metavar="N",
+                   help="show the N latest errors (default 5)")
+    p.add_argument("--watch", type=float, metavar="SECONDS",
+                   help="refresh every SECONDS until Ctrl-C")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object (one per refresh with --watch)")
+    p.set_defaults(func=status_command)

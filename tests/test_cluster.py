@@ -1,0 +1,180 @@
+"""Cluster jobs as users run them: `ray job submit` of `maskface run` to a real local
+multi-node Ray cluster (a head and two worker raylets with one logical GPU each, token
+auth on), with the README's own runtime env; `maskface status` while it runs; a second
+submission that resumes; a client without the token refused."""
+import io
+import json
+import shutil
+import subprocess
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.cli import main
+from launch_docs import REPO, readme_submits
+from manifests.schema import write_manifest
+from models.tiny import make_tiny
+from pipeline.outputs import Output
+from pipeline.progress import read_status
+from ray_cluster import BIN
+
+pytestmark = pytest.mark.cluster
+
+ROWS = 8
+# long enough per row (~1 s here) that status can be read while the job runs
+EDIT = {"steps.latent": 15, "steps.noise": 1, "loss.start_steps.classf": 1,
+        "loss.start_steps.seg": 1, "dynamic_masking_iters": 1, "parser_size": 32,
+        "e4e_start_step": 1}
+PHOTO = REPO / "jobs" / "demo" / "astronaut-64.png"
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory):
+    """The project as a user's checkout (no .venv, no .git) with the job spec in jobs/,
+    a manifest of the photo the repo ships, tiny models, an output folder."""
+    root = tmp_path_factory.mktemp("cluster-job")
+    make_tiny(root / "tiny", resolution=32)
+    manifest = root / "manifest.parquet"
+    write_manifest(pd.DataFrame({"id": [f"c{k}" for k in range(ROWS)],
+                                 "image_uri": [str(PHOTO)] * ROWS,
+                                 "attributes": [["smiling"]] * ROWS,
+                                 "targets": [[1.0]] * ROWS}), str(manifest))
+    checkout = root / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", "demo-out", "weights",
+        "build"))
+    spec = {"manifest": str(manifest), "output": str(root / "out"),
+            "models": str(root / "tiny" / "models.yaml"), "batch_size": 1, "edit": EDIT}
+    (checkout / "jobs" / "cluster-test.yaml").write_text(yaml.safe_dump(spec))
+    return {"root": root, "checkout": checkout, "manifest": str(manifest),
+            "output": str(root / "out")}
+
+
+def submit_command(cluster, env_vars=None):
+    """The README's `ray job submit`, against this cluster, with this job's spec."""
+    readme = readme_submits()[0]
+    runtime_env = dict(readme.runtime_env)
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            *readme.entrypoint[:2], "jobs/cluster-test.yaml"]
+
+
+def status_text(*argv):
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["status", *argv]) == 0
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_multinode, job_files):
+    """Submit the job and, while `ray job submit` streams its log, read its status the way
+    another terminal would."""
+    proc = subprocess.Popen(submit_command(ray_multinode, {"MASKFACE_PROGRESS_INTERVAL_S": "2"}),
+                            cwd=job_files["checkout"], env=ray_multinode.client_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    during, during_text = None, None
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if during is None and Path(job_files["output"], "metrics").is_dir():
+                status = read_status(job_files["output"], manifest_uri=job_files["manifest"])
+                if 0 < status.figures.done < ROWS:
+                    during = status
+                    during_text = status_text(job_files["output"], "--manifest",
+                                              job_files["manifest"])
+            time.sleep(0.3)
+        log, _ = proc.communicate(timeout=max(deadline - time.time(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return {"rc": proc.returncode, "log": log, "during": during, "during_text": during_text,
+            "after": read_status(job_files["output"], manifest_uri=job_files["manifest"])}
+
+
+def test_a_submitted_job_attaches_and_puts_one_actor_on_each_worker_gpu(ray_multinode,
+                                                                        job_files, first_run):
+    log = first_run["log"]
+    assert first_run["rc"] == 0, log[-4000:]
+    assert "succeeded" in log
+    # `maskface run` attached to this cluster (RAY_ADDRESS), not a local Ray of its own
+    assert "attached to the Ray cluster at" in log and "3 node(s), 3 CPU, 2 GPU" in log, log
+    metrics = Output(job_files["output"]).read_metrics()
+    assert sorted(metrics["id"]) == [f"c{k}" for k in range(ROWS)]
+    assert (metrics["status"] == "ok").all(), metrics["error"].tolist()
+    for rid in metrics["id"]:
+        assert Path(job_files["output"], "images", f"{rid}.png").is_file()
+        assert Path(job_files["output"], "latents", f"{rid}.npy").is_file()
+    workers = {n.node_id[:12] for n in ray_multinode.worker_nodes}
+    nodes = {n.rsplit("/", 1)[1] for n in metrics["node"]}
+    assert nodes == workers                        # both worker nodes, never the head
+    assert metrics["actor"].nunique() == 2
+    assert metrics.groupby("actor")["node"].nunique().max() == 1   # one actor per node's GPU
+    assert set(metrics["gpu_ids"]) == {"0"}        # each worker's only GPU
+    # the driver's progress in a non-interactive log: a line every 2 s, then the end;
+    # Ray Data's own progress bars stay off without -v
+    lines = [l for l in log.splitlines() if "progress: " in l]
+    assert len(lines) >= 2, log
+    assert f"{ROWS}/{ROWS} done ({ROWS} ok, 0 error), 0 pending" in lines[-1]
+    assert "finished in" in lines[-1] and "ETA 0s" in lines[-1]
+    assert "Progress bars disabled" in log            # Ray Data says so itself
+
+
+def test_status_reads_a_job_in_progress_and_after_it_ends(ray_multinode, job_files, first_run):
+    during = first_run["during"]
+    assert during is not None, "the job ended before status saw it in progress"
+    f = during.figures
+    assert 0 < f.done < ROWS and f.pending == ROWS - f.done and f.total == ROWS
+    assert during.state == "running" and during.per_node and during.started_at
+    assert f"{f.done} done of {ROWS}" in first_run["during_text"]
+    assert "ETA" in first_run["during_text"]
+    after = first_run["after"]
+    assert after.state == "complete" and after.figures.pending == 0
+    assert after.figures.ok == ROWS and after.figures.eta_s == 0
+    workers = {n.node_id[:12] for n in ray_multinode.worker_nodes}
+    assert {n["node"].rsplit("/", 1)[1] for n in after.per_node} == workers
+    assert len(after.per_actor) == 2 and sum(a["rows"] for a in after.per_actor) == ROWS
+    text = status_text(job_files["output"], "--manifest", job_files["manifest"])
+    assert f"{ROWS} done of {ROWS} (100.0%): {ROWS} ok, 0 error, 0 pending" in text
+    assert "complete" in text
+
+
+def test_a_second_submission_resumes_and_does_nothing(ray_multinode, job_files, first_run):
+    out = Output(job_files["output"])
+    files = {f: pq.read_table(f)["written_at"].to_pylist() for f in out.metrics_files()}
+    again = subprocess.run(submit_command(ray_multinode), cwd=job_files["checkout"],
+                           env=ray_multinode.client_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert f"{ROWS} rows: {ROWS} already complete, 0 to edit" in again.stdout
+    assert {f: pq.read_table(f)["written_at"].to_pylist() for f in out.metrics_files()} == files
+    summary = json.loads(Path(job_files["output"], "summary.json").read_text())
+    assert summary["this_run"]["skipped_already_done"] == ROWS
+    assert summary["this_run"]["ok"] == 0
+    assert summary["manifest"] == {"rows": ROWS, "ok": ROWS, "error": 0, "pending": 0}
+
+
+def test_a_client_without_the_token_is_refused(ray_multinode, job_files, tmp_path):
+    home = tmp_path / "home"                  # no ~/.ray/auth_token, no RAY_AUTH_* at all
+    home.mkdir()
+    env = {k: v for k, v in ray_multinode.client_env().items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    refused = subprocess.run(submit_command(ray_multinode), cwd=job_files["checkout"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "Missing authentication token" in refused.stdout + refused.stderr
+    # a wrong token fails too, and names no token
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text("0" * 64)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong))
+    refused = subprocess.run(submit_command(ray_multinode), cwd=job_files["checkout"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert ray_multinode.token_path.read_text() not in refused.stdout + refused.stderr
