@@ -69,4 +69,5 @@ def region_masks(probs: torch.Tensor, regions: Sequence[Iterable[str]]) -> torch
             if c not in CLASS_INDEX:
                 raise ValueError(f"unknown face region {c!r}; known: {', '.join(CLASSES)}")
             select[n, CLASS_INDEX[c]] = 1.0
-    return torch.einsum("nc,nchw->nhw", select, probs).unsqueeze(1)
+    with torch.autocast(probs.device.type, enabled=False):     # masks stay in probs' dtype
+        return torch.einsum("nc,nchw->nhw", select, probs).unsqueeze(1)

@@ -20,6 +20,7 @@ One group, in the paper's order (`Editor._run_group`):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,12 +35,14 @@ from models.loaders import Models
 
 from .config import EditConfig, Settings, required_networks
 from .errors import SetupError
+from .health import Health
 from .losses import (bernoulli_kl, masked_mse, noise_normalize_, noise_regularize, portion,
                      shape_mse, size_kl)
 from .masks import (MaskRegions, Masks, blend, edit_region, grow_masks, initial_masks,
                     mask_regions, upsample)
 from .rows import EditRequest
-from .schedule import ADAM_REINIT, DYNAMIC_UPDATE, NOISE_REDRAW, Schedule
+from .runtime import Runtime
+from .schedule import ADAM_REINIT, DYNAMIC_UPDATE, NOISE_REDRAW, Schedule, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ class Targets:
 @dataclass
 class Group:
     """One group of rows sharing a schedule: what its optimisation reads, computed once
-    from the inputs, plus each row's failure (None while healthy)."""
+    from the inputs, plus which rows are still healthy."""
     x: torch.Tensor                          # [n, 3, S, S] inputs
     requests: list[EditRequest]
     settings: Settings                       # per-image values live in `targets`
@@ -130,7 +133,7 @@ class Group:
     region_before: torch.Tensor              # [n, 1] the input's edit-region share
     size_target: torch.Tensor                # [n, 1] size x the input's dynamic-mask share
     lpips_y: list[torch.Tensor] | None       # global mode: the input's LPIPS features
-    errors: list[str | None]
+    health: Health                           # which rows are still finite (on the device)
 
     @property
     def recon_weight(self) -> float:
@@ -141,8 +144,10 @@ class Group:
 class Editor:
     """Holds the models and the user's edit configuration; `edit` runs batches."""
 
-    def __init__(self, models: Models, config: EditConfig | None = None):
-        self.models = models
+    def __init__(self, models: Models, config: EditConfig | None = None,
+                 runtime: Runtime = Runtime()):
+        self.runtime = runtime
+        self.models = runtime.prepare(models)
         self.config = config or EditConfig()
 
     @property
@@ -162,16 +167,51 @@ class Editor:
         if settings is None:
             settings = [self.config.resolve(r.attributes, r.mode) for r in requests]
         self.check_models(settings, given_latent=start.latent is not None)
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(settings):
-            groups.setdefault(s.group_key(), []).append(i)
         results: list[EditResult] = [EditResult()] * n
-        for rows in groups.values():
+        for rows in self._groups(settings):
             out = self._run_group(images[rows], [requests[i] for i in rows],
                                   [settings[i] for i in rows], rows, start.rows(rows), callback)
             for i, r in zip(rows, out):
                 results[i] = r
         return results
+
+    def invert(self, images: torch.Tensor, requests: Sequence[EditRequest], *,
+               settings: Sequence[Settings] | None = None,
+               callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+        """The latents [N, n_latent, style_dim] after the steps every local edit of each
+        image shares (`schedule.shared_prefix`). An edit started there,
+        `edit(..., start=StartPoint(latent=..., step=shared_prefix(settings)))`, computes
+        what it computes from scratch. Of each request only the attributes matter (hair-
+        shape attributes add the ears to the recon mask)."""
+        if settings is None:
+            settings = [self.config.resolve(r.attributes, r.mode) for r in requests]
+        steps = {shared_prefix(s) for s in settings}
+        if len(steps) != 1 or 0 in steps:
+            raise ValueError(f"these rows share no single inversion prefix (steps {steps}): "
+                             "local edits without e4e_init, with optimizer.reinit on and "
+                             "the seg loss starting no earlier than the classifier, do")
+        (end,) = steps
+        g = self.models.generator
+        out = torch.empty(len(requests), g.n_latent, g.style_dim, dtype=g.input.input.dtype)
+        for rows in self._groups(settings):
+            group = self._prepare(images[rows], [requests[i] for i in rows],
+                                  [settings[i] for i in rows], rows, StartPoint())
+            group.schedule = dataclasses.replace(group.schedule, latent_steps=end,
+                                                 noise_iterations=0)
+            with self.runtime.autocast_context(group.x.device):
+                latent, noises = self._start_point(group, StartPoint())
+                latent, *_ = self._latent_phase(group, latent, noises, redrawn=False,
+                                                callback=callback)
+            out[rows] = latent.cpu().to(out.dtype)
+        return out
+
+    @staticmethod
+    def _groups(settings: Sequence[Settings]) -> list[list[int]]:
+        """Positions of the rows that can share a batch (same settings but per-image ones)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(settings):
+            groups.setdefault(s.group_key(), []).append(i)
+        return list(groups.values())
 
     def check_models(self, settings: Sequence[Settings], given_latent: bool = False) -> None:
         """A setup error, before any step, when the rows need a network that is not loaded."""
@@ -187,15 +227,16 @@ class Editor:
     def _run_group(self, x: torch.Tensor, requests: list[EditRequest], settings: list[Settings],
                    rows: list[int], start: StartPoint, callback) -> list[EditResult]:
         started = time.perf_counter()
-        group = self._prepare(x, requests, settings, rows, start)           # 1. masks
-        latent, noises = self._start_point(group, start)                     # 2. start
-        latent, noises, masks, redrawn = self._latent_phase(                 # 3. latent phase
-            group, latent, noises, redrawn=start.noises is not None, callback=callback)
-        noises = self._noise_phase(group, latent, noises, masks, redrawn, callback)  # 4. noise
-        with torch.no_grad():
-            generated = self.models.generator(latent, noises)
-            edited = blend(group.x, generated, masks.blend)                  # 5. blend
-            metrics = self._metrics(group, generated, edited, masks)         # 6. metrics
+        with self.runtime.autocast_context(self.models.generator.input.input.device):
+            group = self._prepare(x, requests, settings, rows, start)       # 1. masks
+            latent, noises = self._start_point(group, start)                 # 2. start
+            latent, noises, masks, redrawn = self._latent_phase(             # 3. latent phase
+                group, latent, noises, redrawn=start.noises is not None, callback=callback)
+            noises = self._noise_phase(group, latent, noises, masks, redrawn, callback)  # 4.
+            with torch.no_grad():
+                generated = self.models.generator(latent, noises).to(group.x.dtype)
+                edited = blend(group.x, generated, masks.blend)              # 5. blend
+                metrics = self._metrics(group, generated, edited, masks)     # 6. metrics
         seconds = (time.perf_counter() - started) / len(requests)
         return self._results(group, latent, noises, masks, generated, edited, metrics, seconds)
 
@@ -203,7 +244,7 @@ class Editor:
         s = settings[0]
         g = self.models.generator
         device, dtype = g.input.input.device, g.input.input.dtype
-        x = x.to(device, dtype)
+        x = self.runtime.images(x.to(device, dtype))
         regions = [mask_regions(r, s) for r in requests]
         targets = Targets.build(requests, settings, device, dtype)
         schedule = Schedule.for_group(s, [t.loss.weights.seg for t in settings],
@@ -218,12 +259,12 @@ class Editor:
         return Group(x=x, requests=list(requests), settings=s, rows=list(rows),
                      schedule=schedule, regions=regions, targets=targets, masks=masks,
                      region_before=region_before, size_target=size_target, lpips_y=lpips_y,
-                     errors=[None] * len(requests))
+                     health=Health(len(requests), device))
 
     def _parse(self, images: torch.Tensor, s: Settings) -> torch.Tensor:
         """Parser probabilities at its working size."""
         return self.models.face_parser(images, out_size=s.parser_size,
-                                       working_size=s.parser_size)
+                                       working_size=s.parser_size).to(images.dtype)
 
     def _lpips(self):
         if self.models.lpips is None:
@@ -239,7 +280,7 @@ class Editor:
             if m.e4e is None:
                 raise SetupError("these edits start from e4e, which is not loaded")
             with torch.no_grad():
-                latent = m.e4e(group.x)
+                latent = m.e4e(group.x).to(dtype)           # float32 even under autocast
         else:
             latent = m.mean_latent.to(device, dtype).view(1, 1, -1).repeat(n, g.n_latent, 1)
         latent.requires_grad_(True)
@@ -277,10 +318,10 @@ class Editor:
                       masks: Masks) -> tuple[Terms, torch.Tensor | None]:
         """The loss terms of latent step i (and the parser's probabilities, when it ran)."""
         m, s, schedule, t = self.models, group.settings, group.schedule, group.targets
-        generated = m.generator(latent, noises)
+        generated = m.generator(latent, noises).to(latent.dtype)    # losses in float32
         terms: Terms = {"recon": (self._recon(group, generated, masks), group.recon_weight)}
         if schedule.classifier_on(i):
-            p = torch.sigmoid(m.classifier(generated)).gather(1, t.attr_idx)
+            p = torch.sigmoid(m.classifier(generated).to(generated.dtype)).gather(1, t.attr_idx)
             terms["classf"] = (bernoulli_kl(p, t.target, t.attr_w), s.loss.weights.classf)
         probs = None
         if schedule.seg_on(i) or schedule.size_on(i):
@@ -302,7 +343,8 @@ class Editor:
         """Masked MSE in local mode, masked LPIPS in global mode."""
         if group.settings.local:
             return masked_mse(group.x, generated, masks.recon)
-        return self._lpips()(generated, group.x, masks.recon, y_features=group.lpips_y)
+        return self._lpips()(generated, group.x, masks.recon,
+                             y_features=group.lpips_y).to(generated.dtype)
 
     # -- 4. the noise phase -----------------------------------------------------------------
     def _noise_phase(self, group: Group, latent: torch.Tensor, noises: list[torch.Tensor],
@@ -317,7 +359,7 @@ class Editor:
         noises = [t.detach().clone().requires_grad_(True) for t in noises]
         optimizer = torch.optim.Adam(noises, lr=s.optimizer.lr_noise)
         for j in range(iterations):
-            generated = self.models.generator(latent, noises)
+            generated = self.models.generator(latent, noises).to(latent.dtype)
             n_loss = noise_regularize(noises)
             noise_normalize_(noises)
             # Masked MSE in both modes, at the mode's recon weight: in global mode that is
@@ -339,55 +381,40 @@ class Editor:
     # -- one optimisation step, shared by both phases ----------------------------------------
     def _update(self, group: Group, optimizer, terms: Terms, params: list[torch.Tensor],
                 phase: str, step: int, latent: torch.Tensor | None = None) -> None:
+        """Backpropagate the images still healthy and step. No host-device sync: a new
+        failure is recorded on the device and read when the group is reported."""
         total = sum(w * v for v, w in terms.values())
         assert isinstance(total, torch.Tensor)
-        self._check(group.errors, total, latent, phase, step, terms)
-        self._backward(total, group.errors, params)
+        group.health.update(phase, step, {k: v for k, (v, _) in terms.items()}, latent)
+        group.health.masked_sum(total).backward()
+        group.health.zero_failed_grads(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    @staticmethod
-    def _backward(total, errors, params):
-        """Backpropagate the images still healthy; a failed image's rows stay where they are."""
-        ok = torch.tensor([e is None for e in errors], device=total.device)
-        if not ok.any():
-            return
-        torch.where(ok, total, torch.zeros_like(total)).sum().backward()
-        for p in params:
-            if p.grad is not None and not ok.all():
-                p.grad[~ok] = 0
-
-    @staticmethod
-    def _check(errors, total, latent, phase, step, terms):
-        """Mark images whose loss (or latent) stopped being finite; they fail, others go on."""
-        bad = ~torch.isfinite(total.detach())
-        if latent is not None:
-            bad |= ~torch.isfinite(latent.detach()).flatten(1).all(dim=1)
-        for k in torch.nonzero(bad).flatten().tolist():
-            if errors[k] is None:
-                which = [name for name, (v, _) in terms.items()
-                         if not torch.isfinite(v.detach()[k])]
-                errors[k] = (f"numeric blow-up in the {phase} phase at step {step}: "
-                             f"{', '.join(which) or 'latent'} not finite")
-                log.warning("image %d: %s", k, errors[k])
+        if self.runtime.check_every and step % self.runtime.check_every == 0:
+            for k, error in group.health.new_errors():                 # a device read
+                log.warning("image %d: %s", group.rows[k], error)
 
     @staticmethod
     def _report(callback, group: Group, phase: str, step: int, terms: Terms,
                 events: tuple[str, ...], total: int) -> None:
+        """The callback gets the terms as device tensors (reading them is its choice); the
+        log line every `steps.log` steps is the loop's only read from the device."""
         if callback is not None:
             callback(StepInfo(phase, step, list(group.rows),
-                              {k: v.detach().reshape(-1).cpu() for k, (v, _) in terms.items()},
+                              {k: v.detach().reshape(-1) for k, (v, _) in terms.items()},
                               tuple(events)))
         if step % group.settings.steps.log == 0:
             summary = ", ".join(f"{k} {v.detach().mean().item():.4g}" for k, (v, _) in terms.items())
             log.info("%s step %d/%d: %s", phase, step, total, summary)
+            for k, error in group.health.new_errors():
+                log.warning("image %d: %s", group.rows[k], error)
 
     # -- 6. metrics and results ---------------------------------------------------------------
     def _metrics(self, group: Group, generated, edited, masks: Masks) -> list[dict]:
         m, x, t = self.models, group.x, group.targets
         result = edited.clamp(0, 1)          # what gets written
-        p_in = torch.sigmoid(m.classifier(x)).gather(1, t.attr_idx)
-        p_out = torch.sigmoid(m.classifier(result)).gather(1, t.attr_idx)
+        p_in = torch.sigmoid(m.classifier(x).to(x.dtype)).gather(1, t.attr_idx)
+        p_out = torch.sigmoid(m.classifier(result).to(x.dtype)).gather(1, t.attr_idx)
         # the probabilities are resized before the classes are summed (as the original)
         probs_after = upsample(self._parse(result, group.settings), x.shape[-1])
         region_after = portion(region_masks(probs_after, [r.edit for r in group.regions]))
@@ -420,7 +447,7 @@ class Editor:
     def _results(self, group: Group, latent, noises, masks: Masks, generated, edited,
                  metrics: list[dict], seconds: float) -> list[EditResult]:
         results = []
-        for k, error in enumerate(group.errors):
+        for k, error in enumerate(group.health.errors()):
             if error is None and not (torch.isfinite(edited[k]).all() and
                                       torch.isfinite(latent[k]).all()):
                 error = "numeric blow-up: the final image or latent is not finite"

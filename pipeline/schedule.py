@@ -112,3 +112,21 @@ class Schedule:
     def total_iterations(self) -> int:
         """Every optimisation step the group runs: what a progress bar counts."""
         return self.latent_iterations + self.noise_iterations
+
+
+def shared_prefix(settings: Settings) -> int:
+    """How many first steps every local edit of an image shares, so that they can run once
+    per image and each edit branch from there (0: none).
+
+    Before the classifier and the seg/size terms start, a local edit without e4e only
+    inverts: masked recon from the mean latent with zero noise maps, against a recon
+    mask that depends on the image alone (plus the ears for hair-shape attributes).
+    Nothing else of the edit matters yet. The prefix ends at the classifier start, where
+    Adam is re-created (optimizer.reinit), so no optimiser state crosses the branch
+    point; when seg starts first, or reinit is off, Adam's state would cross it, and
+    there is no shared prefix.
+    """
+    classf, seg = settings.loss.start_steps.classf, settings.loss.start_steps.seg
+    if not settings.local or settings.e4e_init or not settings.optimizer.reinit or seg < classf:
+        return 0
+    return min(classf, settings.steps.latent)

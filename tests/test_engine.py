@@ -15,7 +15,7 @@ from models.spec import REQUIRED
 from pipeline.engine import Editor, StartPoint
 from pipeline.errors import SetupError
 from pipeline.rows import EditRequest
-from pipeline.schedule import Schedule
+from pipeline.schedule import Schedule, shared_prefix
 
 FEW_STEPS = {"steps.latent": 6, "steps.noise": 2, "loss.start_steps.classf": 2,
              "loss.start_steps.seg": 2, "dynamic_masking_iters": 2, "e4e_start_step": 3,
@@ -136,12 +136,17 @@ def test_where_the_blend_mask_is_zero_the_input_comes_back_bit_for_bit(models, f
     assert torch.equal(result.edited, faces[0])
 
 
-def test_batching_is_invisible(models, faces):
-    """Float64: each image of a mixed batch equals its result run alone, within 1e-5."""
-    m64 = copy.copy(models)
+@pytest.fixture(scope="module")
+def m64(models):
+    out = copy.copy(models)
     for name in ("generator", "face_parser", "classifier", "e4e", "lpips"):
-        setattr(m64, name, copy.deepcopy(getattr(models, name)).double())
-    m64.mean_latent = models.mean_latent.double()
+        setattr(out, name, copy.deepcopy(getattr(models, name)).double())
+    out.mean_latent = models.mean_latent.double()
+    return out
+
+
+def test_batching_is_invisible(m64, faces):
+    """Float64: each image of a mixed batch equals its result run alone, within 1e-5."""
     x = faces.double()
     requests = [EditRequest(("smiling",), (1.0,), seed=1),
                 EditRequest(("black_hair", "wavy_hair"), (1.0, 0.0), size=1.2, seed=2),
@@ -282,3 +287,31 @@ def test_a_network_the_edits_need_but_the_models_lack_is_a_setup_error(models, f
         run(local_only, faces[:1], [EditRequest(("male",), (1.0,))])
     (result,), _ = run(local_only, faces[:1], [EditRequest(("smiling",), (1.0,))])
     assert result.ok
+
+
+def test_an_edit_branched_from_the_shared_prefix_is_the_edit_from_scratch(m64, faces):
+    """Float64. The prefix (3 recon-only steps here) runs once per image and recon mask;
+    each edit branches at the classifier start. Same batch: the same numbers; a prefix
+    computed in another batch: within 1e-5, as batching allows."""
+    overrides = {"steps.latent": 5, "loss.start_steps.classf": 3, "loss.start_steps.seg": 3,
+                 "dynamic_masking_iters": 1, "steps.noise": 1}
+    config = EditConfig.from_overrides({**FEW_STEPS, **overrides})
+    editor = Editor(m64, config)
+    x = faces[:2].double()
+    requests = [EditRequest(("smiling",), (1.0,), seed=1),
+                EditRequest(("wavy_hair", "black_hair"), (1.0, 0.0), size=1.2, seed=2)]
+    assert {shared_prefix(config.resolve(r.attributes)) for r in requests} == {3}
+    scratch = editor.edit(x, requests)
+    prefix = editor.invert(x, requests)
+    branched = editor.edit(x, requests, start=StartPoint(latent=prefix, step=3))
+    alone = torch.cat([editor.invert(x[k:k + 1], requests[k:k + 1]) for k in range(2)])
+    torch.testing.assert_close(alone, prefix, rtol=0, atol=1e-5)
+    for a, b in zip(scratch, branched):
+        assert a.ok and b.ok
+        torch.testing.assert_close(a.edited, b.edited, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.latent, b.latent, rtol=0, atol=1e-12)
+    # the prefix does not depend on the edit: another attribute, same recon mask
+    other = editor.invert(x[:1], [EditRequest(("bushy_eyebrows",), (0.0,), seed=9)])
+    torch.testing.assert_close(other[0], alone[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="share no single inversion prefix"):
+        editor.invert(x[:1], [EditRequest(("male",), (1.0,))])

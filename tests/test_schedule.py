@@ -44,3 +44,21 @@ def test_noise_phase_off_and_a_start_past_the_end():
     s = Schedule.for_group(settings, start_step=1000)
     assert s.noise_iterations == 0 and s.total_iterations == 0
     assert NOISE_REDRAW not in s.events(700) and not s.redraws_in_latent_phase
+
+
+def test_the_shared_prefix_ends_where_adam_restarts():
+    from pipeline.schedule import shared_prefix
+    config = EditConfig()
+    assert shared_prefix(config.resolve(["smiling"])) == 500
+    assert shared_prefix(config.resolve(["wavy_hair"])) == 500
+    assert shared_prefix(config.resolve(["male"])) == 0                     # global: e4e
+    assert shared_prefix(EditConfig.from_overrides({"e4e_init": True}).resolve(["smiling"])) == 0
+    no_reinit = EditConfig.from_overrides({"optimizer.reinit": False})
+    assert shared_prefix(no_reinit.resolve(["smiling"])) == 0                # Adam would cross
+    seg_first = EditConfig.from_overrides({"loss.start_steps.seg": 300})
+    assert shared_prefix(seg_first.resolve(["smiling"])) == 0
+    later = EditConfig.from_overrides({"loss.start_steps.seg": 600})
+    assert shared_prefix(later.resolve(["smiling"])) == 500
+    s = Schedule.for_group(config.resolve(["black_hair"]), [0.5], [1.0])
+    assert all(s.terms(i) == ("recon",) and not s.events(i) and not s.parser_on(i)
+               for i in range(500))

@@ -1,0 +1,123 @@
+"""How the engine runs, as opposed to what it computes: memory format, compilation,
+precision, and how often the loop reads the device.
+
+Every option here changes only float rounding, and each is off by default unless the
+README's measured figures say it wins and the numbers stay within their tolerance:
+
+    channels_last  NHWC convolutions (oneDNN on CPU, cuDNN tensor cores on GPU)
+    compile        torch.compile (inductor) the generator, parser and classifier: a
+                   warm-up of seconds to minutes per batch shape, then faster steps
+    autocast       "bf16": the networks run under bfloat16 autocast while the latent,
+                   the noise maps and Adam's state stay float32 (opt-in: measured
+                   deviation in the README)
+    tf32           CUDA only: TF32 matmuls and convolutions (opt-in; a process-wide
+                   switch, as torch has it)
+    ops            StyleGAN2's upfirdn2d and bias + leaky ReLU: "auto" (our CUDA kernels
+                   for CUDA tensors when they build and pass their check, else the PyTorch
+                   reference), "ref" or "cuda" (models/ops.py)
+    check_every    read the per-image health record from the device every N steps (0:
+                   only at log steps and at the end; 1 is the plain path: a sync per step)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from models.loaders import Models
+from models.ops import IMPLS, set_default_impl
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    channels_last: bool = False
+    compile: bool = False
+    autocast: str | None = None
+    tf32: bool = False
+    ops: str = "auto"
+    check_every: int = 0
+
+    def __post_init__(self):
+        if self.autocast not in (None, *AUTOCAST):
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)} or unset, "
+                             f"got {self.autocast!r}")
+        if self.ops not in IMPLS:
+            raise ValueError(f"ops must be one of {', '.join(IMPLS)}, got {self.ops!r}")
+        if self.check_every < 0:
+            raise ValueError(f"check_every must be >= 0, got {self.check_every}")
+
+    @classmethod
+    def plain(cls) -> "Runtime":
+        """The path the engine started from: eager, NCHW, float32, the PyTorch reference
+        ops, a device read per step."""
+        return cls(ops="ref", check_every=1)
+
+    def prepare(self, models: Models) -> Models:
+        """The networks in this runtime's memory format, compiled if asked. Modules are
+        shared with `models`, except that channels_last works on a copy (the caller's
+        networks keep their layout)."""
+        device = models.generator.input.input.device
+        set_default_impl(self.ops)
+        if self.tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        nets = {name: getattr(models, name) for name in
+                ("generator", "face_parser", "classifier", "e4e", "lpips")}
+        for name, net in nets.items():
+            if net is None:
+                continue
+            if self.channels_last:
+                net = _to_channels_last(copy.deepcopy(net))
+            if self.compile and name in ("generator", "face_parser", "classifier", "lpips"):
+                net = torch.compile(net, dynamic=False)
+            nets[name] = net
+        return dataclasses.replace(models, **nets)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast_context(self, device: torch.device):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AUTOCAST[self.autocast])
+
+
+def _to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """4-d weights and buffers to NHWC (StyleGAN2's 5-d modulated weights stay as they are)."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.ndim == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def largest_batch(fits: Callable[[int], object], cap: int) -> int:
+    """The largest batch size up to `cap` for which `fits(size)` runs without CUDA running
+    out of memory: doubling from 1, then the step between the last fit and the first
+    failure. On a CPU an out-of-memory kills the process instead of raising, so callers
+    probe only on GPUs and use the job's batch size as given elsewhere."""
+    good, bad, size = 0, cap + 1, 1
+    while size < bad:
+        try:
+            fits(size)
+            good = size
+        except torch.cuda.OutOfMemoryError:
+            bad = size
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        size = min(size * 2, cap) if bad > cap and size < cap else (good + bad) // 2
+        if size <= good:
+            break
+    if good == 0:
+        raise RuntimeError("not even one image fits in GPU memory")
+    return good

@@ -1,0 +1,80 @@
+"""Runtime options change how the engine runs, not what it computes (beyond rounding)."""
+import pytest
+import torch
+
+from pipeline.config import EditConfig
+from pipeline.engine import Editor
+from pipeline.perf import bench_models
+from pipeline.rows import EditRequest
+from pipeline.runtime import Runtime, largest_batch
+
+CONFIG = EditConfig.from_overrides({"steps.latent": 4, "steps.noise": 1,
+                                    "loss.start_steps.classf": 1, "loss.start_steps.seg": 1,
+                                    "dynamic_masking_iters": 2, "parser_size": 64})
+REQUESTS = [EditRequest(("black_hair",), (1.0,), size=1.2, seed=1),
+            EditRequest(("smiling",), (0.0,), seed=2)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return bench_models("tiny", "local", "cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def eager(models, images):
+    return Editor(models, CONFIG).edit(images, REQUESTS)
+
+
+def max_diff(a, b, field="edited"):
+    return max((getattr(x, field) - getattr(y, field)).abs().max().item() for x, y in zip(a, b))
+
+
+def test_reading_the_device_every_step_changes_nothing(models, images, eager):
+    plain = Editor(models, CONFIG, Runtime.plain()).edit(images, REQUESTS)
+    assert max_diff(plain, eager) == 0 and max_diff(plain, eager, "latent") == 0
+
+
+def test_channels_last_agrees_with_nchw_and_leaves_the_callers_networks_alone(models, images, eager):
+    before = models.face_parser.model.backbone.conv1.weight.stride()
+    nhwc = Editor(models, CONFIG, Runtime(channels_last=True)).edit(images, REQUESTS)
+    assert models.face_parser.model.backbone.conv1.weight.stride() == before
+    assert max_diff(nhwc, eager) < 1e-5 and max_diff(nhwc, eager, "latent") < 1e-4
+
+
+def test_bf16_autocast_keeps_the_optimised_tensors_float32(models, images, eager):
+    """CPU autocast casts other ops than CUDA's: this deviation is a proxy, see the README."""
+    seen = []
+    editor = Editor(models, CONFIG, Runtime(autocast="bf16"))
+    out = editor.edit(images, REQUESTS, callback=seen.append)
+    assert all(r.ok and r.latent.dtype == torch.float32 for r in out)
+    assert all(n.dtype == torch.float32 for n in out[0].noises)
+    assert all(v.dtype == torch.float32 for s in seen for v in s.losses.values())
+    assert 0 < max_diff(out, eager) < 0.05
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        Runtime(autocast="int8")
+    with pytest.raises(ValueError, match="ops must be one of"):
+        Runtime(ops="triton")
+
+
+def test_the_batch_probe_finds_the_largest_size_that_fits():
+    """CUDA's out-of-memory error raised by a stand-in at a known size: on a CPU a real
+    one kills the process, so the probe only runs on GPUs (tests/test_gpu.py)."""
+    for limit, cap, want in ((3, 16, 3), (16, 16, 16), (100, 16, 16), (1, 8, 1), (6, 7, 6)):
+        tried = []
+
+        def fits(n, limit=limit):
+            tried.append(n)
+            if n > limit:
+                raise torch.cuda.OutOfMemoryError(f"{n} images do not fit")
+        assert largest_batch(fits, cap) == want
+        assert len(tried) <= 2 * cap.bit_length()          # doubling, then bisection
+    with pytest.raises(RuntimeError, match="not even one image"):
+        largest_batch(lambda n: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no")), 4)
