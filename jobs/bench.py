@@ -1,73 +1,123 @@
-"""`maskface bench`: seconds per optimisation step, batch 1 against batch N.
+"""`maskface bench`: what an edit costs on this machine, per phase, per kind of step,
+and whole at paper defaults; FLOPs and MFU; our default path against the plain one.
 
-Builds tiny random-weight networks in memory (nothing to download), runs the latent
-phase with every loss on (a hair edit: recon, classifier, seg, dynamic masking) and
-prints seconds per step and per image. A figure, not a test: run it on an idle machine
-and compare ratios measured in one run.
+    maskface bench --preset 1024 --batch 1 4 [--mode local|global] [--baseline]
+        [--channels-last] [--compile] [--autocast bf16] [--tf32] [--json out.json]
+
+Networks have the real shapes (config-f StyleGAN2, DeepLabV3-ResNet50 at 512,
+BranchedTiny; global adds e4e and LPIPS-VGG) with random weights: nothing to download.
+A figure, not a test: compare ratios measured in one run on an idle machine.
 """
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
 
 import torch
 
-from models.face_parser import FaceParser
-from models.loaders import Models
-from models.stylegan2 import compute_mean_latent
-from models.tiny import tiny_classifier, tiny_generator
 from pipeline.config import EditConfig
 from pipeline.engine import Editor
+from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, matmul_peak, peak_memory,
+                           phase_times, step_kinds, time_kind)
 from pipeline.rows import EditRequest
+from pipeline.runtime import AUTOCAST, Runtime
+from pipeline.schedule import Schedule
 
 
-def tiny_models(resolution: int, parser_size: int, device: str) -> Models:
-    torch.manual_seed(0)
-    g = tiny_generator(resolution).eval().requires_grad_(False)
-    return Models(generator=g.to(device),
-                  face_parser=FaceParser(parser_size).eval().requires_grad_(False).to(device),
-                  classifier=tiny_classifier().eval().requires_grad_(False).to(device),
-                  mean_latent=compute_mean_latent(g, 2000).to(device), e4e=None, lpips=None,
-                  hashes={}, tiny=True)
+def measure(models, runtime: Runtime, mode: str, batch: int, steps: int, overrides: dict,
+            peak: float) -> dict:
+    """One runtime at one batch size: phases, kinds, the whole edit, FLOPs, MFU."""
+    settings = EditConfig.from_overrides(overrides).resolve(BENCH_EDIT[mode].attributes)
+    schedule = Schedule.for_group(settings, [settings.loss.weights.seg], [BENCH_EDIT[mode].size])
+    phases = phase_times(models, settings, batch, steps, runtime)
+    kinds = {}
+    for kind in step_kinds(schedule):
+        kinds[kind.name] = {"count": kind.count,
+                            **time_kind(models, runtime, overrides, kind, mode, batch, steps)}
+    edit_s = sum(k["count"] * k["seconds"] for k in kinds.values())
+    flops = sum(k["count"] * k["flops"] for k in kinds.values())
+    return {
+        "batch": batch, "phases_ms_per_step": {k: round(v * 1e3, 2) for k, v in phases.items()},
+        "kinds": kinds, "steps_per_edit": schedule.total_iterations,
+        "seconds_per_edit": edit_s / batch, "images_per_hour": 3600 * batch / edit_s,
+        "flops_per_edit": flops / batch, "achieved_flops_per_s": flops / edit_s,
+        "mfu": flops / edit_s / peak}
 
 
-def time_steps(models: Models, batch: int, steps: int, parser_size: int) -> float:
-    """Median seconds per latent step (the first step, a warm-up, is left out)."""
-    config = EditConfig.from_overrides({
-        "steps.latent": steps + 1, "steps.noise": 0, "loss.start_steps.classf": 0,
-        "loss.start_steps.seg": 0, "dynamic_masking_iters": steps + 1,
-        "parser_size": parser_size})
-    g = models.generator
-    images = torch.rand(batch, 3, g.size, g.size, device=g.input.input.device)
-    stamps = []
-
-    def tick(_):
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-    Editor(models, config).edit(images, [EditRequest(("black_hair",), (1.0,))] * batch,
-                                callback=tick)
-    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return gaps[len(gaps) // 2]
+def prefix_saving(result: dict, attributes: int = 14, prefixes: int = 2) -> dict:
+    """Steps and time a shared inversion prefix saves over `attributes` local edits of one
+    image (CelebA-HQ's 14, with two recon masks: with and without the ears)."""
+    recon = result["kinds"].get("recon")
+    if recon is None:
+        return {}
+    edit_steps, edit_s = result["steps_per_edit"], result["seconds_per_edit"] * result["batch"]
+    prefix_steps, prefix_s = recon["count"], recon["count"] * recon["seconds"]
+    without = attributes * edit_steps
+    with_prefix = prefixes * prefix_steps + attributes * (edit_steps - prefix_steps)
+    time_without = attributes * edit_s
+    time_with = prefixes * prefix_s + attributes * (edit_s - prefix_s)
+    return {"steps_without": without, "steps_with": with_prefix,
+            "steps_saved": 1 - with_prefix / without, "time_saved": 1 - time_with / time_without}
 
 
 def run_bench(args) -> int:
-    logging.getLogger("pipeline.engine").setLevel(logging.WARNING)   # no per-step lines
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} timed steps")
-    print(f"{'px':>5} {'parser':>6} {'batch':>5} {'s/step':>8} {'s/step/img':>10} {'ratio':>6}")
-    for res in args.resolution:
-        parser_size = args.parser_size or res
-        models = tiny_models(res, parser_size, device)
-        base = None
-        for batch in args.batch:
-            per_step = time_steps(models, batch, args.steps, parser_size)
-            per_image = per_step / batch
-            base = base or per_image
-            print(f"{res:>5} {parser_size:>6} {batch:>5} {per_step:>8.3f} {per_image:>10.3f} "
-                  f"{per_image / base:>6.2f}")
-    print("ratio: seconds per image against the first batch size (lower is better)")
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runtime = Runtime(channels_last=args.channels_last, compile=args.compile,
+                      autocast=args.autocast, tf32=args.tf32)
+    runtimes = {"default": runtime, **({"baseline": Runtime.plain()} if args.baseline else {})}
+    models = bench_models(args.preset, args.mode, str(device))
+    overrides = {"parser_size": PRESETS[args.preset][1]}
+    peak = matmul_peak(device, AUTOCAST.get(args.autocast or "", torch.float32))
+    report = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "device": str(device), "dtype": args.autocast or "float32",
+                      "matmul_peak_flops_per_s": peak,
+                      "flops_method": "torch.utils.flop_counter.FlopCounterMode: matmuls and "
+                                      "convolutions, forward and backward"},
+              "preset": args.preset, "mode": args.mode, "runtime": vars(runtime),
+              "runs": {}}
+    for batch in args.batch:            # interleaved, so a drifting machine hits both alike
+        for label, rt in runtimes.items():
+            report["runs"].setdefault(label, []).append(
+                measure(models, rt, args.mode, batch, args.steps, overrides, peak))
+    report["peak_memory_bytes"] = peak_memory(device)
+    if args.mode == "local":
+        report["prefix_saving_14_attributes"] = prefix_saving(report["runs"]["default"][0])
+    print_table(report)
+    text = json.dumps(report, indent=2, default=str)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    else:
+        print(text)
     return 0
+
+
+def print_table(report: dict) -> None:
+    env = report["env"]
+    print(f"preset {report['preset']} ({report['mode']}), {env['device']}, {env['dtype']}, "
+          f"torch {env['torch']}, {env['threads']} threads; matmul peak "
+          f"{env['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
+    for label, runs in report["runs"].items():
+        for r in runs:
+            phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases_ms_per_step"].items())
+            print(f"[{label}] batch {r['batch']}: {r['seconds_per_edit']:.1f} s/edit, "
+                  f"{r['images_per_hour']:.1f} img/h, MFU {r['mfu']:.1%}; ms/step: {phases}",
+                  file=sys.stderr)
+            for name, k in r["kinds"].items():
+                print(f"    {name:40s} x{k['count']:<5d} {k['seconds'] * 1e3:9.1f} ms/step "
+                      f"{k['flops'] / 1e9:9.1f} GFLOP/step  first step +{k['first_step_extra_s']:.1f} s",
+                      file=sys.stderr)
+    if "baseline" in report["runs"]:
+        for d, b in zip(report["runs"]["default"], report["runs"]["baseline"]):
+            print(f"default / baseline, batch {d['batch']}: "
+                  f"{b['seconds_per_edit'] / d['seconds_per_edit']:.2f}x faster", file=sys.stderr)
+    saving = report.get("prefix_saving_14_attributes")
+    if saving:
+        print(f"shared prefix, 14 local attributes per image: {saving['steps_saved']:.1%} fewer "
+              f"steps, {saving['time_saved']:.1%} less time", file=sys.stderr)
 
 
 PIPELINE_EDIT = {"steps.latent": 40, "steps.noise": 10, "loss.start_steps.classf": 20,
@@ -128,14 +178,24 @@ def run_pipeline_bench(args) -> int:
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("bench", help="time optimisation steps at several batch sizes",
+    p = commands.add_parser("bench", help="what an edit costs here: per phase, per step kind, "
+                                          "whole edits, FLOPs and MFU",
                             description=__doc__.split("\n")[0])
-    p.add_argument("--resolution", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="network shapes: tiny (64 px test widths), 256, 1024 (config-f)")
+    p.add_argument("--mode", choices=("local", "global"), default="local",
+                   help="global adds e4e and LPIPS-VGG")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--parser-size", type=int, help="face parser working size "
-                   "(default: the generator's resolution; 512 for the real models)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--device")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the plain path (eager, NCHW, fp32, a device read per step) "
+                        "and print the ratio")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST), help="networks in this precision")
+    p.add_argument("--tf32", action="store_true", help="CUDA: TF32 matmuls and convolutions")
+    p.add_argument("--json", metavar="FILE", help="write the JSON document here, not stdout")
     p.add_argument("--pipeline", type=int, metavar="ROWS",
                    help="instead: images/hour of `maskface run` over ROWS rows against the "
                         "engine directly (batch: the last --batch value)")

@@ -59,12 +59,3 @@ def test_attribute_and_name_parsing():
     assert parse_attribute("smiling") == ("smiling", 1.0)
     assert parse_attribute("male=0") == ("male", 0.0)
     assert unique_stems(["a/x.png", "b/x.jpg", "s3://b/y z.png"]) == ["x", "x-1", "y_z"]
-
-
-def test_bench_prints_a_row_per_resolution_and_batch():
-    result = subprocess.run([MASKFACE, "bench", "--resolution", "32", "--batch", "1", "2",
-                             "--steps", "1"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("32")]
-    assert [r[2] for r in rows] == ["1", "2"]
-    assert float(rows[0][5]) == 1.0 and float(rows[1][3]) > 0

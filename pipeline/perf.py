@@ -1,0 +1,221 @@
+"""Measuring the engine: networks of the real shapes with random weights, time per
+phase and per kind of step, FLOPs, MFU, and whole edits extrapolated through the
+`Schedule`. `maskface bench` prints what these return; nothing here is a test.
+
+A "kind" of step is a distinct set of work: the inversion prefix (generator + masked
+recon), the classifier steps, the steps that also run the parser (with gradients for
+seg/size, without for dynamic masking alone), and the noise steps. An edit at paper
+defaults is so many steps of each kind; timing a few steps of each and multiplying by
+the Schedule's counts gives the time of a whole edit without running 1,500 steps.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.classifier import BranchedTiny
+from models.e4e import E4EInitializer, Encoder4Editing
+from models.face_parser import FaceParser
+from models.loaders import Models
+from models.lpips_masked import MaskedLPIPS
+from models.stylegan2 import Generator, compute_mean_latent
+from models.tiny import tiny_classifier, tiny_generator
+
+from .config import EditConfig, Settings
+from .engine import Editor, StartPoint
+from .rows import EditRequest
+from .runtime import Runtime, largest_batch
+from .schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+# preset: (generator px, parser working size, tiny widths)
+PRESETS = {"tiny": (64, 64, True), "256": (256, 512, False), "1024": (1024, 512, False)}
+# What each mode edits in the bench: every loss term on (hair: seg; size > 0).
+BENCH_EDIT = {"local": EditRequest(("black_hair",), (1.0,), size=1.2),
+              "global": EditRequest(("male",), (1.0,), size=1.2)}
+
+
+def bench_models(preset: str, mode: str, device: str, seed: int = 0) -> Models:
+    """Random-weight networks of the preset's real shapes (tiny: the test widths)."""
+    size, parser_size, tiny = PRESETS[preset]
+    torch.manual_seed(seed)
+    g = tiny_generator(size) if tiny else Generator(size, channel_multiplier=2)
+    e4e = lpips = None
+    if mode == "global":
+        widths = (16, 16, 32, 32) if tiny else (64, 128, 256, 512)
+        e4e = E4EInitializer(Encoder4Editing(size, widths=widths, style_dim=g.style_dim))
+        lpips = MaskedLPIPS()
+    def ready(net):
+        return net.eval().requires_grad_(False).to(device)
+    g = ready(g)
+    return Models(generator=g, face_parser=ready(FaceParser(parser_size)),
+                  classifier=ready(tiny_classifier() if tiny else BranchedTiny()),
+                  mean_latent=compute_mean_latent(g, 1000).to(device),
+                  e4e=None if e4e is None else ready(e4e),
+                  lpips=None if lpips is None else ready(lpips), hashes={}, tiny=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large square matmul on this device, now: the MFU denominator."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_call(lambda: a @ b, device, repeats=5)
+    return 2 * n ** 3 / seconds
+
+
+def phase_times(models: Models, settings: Settings, batch: int, repeats: int,
+                runtime: Runtime) -> dict[str, float]:
+    """Seconds per step of each network's forward and backward, measured alone."""
+    m = runtime.prepare(models)
+    g = m.generator
+    device = g.input.input.device
+    latent = m.mean_latent.view(1, 1, -1).repeat(batch, g.n_latent, 1).requires_grad_(True)
+    noises = g.make_noise(batch)
+    image = runtime.images(torch.rand(batch, 3, g.size, g.size, device=device))
+    mask = torch.ones(batch, 1, g.size, g.size, device=device)
+    size = settings.parser_size
+
+    def backward_of(fn):
+        def run():
+            x = image.detach().requires_grad_(True)
+            with runtime.autocast_context(device):
+                out = fn(x)
+            out.float().sum().backward()
+        return run
+
+    def generator():
+        with runtime.autocast_context(device):
+            out = g(latent, noises)
+        out.float().square().mean().backward()
+
+    optimizer = torch.optim.Adam([latent], lr=1e-3)
+    latent.grad = torch.zeros_like(latent)
+    out = {"generator": time_call(generator, device, repeats),
+           "parser": time_call(backward_of(lambda x: m.face_parser(
+               x, out_size=size, working_size=size)), device, repeats),
+           "classifier": time_call(backward_of(m.classifier), device, repeats),
+           "optimizer": time_call(optimizer.step, device, repeats)}
+    if m.lpips is not None:
+        features = m.lpips.layer_features(image)
+        out["lpips"] = time_call(backward_of(lambda x: m.lpips(x, image, mask,
+                                                                y_features=features)),
+                                 device, repeats)
+    return out
+
+
+@dataclass
+class StepKind:
+    name: str            # e.g. "recon", "recon+classf+parser", "noise"
+    count: int           # steps of this kind in one edit
+    first: int           # a latent step of this kind (-1: the noise phase)
+
+
+def step_kinds(schedule: Schedule) -> list[StepKind]:
+    """The kinds of steps of an edit, how many of each, and where each first occurs."""
+    def kind(i):
+        terms = list(schedule.terms(i))
+        if schedule.parser_on(i):
+            terms.append("parser" if schedule.seg_on(i) or schedule.size_on(i) else "parser-nograd")
+        return "+".join(terms)
+    counts = Counter(kind(i) for i in schedule.latent_range)
+    firsts: dict[str, int] = {}
+    for i in schedule.latent_range:
+        firsts.setdefault(kind(i), i)
+    kinds = [StepKind(name, counts[name], firsts[name]) for name in firsts]
+    if schedule.noise_iterations:
+        kinds.append(StepKind("noise", schedule.noise_iterations, -1))
+    return kinds
+
+
+def kind_config(overrides: dict, kind: StepKind, steps: int) -> tuple[EditConfig, int]:
+    """Settings and a start step that run exactly `steps` steps of one kind."""
+    latent_steps = EditConfig.from_overrides(overrides).base.steps.latent
+    if kind.first < 0:          # the noise phase alone: start past the latent phase
+        return (EditConfig.from_overrides({**overrides, "steps.noise": steps - 1}),
+                latent_steps)
+    return (EditConfig.from_overrides({**overrides, "steps.latent": kind.first + steps,
+                                       "steps.noise": 0, "steps.log": 10 ** 9}), kind.first)
+
+
+def _marks(models: Models, runtime: Runtime, overrides: dict, kind: StepKind, mode: str,
+           batch: int, steps: int, read: Callable[[], float]) -> list[float]:
+    """`read()` after each of `steps` steps of one kind, through the real engine."""
+    config, first = kind_config(overrides, kind, steps)
+    g = models.generator
+    device = g.input.input.device
+    images = torch.rand(batch, 3, g.size, g.size, device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    latent = models.mean_latent.view(1, 1, -1).repeat(batch, g.n_latent, 1)
+    marks = [read()]
+
+    def tick(_info):
+        _sync(device)
+        marks.append(read())
+    Editor(models, config, runtime).edit(images, [BENCH_EDIT[mode]] * batch,
+                                         start=StartPoint(latent=latent, step=first),
+                                         callback=tick)
+    return marks
+
+
+def time_kind(models: Models, runtime: Runtime, overrides: dict, kind: StepKind, mode: str,
+              batch: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of one kind, its FLOPs per step (torch.utils.flop_counter:
+    matmuls and convolutions, forward and backward, of the second step of a counted run)
+    and the first step's extra time (input masks, compilation)."""
+    times = _marks(models, runtime, overrides, kind, mode, batch, steps + 1, time.perf_counter)
+    gaps = [b - a for a, b in zip(times[1:], times[2:])]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        flops = _marks(models, Runtime(), overrides, kind, mode, batch, 2,
+                       lambda: float(counter.get_total_flops()))
+    seconds = statistics.median(gaps)
+    return {"seconds": seconds, "flops": flops[2] - flops[1],
+            "first_step_extra_s": times[1] - times[0] - seconds}
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak bytes: the CUDA allocator's high-water mark, or the process's max RSS."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def auto_batch_size(models: Models, runtime: Runtime, mode: str, cap: int,
+                    parser_size: int) -> int:
+    """The largest batch (up to `cap`) whose heaviest step fits in this GPU's memory:
+    two steps with every term on (classifier, parser with gradients; LPIPS if global)."""
+    settings = EditConfig.from_overrides({"parser_size": parser_size}).resolve(
+        BENCH_EDIT[mode].attributes)
+    schedule = Schedule.for_group(settings, [settings.loss.weights.seg], [BENCH_EDIT[mode].size])
+    heaviest = max((k for k in step_kinds(schedule) if k.first >= 0),
+                   key=lambda k: len(k.name.split("+")))
+    return largest_batch(lambda n: _marks(models, runtime, {"parser_size": parser_size},
+                                          heaviest, mode, n, 2, time.perf_counter), cap)
