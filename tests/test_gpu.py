@@ -36,3 +36,53 @@ def test_generator_on_cuda_matches_cpu(no_tf32):
         g = g.cuda()
         got = g(latent.cuda(), [n.cuda() for n in noise]).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_our_cuda_ops_match_the_reference_forward_and_backward(no_tf32):
+    from models import ops
+    from models.extension import load_ops
+    assert load_ops("cuda") is not None and ops.self_check(load_ops("cuda"), torch.device("cuda"))
+    k = make_kernel([1, 3, 3, 1], gain=4)
+    for up, down, pad in ((2, 1, (2, 1)), (1, 1, (1, 1)), (1, 2, (1, 1))):
+        x = torch.randn(4, 16, 32, 32, device="cuda", requires_grad=True)
+        y_ref = upfirdn2d(x, k.cuda(), up, down, pad, impl="ref")
+        gy = torch.randn_like(y_ref)
+        (g_ref,) = torch.autograd.grad(y_ref, x, gy)
+        y = upfirdn2d(x, k.cuda(), up, down, pad, impl="cuda")
+        (g,) = torch.autograd.grad(y, x, gy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 16, 8, 8, device="cuda", requires_grad=True)
+    b = torch.randn(16, device="cuda", requires_grad=True)
+    y_ref = ops.fused_leaky_relu(x, b, impl="ref")
+    gy = torch.randn_like(y_ref)
+    want = torch.autograd.grad(y_ref, (x, b), gy)
+    got = torch.autograd.grad(ops.fused_leaky_relu(x, b, impl="cuda"), (x, b), gy)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+
+
+def test_an_edit_runs_on_cuda_in_every_precision():
+    from pipeline.config import EditConfig
+    from pipeline.engine import Editor
+    from pipeline.perf import bench_models
+    from pipeline.rows import EditRequest
+    from pipeline.runtime import Runtime
+    models = bench_models("tiny", "local", "cuda")
+    config = EditConfig.from_overrides({"steps.latent": 4, "steps.noise": 1, "parser_size": 64,
+                                        "loss.start_steps.classf": 1, "loss.start_steps.seg": 1})
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    requests = [EditRequest(("black_hair",), (1.0,), size=1.2)] * 2
+    base = Editor(models, config).edit(x, requests)
+    for runtime in (Runtime(tf32=True), Runtime(autocast="bf16"), Runtime(channels_last=True)):
+        out = Editor(models, config, runtime).edit(x, requests)
+        assert all(r.ok and r.latent.dtype == torch.float32 for r in out)
+        assert max((a.edited - b.edited).abs().max().item() for a, b in zip(out, base)) < 0.05
+
+
+def test_the_batch_probe_backs_off_on_a_real_out_of_memory():
+    from pipeline.perf import auto_batch_size, bench_models
+    from pipeline.runtime import Runtime
+    models = bench_models("tiny", "local", "cuda")
+    size = auto_batch_size(models, Runtime(), "local", cap=8, parser_size=64)
+    assert 1 <= size <= 8
