@@ -89,6 +89,9 @@ class Output:
     # -- metrics ---------------------------------------------------------------------------
     def metrics_files(self) -> list[str]:
         folder = self._path("metrics")
+        # other processes (the actors) add files: a listing cached by this process's
+        # filesystem (s3fs keeps them) would miss them
+        self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return []
         return sorted(p for p in self.fs.ls(folder, detail=False)
