@@ -154,6 +154,29 @@ def _current_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def attribute_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (ok row, edited attribute): id, attribute, target, prob_input,
+    prob_result, p_target_before/after (the probability of the target's side),
+    on_target (the result is on the target's side of 0.5) and flipped (on target now,
+    not before)."""
+    columns = ["id", "attribute", "target", "prob_input", "prob_result", "p_target_before",
+               "p_target_after", "on_target", "flipped"]
+    ok = metrics[metrics["status"] == "ok"] if len(metrics) else metrics
+    if not len(ok):
+        return pd.DataFrame(columns=columns)
+    long = ok[["id", "attributes", "targets", "prob_input", "prob_result"]].explode(
+        ["attributes", "targets", "prob_input", "prob_result"], ignore_index=True)
+    long = long.rename(columns={"attributes": "attribute", "targets": "target"})
+    for col in ("target", "prob_input", "prob_result"):
+        long[col] = long[col].astype(float)
+    side = long["target"] >= 0.5
+    before, after = (long["prob_input"] >= 0.5) == side, (long["prob_result"] >= 0.5) == side
+    long["p_target_before"] = long["prob_input"].where(side, 1 - long["prob_input"])
+    long["p_target_after"] = long["prob_result"].where(side, 1 - long["prob_result"])
+    long["on_target"], long["flipped"] = after, after & ~before
+    return long[columns]
+
+
 def passthrough_schema(manifest: pa.Schema | None, columns: Iterable[str]) -> pa.Schema:
     """The metrics schema plus the manifest's passthrough columns, with their own types."""
     fields = list(METRICS_SCHEMA)
