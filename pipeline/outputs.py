@@ -39,6 +39,9 @@ METRICS_SCHEMA = pa.schema([
     ("outside_mse", pa.float64()), ("outside_psnr", pa.float64()), ("recon_mse", pa.float64()),
     ("region_portion_before", pa.float64()), ("region_portion_after", pa.float64()),
     ("steps", pa.int64()), ("seconds", pa.float64()),
+    # identity preservation (pipeline/identity.py): null on error rows and when not measured
+    ("identity_distance", pa.float64()), ("same_person", pa.bool_()),
+    ("identity_status", pa.string()), ("identity_seconds", pa.float64()),
     ("node", pa.string()), ("actor", pa.string()), ("gpu_ids", pa.string()),
     ("actor_model_loads", pa.int64()),
     ("generator_sha256", pa.string()), ("face_parser_sha256", pa.string()),
@@ -115,6 +118,9 @@ class Output:
         frames = [_current_columns(pq.read_table(f, filesystem=self.fs).to_pandas())
                   for f in files]
         df = pd.concat(frames, ignore_index=True)
+        for name in METRICS_SCHEMA.names:      # columns added since some files were written
+            if name not in df.columns:
+                df[name] = None
         return df.sort_values("written_at").drop_duplicates("id", keep="last")
 
     def drop_stale_rows(self) -> int:
