@@ -118,6 +118,7 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
         out.drop_stale_rows()
     summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
                         time.time() - started, settings)
+    summary["this_run"]["started_at"] = started      # the report matches it to job.json's
     out.put_json("summary.json", summary)
     return summary
 
