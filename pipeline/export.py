@@ -192,6 +192,10 @@ def export_output(output_uri: str, fmt: str, dest: str, only_successful: bool = 
     if not out.metrics_files():
         raise FileNotFoundError(f"no metrics under {output_uri}: nothing to export")
     metrics = out.read_metrics()
+    clash = sorted({"image", "labels_after", "reached_target", "file_name"} & set(metrics.columns))
+    if clash:
+        raise ValueError(f"the output's metrics have column(s) {clash}, which the export "
+                         "writes itself; rename them in the manifest")
     rows = export_rows(metrics, fmt, only_successful)
     site = Output(dest, storage_options)
     result = ExportResult(dest=site.uri, rows=0)

@@ -318,3 +318,14 @@ def test_imagefolder_export_loads_in_datasets(job, hf_datasets, tmp_path):
         assert item["labels_after"] == expected_labels(row)
         assert (np.asarray(item["image"].convert("RGB")) == edited_pixels(fs, row)).all()
         assert item["attr_smiling"] == row["attr_smiling"]
+
+
+def test_export_refuses_a_passthrough_column_it_would_overwrite(tmp_path, capsys):
+    schema = passthrough_schema(None, ["image"])
+    row = pd.DataFrame({name: [None] for name in schema.names}).assign(
+        id="x", status="error", error="unreadable", image="the manifest's own", written_at=1.0)
+    Output(str(tmp_path / "out")).write_metrics(row, schema)
+    assert main(["export", str(tmp_path / "out"), "--format", "hf-parquet",
+                 "--dest", str(tmp_path / "x")]) == 1
+    assert "column(s) ['image']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
