@@ -32,9 +32,11 @@ ifeq ($(strip $(MODELS)),)
 	@echo "=================================================================="
 	$(BIN)/maskface weights make-tiny --dest $(DEMO)/weights --resolution 64
 	$(BIN)/maskface run jobs/demo-tiny.yaml
+	@echo "the report: open $(abspath $(DEMO))/run/report/index.html in a browser"
 else
 	@echo "demo on real weights ($(MODELS)), the paper's schedule: on a CPU this takes hours per image"
 	$(BIN)/maskface run jobs/demo.yaml --set models=$(MODELS)
+	@echo "the report: open $(abspath $(DEMO))/run-real/report/index.html in a browser"
 endif
 
 clean:

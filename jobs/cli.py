@@ -6,6 +6,8 @@
     maskface weights check SPEC
     maskface run JOB.yaml [--set key=value] [--retry-errors]
     maskface status OUTPUT_URI [--manifest URI] [--watch SECONDS] [--json]
+    maskface report OUTPUT_URI [--dest URI]
+    maskface export OUTPUT_URI --format hf-parquet|imagefolder --dest URI [--only-successful]
     maskface manifest celebahq --images DIR --attr-file FILE --edit smiling=flip --out URI
     maskface align IN_URI OUT_URI [--size 1024]; maskface paste --edited --source --quad --out
     maskface edit IMAGE... --attribute smiling=1 --models SPEC --out DIR
@@ -201,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="face parser working size (512 for the real weights)")
     check.set_defaults(func=_weights_check)
 
-    from jobs import align_cmd, bench, edit, manifest_cmd, run, status
+    from jobs import align_cmd, bench, edit, export, manifest_cmd, report, run, status
     run.add_parser(commands)
     status.add_parser(commands)
+    report.add_parser(commands)
+    export.add_parser(commands)
     manifest_cmd.add_parser(commands)
     align_cmd.add_parsers(commands)
     edit.add_parser(commands)

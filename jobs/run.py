@@ -1,6 +1,7 @@
 """`maskface run JOB.yaml`: the main job. Reads a job spec, validates the manifest before
 any model loads, runs the edits on Ray (an existing cluster when RAY_ADDRESS or
---address is set, else a local one) and prints a summary. Exit code 1 if any row of the
+--address is set, else a local one), prints a summary and writes the HTML report
+(OUTPUT/report/index.html; --no-report skips it). Exit code 1 if any row of the
 output ended in error."""
 from __future__ import annotations
 
@@ -87,7 +88,19 @@ def run_command(args) -> int:
     for e in summary["errors"]:
         print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
     print(f"results: {settings.output} (metrics/, images/, latents/, masks/, summary.json)")
+    if not getattr(args, "no_report", False):
+        _write_report(settings)
     return 1 if mine["error"] or mine["pending"] else 0
+
+
+def _write_report(settings: JobSettings) -> None:
+    """The job's report; a report that fails is said, and leaves the job's result alone."""
+    from pipeline.report import write_report
+    try:
+        print(f"report: {write_report(settings.output, storage_options=settings.storage_options)}")
+    except Exception as e:
+        print(f"report failed ({type(e).__name__}: {e}); retry with: maskface report "
+              f"{settings.output}", file=sys.stderr)
 
 
 def add_parser(commands) -> None:
@@ -99,5 +112,7 @@ def add_parser(commands) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--retry-errors", action="store_true",
                    help="recompute rows that ended in error and replace their metrics rows")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write the HTML report (OUTPUT/report/index.html) at the end")
     p.set_defaults(func=run_command)
 

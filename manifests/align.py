@@ -11,9 +11,7 @@ That model was trained on iBUG's 300-W data, whose terms exclude commercial use.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -21,13 +19,13 @@ from typing import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from pipeline.identity import LANDMARK_MODEL, dlib_model_file
 from pipeline.images import (ImageError, crop_to_source, paste, png_bytes,  # noqa: F401
                              quad_to_crop, read_pil, write_bytes)           # (re-exported)
 from pipeline.rows import unique_stems
 
 log = logging.getLogger(__name__)
 
-LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
 LANDMARK_LICENCE = ("dlib's 68-point shape predictor was trained on iBUG 300-W, whose "
                     "licence excludes commercial use.")
 
@@ -38,17 +36,11 @@ class AlignError(ValueError):
 
 def landmark_model_path() -> Path:
     """The 68-point model: $MASKFACE_LANDMARKS, face_recognition_models, or Debian's copy."""
-    candidates = [os.environ.get("MASKFACE_LANDMARKS")]
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec and spec.submodule_search_locations:
-        candidates.append(os.path.join(spec.submodule_search_locations[0], "models",
-                                       LANDMARK_MODEL))
-    candidates.append(f"/usr/share/dlib/{LANDMARK_MODEL}")
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    raise AlignError(f"no {LANDMARK_MODEL}: install the align extra (pip install '.[align]'), "
-                     "or Debian's libdlib-data, or set MASKFACE_LANDMARKS")
+    path = dlib_model_file(LANDMARK_MODEL, env="MASKFACE_LANDMARKS")
+    if path is None:
+        raise AlignError(f"no {LANDMARK_MODEL}: install the align extra (pip install '.[align]'), "
+                         "or Debian's libdlib-data, or set MASKFACE_LANDMARKS")
+    return path
 
 
 def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:

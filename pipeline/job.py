@@ -25,7 +25,7 @@ from models.loaders import check_spec_names
 from models.spec import ModelsSpec, read_spec
 
 from .config import EditConfig, Settings, apply_mean_latent, required_networks, settings_key
-from .outputs import Output, passthrough_schema
+from .outputs import Output, attribute_outcomes, passthrough_schema
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .rows import passthrough_columns
 
@@ -118,6 +118,7 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
         out.drop_stale_rows()
     summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
                         time.time() - started, settings)
+    summary["this_run"]["started_at"] = started      # the report matches it to job.json's
     out.put_json("summary.json", summary)
     return summary
 
@@ -187,20 +188,11 @@ def summarize(all_rows: pd.DataFrame, manifest_ids: set[str], this_run: pd.DataF
         return {"ok": int((df["status"] == "ok").sum()), "error": int((df["status"] == "error").sum())}
 
     mine = all_rows[all_rows["id"].isin(manifest_ids)] if len(all_rows) else all_rows
-    per_attr: dict[str, dict[str, float]] = {}
-    ok = mine[mine["status"] == "ok"] if len(mine) else mine
-    for row in ok.to_dict("records"):
-        for a, t, p0, p1 in zip(row["attributes"], row["targets"], row["prob_input"],
-                                row["prob_result"]):
-            side = t >= 0.5
-            s = per_attr.setdefault(a, {"rows": 0, "on_target": 0, "flipped": 0})
-            s["rows"] += 1
-            after, before = (p1 >= 0.5) == side, (p0 >= 0.5) == side
-            s["on_target"] += after
-            s["flipped"] += after and not before
-    for s in per_attr.values():
-        s["on_target_rate"] = s["on_target"] / s["rows"]
-        s["flipped_rate"] = s["flipped"] / s["rows"]
+    per_attr: dict[str, dict[str, Any]] = {}
+    for attr, g in attribute_outcomes(mine).groupby("attribute", sort=True):
+        rows, on_target, flipped = len(g), int(g["on_target"].sum()), int(g["flipped"].sum())
+        per_attr[str(attr)] = {"rows": rows, "on_target": on_target, "flipped": flipped,
+                               "on_target_rate": on_target / rows, "flipped_rate": flipped / rows}
     run_counts = counts(this_run)
     manifest_counts = counts(mine) if len(mine) else {"ok": 0, "error": 0}
     return {

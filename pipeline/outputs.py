@@ -39,6 +39,9 @@ METRICS_SCHEMA = pa.schema([
     ("outside_mse", pa.float64()), ("outside_psnr", pa.float64()), ("recon_mse", pa.float64()),
     ("region_portion_before", pa.float64()), ("region_portion_after", pa.float64()),
     ("steps", pa.int64()), ("seconds", pa.float64()),
+    # identity preservation (pipeline/identity.py): null on error rows and when not measured
+    ("identity_distance", pa.float64()), ("same_person", pa.bool_()),
+    ("identity_status", pa.string()), ("identity_seconds", pa.float64()),
     ("node", pa.string()), ("actor", pa.string()), ("gpu_ids", pa.string()),
     ("actor_model_loads", pa.int64()),
     ("generator_sha256", pa.string()), ("face_parser_sha256", pa.string()),
@@ -89,6 +92,9 @@ class Output:
     # -- metrics ---------------------------------------------------------------------------
     def metrics_files(self) -> list[str]:
         folder = self._path("metrics")
+        # other processes (the actors) add files: a listing cached by this process's
+        # filesystem (s3fs keeps them) would miss them
+        self.fs.invalidate_cache(folder)
         if not self.fs.exists(folder):
             return []
         return sorted(p for p in self.fs.ls(folder, detail=False)
@@ -112,6 +118,9 @@ class Output:
         frames = [_current_columns(pq.read_table(f, filesystem=self.fs).to_pandas())
                   for f in files]
         df = pd.concat(frames, ignore_index=True)
+        for name in METRICS_SCHEMA.names:      # columns added since some files were written
+            if name not in df.columns:
+                df[name] = None
         return df.sort_values("written_at").drop_duplicates("id", keep="last")
 
     def drop_stale_rows(self) -> int:
@@ -149,6 +158,29 @@ def _current_columns(df: pd.DataFrame) -> pd.DataFrame:
         df = df.rename(columns={"image_uri": "edited_uri"})
         df.loc[df["status"] != "ok", "edited_uri"] = None
     return df
+
+
+def attribute_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (ok row, edited attribute): id, attribute, target, prob_input,
+    prob_result, p_target_before/after (the probability of the target's side),
+    on_target (the result is on the target's side of 0.5) and flipped (on target now,
+    not before)."""
+    columns = ["id", "attribute", "target", "prob_input", "prob_result", "p_target_before",
+               "p_target_after", "on_target", "flipped"]
+    ok = metrics[metrics["status"] == "ok"] if len(metrics) else metrics
+    if not len(ok):
+        return pd.DataFrame(columns=columns)
+    long = ok[["id", "attributes", "targets", "prob_input", "prob_result"]].explode(
+        ["attributes", "targets", "prob_input", "prob_result"], ignore_index=True)
+    long = long.rename(columns={"attributes": "attribute", "targets": "target"})
+    for col in ("target", "prob_input", "prob_result"):
+        long[col] = long[col].astype(float)
+    side = long["target"] >= 0.5
+    before, after = (long["prob_input"] >= 0.5) == side, (long["prob_result"] >= 0.5) == side
+    long["p_target_before"] = long["prob_input"].where(side, 1 - long["prob_input"])
+    long["p_target_after"] = long["prob_result"].where(side, 1 - long["prob_result"])
+    long["on_target"], long["flipped"] = after, after & ~before
+    return long[columns]
 
 
 def passthrough_schema(manifest: pa.Schema | None, columns: Iterable[str]) -> pa.Schema:

@@ -28,6 +28,7 @@ from models.spec import ModelsSpec
 from .config import Settings, settings_key
 from .engine import Editor, EditResult
 from .errors import SetupError
+from .identity import load_identity
 from .images import ImageError, encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from .outputs import Output
 from .rows import EditRequest, is_null
@@ -70,6 +71,7 @@ class EditStage:
         self.save_noises = save_noises
         self.paste_back = paste_back
         self.identity = self._identity()
+        self.face_identity = load_identity()      # dlib's face descriptors (the align extra)
         log.info("edit actor ready on %s (%s)", self.identity["node"], self.device)
 
     @staticmethod
@@ -129,12 +131,12 @@ class EditStage:
             for k in positions:
                 records[k].update(status="error", error=f"batch failed: {type(e).__name__}: {e}")
             return
-        for k, result in zip(positions, results):
+        for k, image, result in zip(positions, images, results):
             if not result.ok:
                 records[k].update(status="error", error=result.error)
                 continue
             try:
-                records[k].update(self._write(rows[k], result))
+                records[k].update(self._write(rows[k], result, image))
             except (ImageError, OSError, ValueError) as e:
                 records[k].update(status="error", error=f"writing outputs: {e}")
         log.info("edited %d rows in %.1f s", len(positions), time.perf_counter() - started)
@@ -153,8 +155,8 @@ class EditStage:
             **{f"{name}_sha256": hashes.get(name) for name in NETWORK_HASH_COLUMNS}})
         return record
 
-    def _write(self, row: dict, result: EditResult) -> dict[str, Any]:
-        """The row's files, then its metric values for the record."""
+    def _write(self, row: dict, result: EditResult, image: torch.Tensor) -> dict[str, Any]:
+        """The row's files, then its metric values for the record (`image`: the input)."""
         out, row_id = self.output, row["id"]
         assert result.edited is not None and result.latent is not None
         out.put(f"images/{row_id}.png", encode_png(result.edited))
@@ -180,4 +182,5 @@ class EditStage:
         record.update({k: m[k] for k in METRIC_COLUMNS})
         record["prob_input"] = [m["prob_input"][a] for a in attrs]
         record["prob_result"] = [m["prob_result"][a] for a in attrs]
+        record.update(self.face_identity.compare_one(to_uint8(image), to_uint8(result.edited)))
         return record

@@ -1,0 +1,44 @@
+"""`maskface export OUTPUT_URI --format hf-parquet|imagefolder --dest URI`: the edited set
+as a dataset a training loop loads directly: Parquet with an image column that Hugging
+Face `datasets` decodes, or an ImageFolder with metadata.jsonl. Rows carry the
+passthrough labels, `labels_after` (the labels with each edited attribute at its
+target; see pipeline/export.py for the rule) and the metrics."""
+from __future__ import annotations
+
+import sys
+
+from jobs.status import _storage_options
+
+
+def export_command(args) -> int:
+    from pipeline.export import export_output
+    result = export_output(args.output, args.format, args.dest, args.only_successful,
+                           _storage_options(args))
+    for rid, why in result.missing:
+        print(f"  left out {rid}: {why}", file=sys.stderr)
+    print(f"exported {result.rows} rows as {args.format} to {result.dest}"
+          + (f" ({len(result.missing)} left out, see above)" if result.missing else ""))
+    if args.format == "hf-parquet":
+        print(f'load: datasets.load_dataset("parquet", data_files="{result.dest}/data/*.parquet")')
+    else:
+        print(f'load: datasets.load_dataset("imagefolder", data_dir="{result.dest}")')
+    return 1 if result.missing else 0
+
+
+def add_parser(commands) -> None:
+    from pipeline.export import FORMATS
+    p = commands.add_parser("export", help="export the edited images, labels and metrics as a "
+                                           "training-ready dataset",
+                            description=__doc__.split("\n")[0])
+    p.add_argument("output", help="the job's output URI (local path, s3://...)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="hf-parquet: Parquet with a `datasets` Image column; imagefolder: "
+                        "images + metadata.jsonl under train/")
+    p.add_argument("--dest", required=True, metavar="URI", help="where to write the dataset")
+    p.add_argument("--only-successful", action="store_true",
+                   help="only rows that finished and reached every target (default: every "
+                        "row; failed rows have a null image in hf-parquet)")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'; '
+                        "credentials come from the environment")
+    p.set_defaults(func=export_command)

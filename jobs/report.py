@@ -1,0 +1,33 @@
+"""`maskface report OUTPUT_URI [--dest URI]`: the job's results as a page a person reads
+at a glance: index.html and thumbnails in one folder that opens from disk with no
+server (default: OUTPUT_URI/report). Works on local and S3 outputs, while the job runs
+or after it ended. `maskface run` writes it at the end unless --no-report."""
+from __future__ import annotations
+
+from jobs.status import _storage_options
+
+
+def report_command(args) -> int:
+    from pipeline.report import write_report
+    if args.grid < 1:
+        raise ValueError("--grid takes a positive number of edits")
+    index = write_report(args.output, args.dest, _storage_options(args), grid=args.grid)
+    print(f"report: {index}")
+    return 0
+
+
+def add_parser(commands) -> None:
+    from pipeline.report import GRID
+    p = commands.add_parser("report", help="an HTML report of a job's output (counts, "
+                                           "per-attribute table, before/after grid, failures)",
+                            description=__doc__.split("\n")[0])
+    p.add_argument("output", help="the job's output URI (local path, s3://...)")
+    p.add_argument("--dest", metavar="URI", help="where to write the report folder "
+                                                 "(default: OUTPUT_URI/report)")
+    p.add_argument("--grid", type=int, default=GRID, metavar="N",
+                   help=f"edits in the before/after grid at most; a random sample beyond "
+                        f"(default {GRID})")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'; '
+                        "credentials come from the environment")
+    p.set_defaults(func=report_command)

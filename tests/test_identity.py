@@ -1,0 +1,69 @@
+"""The identity-preservation metric on a real face photo: scikit-image's 512 px astronaut
+(NASA, public domain) and dlib's face descriptor network from the align extra."""
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from pipeline.identity import SAME_PERSON_THRESHOLD, load_identity
+
+pytest.importorskip("dlib", reason="the identity metric needs the align extra (dlib)")
+skimage_data = pytest.importorskip("skimage.data")
+
+DEMO_PHOTO = Path(__file__).parent.parent / "jobs" / "demo" / "astronaut-64.png"
+
+
+@pytest.fixture(scope="module")
+def identity():
+    loaded = load_identity()
+    assert loaded.unavailable is None, loaded.unavailable
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return skimage_data.astronaut()
+
+
+def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def test_the_same_photo_is_at_distance_zero(identity, astronaut):
+    out = identity.compare_one(astronaut, astronaut.copy())
+    assert out["identity_status"] == "ok"
+    assert out["identity_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert out["same_person"] is True and out["identity_seconds"] > 0
+
+
+@pytest.mark.parametrize("alter", ["blur", "jpeg"])
+def test_a_mildly_altered_copy_stays_the_same_person(identity, astronaut, alter):
+    altered = (np.asarray(Image.fromarray(astronaut).filter(ImageFilter.GaussianBlur(1.5)))
+               if alter == "blur" else jpeg(astronaut, 40))
+    out = identity.compare_one(astronaut, altered)
+    assert out["identity_status"] == "ok"
+    assert 0.01 < out["identity_distance"] < SAME_PERSON_THRESHOLD    # changed, same person
+    assert out["same_person"] is True
+
+
+def test_no_face_is_reported_as_no_face_not_a_number(identity, astronaut):
+    coffee = np.asarray(Image.fromarray(skimage_data.coffee()).resize((512, 512)))
+    [out] = identity.compare(astronaut[None][:1], coffee[None][:1])
+    assert out["identity_status"] == "no face in the result"
+    assert out["identity_distance"] is None and out["same_person"] is None
+    small = np.asarray(Image.open(DEMO_PHOTO).convert("RGB"))      # 64 px: too small for dlib
+    out = identity.compare_one(small, small)
+    assert out["identity_status"] == "no face in the input" and out["identity_distance"] is None
+
+
+def test_without_dlib_the_columns_are_null_and_say_why(monkeypatch, astronaut):
+    monkeypatch.setitem(sys.modules, "dlib", None)                   # import dlib fails
+    missing = load_identity()
+    out = missing.compare_one(astronaut, astronaut)
+    assert out["identity_distance"] is None and out["same_person"] is None
+    assert out["identity_status"].startswith("unavailable: dlib is not installed")
