@@ -103,6 +103,20 @@ class MeanLatentOverride:
 
 
 @dataclass(frozen=True)
+class EarlyStopSettings:
+    enabled: bool = setting(False, "an image leaves the latent phase once on target and its "
+                                   "recon has plateaued (opt-in: changes the numbers)")
+    margin: float = setting(0.1, "on target: every probability past 0.5 by this much, on its "
+                                 "target's side", lambda v: 0 <= v < 0.5)
+    window: int = setting(50, "plateau: the recon loss now against this many steps ago",
+                          lambda v: v >= 1)
+    tolerance: float = setting(0.01, "plateau: at most this relative change over the window",
+                               lambda v: v >= 0)
+    every: int = setting(10, "check every this many steps (each check reads the device)",
+                         lambda v: v >= 1)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every edit setting, typed. `EditConfig.resolve` builds the one a group of rows runs
     with; there `mode` is always 'local' or 'global'."""
@@ -124,6 +138,7 @@ class Settings:
                                              "blend", v, rows.BLENDS) is None)
     parser_size: int = setting(512, "face parser working size", lambda v: v >= 16)
     mean_latent: MeanLatentOverride = _group(MeanLatentOverride)
+    early_stop: EarlyStopSettings = _group(EarlyStopSettings)
 
     @property
     def local(self) -> bool:

@@ -34,6 +34,7 @@ from models.face_parser import region_masks
 from models.loaders import Models
 
 from .config import EditConfig, Settings, required_networks
+from .early_stop import EarlyStop
 from .errors import SetupError
 from .health import Health
 from .losses import (bernoulli_kl, masked_mse, noise_normalize_, noise_regularize, portion,
@@ -117,6 +118,10 @@ class Targets:
             update_shape=torch.tensor([s.models.update_shape for s in settings], device=device),
             sizes=torch.tensor([r.size for r in requests], device=device, dtype=dtype).view(n, 1))
 
+    def take(self, rows: torch.Tensor) -> "Targets":
+        return Targets(*(t[rows] for t in (self.attr_idx, self.attr_w, self.target, self.seg_w,
+                                            self.update_shape, self.sizes)))
+
 
 @dataclass
 class Group:
@@ -139,6 +144,47 @@ class Group:
     def recon_weight(self) -> float:
         w = self.settings.loss.weights
         return w.mse if self.settings.local else w.lpips
+
+    def take(self, rows: torch.Tensor) -> "Group":
+        """The part of the group at these positions (early stopping's smaller batch)."""
+        keep = rows.tolist()
+        return dataclasses.replace(
+            self, x=self.x[rows], requests=[self.requests[k] for k in keep],
+            rows=[self.rows[k] for k in keep], regions=[self.regions[k] for k in keep],
+            targets=self.targets.take(rows), masks=self.masks.take(rows),
+            region_before=self.region_before[rows], size_target=self.size_target[rows],
+            lpips_y=None if self.lpips_y is None else [f[rows] for f in self.lpips_y],
+            health=self.health.take(rows))
+
+
+@dataclass
+class Working:
+    """The images still in the latent phase: (a part of) a group and its state."""
+    group: Group
+    positions: torch.Tensor                  # their positions in the whole group
+    latent: torch.Tensor                     # the leaf Adam optimises
+    noises: list[torch.Tensor]
+    masks: Masks                             # as dynamic masking left them
+    optimizer: torch.optim.Optimizer
+    drawn: bool                              # the noise maps are a draw (or were handed in)
+
+
+@dataclass
+class LatentOutcome:
+    """Where the latent phase left every image of the group."""
+    latent: torch.Tensor
+    noises: list[torch.Tensor]
+    masks: Masks
+    drawn: list[bool]
+    steps: list[int]                         # latent steps each image ran
+
+    def store(self, work: Working, steps: int) -> None:
+        rows = work.positions
+        self.latent = self.latent.index_copy(0, rows, work.latent.detach())
+        self.noises = [n.index_copy(0, rows, w) for n, w in zip(self.noises, work.noises)]
+        self.masks = self.masks.put(rows, work.masks)
+        for k in rows.tolist():
+            self.drawn[k], self.steps[k] = work.drawn, steps
 
 
 class Editor:
@@ -200,8 +246,8 @@ class Editor:
                                                  noise_iterations=0)
             with self.runtime.autocast_context(group.x.device):
                 latent, noises = self._start_point(group, StartPoint())
-                latent, *_ = self._latent_phase(group, latent, noises, redrawn=False,
-                                                callback=callback)
+                latent = self._latent_phase(group, latent, noises, drawn=False,
+                                            callback=callback).latent
             out[rows] = latent.cpu().to(out.dtype)
         return out
 
@@ -230,15 +276,17 @@ class Editor:
         with self.runtime.autocast_context(self.models.generator.input.input.device):
             group = self._prepare(x, requests, settings, rows, start)       # 1. masks
             latent, noises = self._start_point(group, start)                 # 2. start
-            latent, noises, masks, redrawn = self._latent_phase(             # 3. latent phase
-                group, latent, noises, redrawn=start.noises is not None, callback=callback)
-            noises = self._noise_phase(group, latent, noises, masks, redrawn, callback)  # 4.
+            outcome = self._latent_phase(                                    # 3. latent phase
+                group, latent, noises, drawn=start.noises is not None, callback=callback)
+            latent, masks = outcome.latent, outcome.masks
+            noises = self._noise_phase(group, latent, outcome.noises, masks,  # 4. noise phase
+                                       outcome.drawn, callback)
             with torch.no_grad():
                 generated = self.models.generator(latent, noises).to(group.x.dtype)
                 edited = blend(group.x, generated, masks.blend)              # 5. blend
                 metrics = self._metrics(group, generated, edited, masks)     # 6. metrics
         seconds = (time.perf_counter() - started) / len(requests)
-        return self._results(group, latent, noises, masks, generated, edited, metrics, seconds)
+        return self._results(group, outcome, noises, generated, edited, metrics, seconds)
 
     def _prepare(self, x, requests, settings, rows, start: StartPoint) -> Group:
         s = settings[0]
@@ -292,34 +340,78 @@ class Editor:
 
     # -- 3. the latent phase ----------------------------------------------------------------
     def _latent_phase(self, group: Group, latent: torch.Tensor, noises: list[torch.Tensor], *,
-                      redrawn: bool, callback) -> tuple[torch.Tensor, list[torch.Tensor], Masks, bool]:
-        """Adam on W+. `redrawn` says whether the noise maps are already a draw (maps
-        handed in count as one, so the noise phase keeps them). Returns the latent, the
-        noise maps, the masks as dynamic masking left them, and `redrawn`."""
+                      drawn: bool, callback) -> LatentOutcome:
+        """Adam on W+. `drawn` says whether the noise maps are already a draw (maps handed
+        in count as one, so the noise phase keeps them). With early stopping, images
+        that are done leave and the rest go on as a smaller batch."""
         s, schedule = group.settings, group.schedule
-        masks = group.masks
-        optimizer = torch.optim.Adam([latent], lr=s.optimizer.lr_latent)
+        n = len(group.requests)
+        work = Working(group, torch.arange(n, device=latent.device), latent, noises,
+                       group.masks, self._adam([latent], s), drawn)
+        outcome = LatentOutcome(latent.detach(), noises, group.masks, [drawn] * n, [0] * n)
+        stop = (EarlyStop(s.early_stop, schedule, group.requests, latent.device)
+                if s.early_stop.enabled else None)
         for i in schedule.latent_range:
             events = schedule.events(i)
             if ADAM_REINIT in events:
-                optimizer = torch.optim.Adam([latent], lr=s.optimizer.lr_latent)
+                work.optimizer = self._adam([work.latent], s)
             if NOISE_REDRAW in events:
-                noises, redrawn = self._draw_noise(group), True
-            terms, probs = self._latent_terms(group, i, latent, noises, masks)
-            self._update(group, optimizer, terms, [latent], "latent", i, latent=latent)
+                work.noises, work.drawn = self._draw_noise(work.group), True
+            terms, probs, p = self._latent_terms(work.group, i, work.latent, work.noises,
+                                                 work.masks)
+            self._update(work.group, work.optimizer, terms, [work.latent], "latent", i,
+                         latent=work.latent)
             if DYNAMIC_UPDATE in events:
                 assert probs is not None            # the schedule runs the parser then
-                masks = grow_masks(group.masks, masks, probs, group.regions,
-                                   group.targets.update_shape)
-            self._report(callback, group, "latent", i, terms, events, schedule.latent_steps)
-        return latent.detach(), noises, masks, redrawn
+                work.masks = grow_masks(work.group.masks, work.masks, probs,
+                                        work.group.regions, work.group.targets.update_shape)
+            self._report(callback, work.group, "latent", i, terms, events,
+                         schedule.latent_steps)
+            if stop is not None and p is not None and stop.due(i):
+                work = self._retire(group, work, stop.done(i, work.positions, p,
+                                                            terms["recon"][0]),
+                                    outcome, i - schedule.start + 1)
+                if not len(work.positions):
+                    return outcome
+        group.health.put(work.positions, work.group.health)
+        outcome.store(work, schedule.latent_iterations)
+        return outcome
 
-    def _latent_terms(self, group: Group, i: int, latent, noises,
-                      masks: Masks) -> tuple[Terms, torch.Tensor | None]:
-        """The loss terms of latent step i (and the parser's probabilities, when it ran)."""
+    @staticmethod
+    def _adam(params: list[torch.Tensor], s: Settings) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=s.optimizer.lr_latent)
+
+    def _retire(self, group: Group, work: Working, done: torch.Tensor, outcome: LatentOutcome,
+                steps: int) -> Working:
+        """Store the images that are done; the others go on as a smaller batch, with
+        their own rows of Adam's state (Adam is per element, so nothing else changes)."""
+        if not done.any():
+            return work
+        group.health.put(work.positions, work.group.health)
+        finished = torch.nonzero(done).flatten().to(work.latent.device)
+        part = dataclasses.replace(work, positions=work.positions[finished],
+                                   latent=work.latent[finished], noises=[m[finished] for m in work.noises],
+                                   masks=work.masks.take(finished))
+        outcome.store(part, steps)
+        keep = torch.nonzero(~done).flatten().to(work.latent.device)
+        latent = work.latent[keep].detach().clone().requires_grad_(True)
+        optimizer = self._adam([latent], group.settings)
+        state = work.optimizer.state.get(work.latent)
+        if state:
+            optimizer.state[latent] = {k: v[keep].clone() if v.ndim else v.clone()
+                                       for k, v in state.items()}
+        return Working(work.group.take(keep), work.positions[keep], latent,
+                       [m[keep] for m in work.noises], work.masks.take(keep), optimizer,
+                       work.drawn)
+
+    def _latent_terms(self, group: Group, i: int, latent, noises, masks: Masks
+                      ) -> tuple[Terms, torch.Tensor | None, torch.Tensor | None]:
+        """The loss terms of latent step i, the parser's probabilities when it ran, and
+        the classifier's probabilities of the row's attributes when it ran."""
         m, s, schedule, t = self.models, group.settings, group.schedule, group.targets
         generated = m.generator(latent, noises).to(latent.dtype)    # losses in float32
         terms: Terms = {"recon": (self._recon(group, generated, masks), group.recon_weight)}
+        p = None
         if schedule.classifier_on(i):
             p = torch.sigmoid(m.classifier(generated).to(generated.dtype)).gather(1, t.attr_idx)
             terms["classf"] = (bernoulli_kl(p, t.target, t.attr_w), s.loss.weights.classf)
@@ -337,7 +429,7 @@ class Editor:
             # size-0 rows: zero KL (see size_kl) and zero weight, as in the original
             weight = (t.sizes.view(-1) > 0).to(generated.dtype) * s.loss.weights.size
             terms["size"] = (size_kl(now, group.size_target, t.sizes), weight)
-        return terms, probs
+        return terms, probs, None if p is None else p.detach()
 
     def _recon(self, group: Group, generated: torch.Tensor, masks: Masks) -> torch.Tensor:
         """Masked MSE in local mode, masked LPIPS in global mode."""
@@ -348,14 +440,16 @@ class Editor:
 
     # -- 4. the noise phase -----------------------------------------------------------------
     def _noise_phase(self, group: Group, latent: torch.Tensor, noises: list[torch.Tensor],
-                     masks: Masks, redrawn: bool, callback) -> list[torch.Tensor]:
+                     masks: Masks, drawn: list[bool], callback) -> list[torch.Tensor]:
         """Adam on the noise maps, the latent fixed: regularised, normalised maps that
         keep the masked reconstruction."""
         s, iterations = group.settings, group.schedule.noise_iterations
         if iterations == 0:
             return noises
-        if not redrawn:   # the original would normalise all-zero maps into NaN here
-            noises = self._draw_noise(group)
+        if not all(drawn):   # the original would normalise all-zero maps into NaN here
+            keep = torch.tensor(drawn, device=latent.device).view(-1, 1, 1, 1)
+            noises = [torch.where(keep, m, fresh) for m, fresh in
+                      zip(noises, self._draw_noise(group))]
         noises = [t.detach().clone().requires_grad_(True) for t in noises]
         optimizer = torch.optim.Adam(noises, lr=s.optimizer.lr_noise)
         for j in range(iterations):
@@ -444,8 +538,9 @@ class Editor:
             })
         return out
 
-    def _results(self, group: Group, latent, noises, masks: Masks, generated, edited,
+    def _results(self, group: Group, outcome: LatentOutcome, noises, generated, edited,
                  metrics: list[dict], seconds: float) -> list[EditResult]:
+        latent, masks = outcome.latent, outcome.masks
         results = []
         for k, error in enumerate(group.health.errors()):
             if error is None and not (torch.isfinite(edited[k]).all() and
@@ -454,7 +549,8 @@ class Editor:
             if error is not None:
                 results.append(EditResult(error=error))
                 continue
-            metrics[k].update(steps=group.schedule.total_iterations, seconds=seconds,
+            metrics[k].update(steps=outcome.steps[k] + group.schedule.noise_iterations,
+                              seconds=seconds,
                               mode=group.settings.mode)
             results.append(EditResult(
                 edited=edited[k].cpu(), generated=generated[k].cpu(), latent=latent[k].cpu(),

@@ -37,6 +37,22 @@ class Health:
         self.bad_terms = torch.where(newly[:, None], bad, self.bad_terms)
         self.ok &= ~newly
 
+    def take(self, rows: torch.Tensor) -> "Health":
+        part = Health(len(rows), self.ok.device)
+        part.ok, part.failed_step = self.ok[rows], self.failed_step[rows]
+        part.failed_phase, part.bad_terms = self.failed_phase[rows], self.bad_terms[rows]
+        part._told = {i for i, r in enumerate(rows.tolist()) if r in self._told}
+        return part
+
+    def put(self, rows: torch.Tensor, part: "Health") -> None:
+        """Take back the record of `rows` from the part that optimised them."""
+        if part is self:
+            return
+        self.ok[rows] = part.ok
+        self.failed_step[rows] = part.failed_step
+        self.failed_phase[rows] = part.failed_phase
+        self.bad_terms[rows] = part.bad_terms
+
     def masked_sum(self, total: torch.Tensor) -> torch.Tensor:
         """The batch loss over the healthy images only (a failed one's NaN stays out)."""
         return torch.where(self.ok, total, torch.zeros_like(total)).sum()

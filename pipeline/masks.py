@@ -58,6 +58,14 @@ class Masks:
         return {"recon": self.recon, "blend": self.blend, "dynamic": self.dynamic,
                 "shape": self.shape}
 
+    def take(self, rows: torch.Tensor) -> "Masks":
+        return Masks(**{k: v[rows] for k, v in self.as_dict().items()})
+
+    def put(self, rows: torch.Tensor, part: "Masks") -> "Masks":
+        """These masks with `rows` replaced by `part`'s."""
+        return Masks(**{k: v.index_copy(0, rows, getattr(part, k))
+                        for k, v in self.as_dict().items()})
+
 
 def upsample(masks: torch.Tensor, size: int) -> torch.Tensor:
     """Parser-resolution masks to the generator's size (bilinear, as the original)."""

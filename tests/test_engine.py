@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import FIDELITY
+from models.classifier import ATTRIBUTE_INDEX
 from models.face_parser import CLASS_INDEX, region_masks
 from models.loaders import load_models
 from models.spec import ModelsSpec, read_spec
@@ -315,3 +316,29 @@ def test_an_edit_branched_from_the_shared_prefix_is_the_edit_from_scratch(m64, f
     torch.testing.assert_close(other[0], alone[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="share no single inversion prefix"):
         editor.invert(x[:1], [EditRequest(("male",), (1.0,))])
+
+
+def test_early_stopping_retires_images_that_are_done_and_the_rest_go_on(models, faces):
+    """Opt-in. Image 0 is aimed at the side the classifier already reports for the start
+    image and the plateau test is loose, so it is done at the first decision and leaves;
+    image 1 is aimed at the other side and runs every step, alone from then on."""
+    g = models.generator
+    with torch.no_grad():       # both start from the mean latent's image, and barely move
+        start = g(models.mean_latent.view(1, 1, -1).repeat(1, g.n_latent, 1), g.make_noise(1))
+        probs = torch.sigmoid(models.classifier(start))[0]
+    # the local attribute the classifier is surest about; half that as the margin
+    sure, name = max((abs(probs[ATTRIBUTE_INDEX[a]].item() - 0.5), a) for a in LOCAL_ATTRIBUTES)
+    side = float(probs[ATTRIBUTE_INDEX[name]] >= 0.5)
+    requests = [EditRequest((name,), (side,), seed=1), EditRequest((name,), (1 - side,), seed=2)]
+    stop = {"steps.latent": 8, "loss.start_steps.classf": 2, "loss.start_steps.seg": 2,
+            "dynamic_masking_iters": 2, "early_stop.enabled": True, "early_stop.margin": sure / 2,
+            "early_stop.window": 1, "early_stop.every": 1, "early_stop.tolerance": 10.0}
+    stopped, steps = run(models, faces[:2], requests, stop)
+    full, _ = run(models, faces[:2], requests, {**stop, "early_stop.enabled": False})
+    latent_rows = [s.rows for s in steps if s.phase == "latent"]
+    assert latent_rows == [[0, 1]] * 6 + [[1]] * 2          # checks from step 4; leaves at 5
+    assert stopped[0].metrics["steps"] == 6 + 3 and stopped[1].metrics["steps"] == 8 + 3
+    assert all(r.ok and torch.isfinite(r.edited).all() for r in stopped)
+    assert all(n.abs().sum() > 0 for n in stopped[0].noises)   # the noise phase ran for it
+    torch.testing.assert_close(stopped[1].latent, full[1].latent, rtol=0, atol=1e-4)
+    assert not torch.equal(stopped[0].latent, full[0].latent)
