@@ -19,8 +19,9 @@ import torch
 
 from pipeline.config import EditConfig
 from pipeline.engine import Editor
-from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, matmul_peak, peak_memory,
-                           phase_times, step_kinds, time_kind)
+from pipeline.config import parse_set
+from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, early_stop_steps, matmul_peak,
+                           peak_memory, phase_times, step_kinds, time_kind)
 from pipeline.rows import EditRequest
 from pipeline.runtime import AUTOCAST, Runtime
 from pipeline.schedule import Schedule
@@ -85,6 +86,9 @@ def run_bench(args) -> int:
     report["peak_memory_bytes"] = peak_memory(device)
     if args.mode == "local":
         report["prefix_saving_14_attributes"] = prefix_saving(report["runs"]["default"][0])
+    if args.early_stop is not None:
+        report["early_stop"] = early_stop_steps(models, runtime, args.mode, args.batch[0],
+                                                {**overrides, **parse_set(args.early_stop)})
     print_table(report)
     text = json.dumps(report, indent=2, default=str)
     if args.json:
@@ -114,6 +118,11 @@ def print_table(report: dict) -> None:
         for d, b in zip(report["runs"]["default"], report["runs"]["baseline"]):
             print(f"default / baseline, batch {d['batch']}: "
                   f"{b['seconds_per_edit'] / d['seconds_per_edit']:.2f}x faster", file=sys.stderr)
+    stop = report.get("early_stop")
+    if stop:
+        print(f"early stopping {stop['early_stop']}: {stop['steps_saved']:.1%} of "
+              f"{stop['schedule_steps']} steps saved per image (steps run: "
+              f"{stop['steps_per_image']}), {stop['seconds']:.0f} s", file=sys.stderr)
     saving = report.get("prefix_saving_14_attributes")
     if saving:
         print(f"shared prefix, 14 local attributes per image: {saving['steps_saved']:.1%} fewer "
@@ -195,6 +204,9 @@ def add_parser(commands) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--autocast", choices=sorted(AUTOCAST), help="networks in this precision")
     p.add_argument("--tf32", action="store_true", help="CUDA: TF32 matmuls and convolutions")
+    p.add_argument("--early-stop", nargs="*", metavar="KEY=VALUE",
+                   help="also run whole edits at paper defaults with early stopping on "
+                        "(optionally early_stop.margin=0.05 ...) and print the steps saved")
     p.add_argument("--json", metavar="FILE", help="write the JSON document here, not stdout")
     p.add_argument("--pipeline", type=int, metavar="ROWS",
                    help="instead: images/hour of `maskface run` over ROWS rows against the "

@@ -219,3 +219,25 @@ def auto_batch_size(models: Models, runtime: Runtime, mode: str, cap: int,
                    key=lambda k: len(k.name.split("+")))
     return largest_batch(lambda n: _marks(models, runtime, {"parser_size": parser_size},
                                           heaviest, mode, n, 2, time.perf_counter), cap)
+
+
+def early_stop_steps(models: Models, runtime: Runtime, mode: str, batch: int,
+                     overrides: dict) -> dict:
+    """Whole edits at paper defaults with early stopping on (its settings from
+    `overrides`): the steps each image ran against the schedule's, and the time."""
+    g = models.generator
+    device = g.input.input.device
+    config = EditConfig.from_overrides({**overrides, "early_stop.enabled": True})
+    images = torch.rand(batch, 3, g.size, g.size, device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    began = time.perf_counter()
+    results = Editor(models, config, runtime).edit(images, [BENCH_EDIT[mode]] * batch)
+    seconds = time.perf_counter() - began
+    settings = config.resolve(BENCH_EDIT[mode].attributes)
+    full = Schedule.for_group(settings, [settings.loss.weights.seg],
+                              [BENCH_EDIT[mode].size]).total_iterations
+    steps = [r.metrics.get("steps", full) for r in results]
+    return {"steps_per_image": steps, "schedule_steps": full,
+            "steps_saved": 1 - sum(steps) / (full * len(steps)), "seconds": seconds,
+            "early_stop": {k: v for k, v in config.base.as_dict().items()
+                           if k.startswith("early_stop.")}}
