@@ -33,6 +33,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny32(tmp_path_factory):
+    """The tiny checkpoint set at 32 px: the job tests' models."""
+    from models.tiny import make_tiny
+    out = tmp_path_factory.mktemp("tiny32")
+    make_tiny(out, resolution=32)
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference_checkpoints(tmp_path_factory):
     """The deterministic checkpoints the shared fidelity cases were recorded with."""
     from helpers import write_reference_checkpoints
