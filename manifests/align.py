@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import RowError
 from pipeline.images import (ImageError, crop_to_source, paste, png_bytes,  # noqa: F401
                              quad_to_crop, read_pil, write_bytes)           # (re-exported)
 from pipeline.rows import unique_stems
@@ -148,7 +149,7 @@ def align_photos(uris: Iterable[str], out_uri: str, aligner: Aligner,
     for uri, name in zip(uris, unique_stems(uris)):
         try:
             crop, quad = aligner.align(read_pil(uri, storage_options))
-        except (AlignError, ImageError, OSError) as e:
+        except (AlignError, RowError, OSError) as e:   # ImageError, StorageError are RowErrors
             log.warning("not aligned: %s: %s", uri, e)
             failed.append((uri, str(e)))
             continue

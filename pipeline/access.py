@@ -14,9 +14,9 @@ segments: `/data/a` does not allow `/data/ab`). Local paths are compared after r
 in them are refused outright.
 
 Without `inputs.allow` (DEFAULT_RULE): local files and `s3://` objects are allowed, except
-local paths inside a hidden folder (`~/.aws`, `~/.ray`, `~/.ssh`, ...) or the system's
-folders (SYSTEM_DIRS); no other protocol, and so no `http(s)://` host, is ever allowed
-unless listed. List `inputs.allow` for any manifest you did not build yourself.
+hidden files, hidden folders of a home directory (`~/.aws`, `~/.ray`, `~/.ssh`, ...) and
+the system's folders (SYSTEM_DIRS); no other protocol, and so no `http(s)://` host, is
+ever allowed unless listed. List `inputs.allow` for any manifest you did not build.
 
 The same section holds the limits every image read obeys (pipeline/images.py):
 `max_bytes`, `max_pixels`, `min_side`, and `square` (how a non-square image is made
@@ -34,7 +34,8 @@ from models.checkpoints import redact
 
 from .errors import InputRefused
 
-DEFAULT_RULE = "local files outside hidden and system folders, and s3:// objects"
+DEFAULT_RULE = ("local files but hidden ones, those in a home's hidden folders and in system "
+                "folders, and s3:// objects")
 SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/run", "/boot", "/var/run", "/var/lib",
                "/var/log")
 SQUARE = ("crop", "stretch")
@@ -159,11 +160,22 @@ def _default_problem(where: tuple) -> str | None:
     if protocol != "file":
         return f"{protocol}:// inputs must be listed in inputs.allow"
     full = "/" + "/".join(path)
-    if any(s.startswith(".") for s in path):
-        return "a path inside a hidden folder"
     if any(full == d or full.startswith(d + "/") for d in SYSTEM_DIRS):
         return "a path inside a system folder"
+    if path and path[-1].startswith("."):
+        return "a hidden file"
+    for home in _homes():
+        inside = full[len(home) + 1:] if full.startswith(home + "/") else ""
+        if inside.startswith("."):
+            return "a path inside a hidden folder of a home directory"
     return None
+
+
+def _homes() -> set[str]:
+    homes = {os.path.realpath(os.path.expanduser("~")), "/root"}
+    if os.path.isdir("/home"):
+        homes.update(f"/home/{name}" for name in os.listdir("/home"))
+    return homes
 
 
 def under(root: str, rel: str) -> str:

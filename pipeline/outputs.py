@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import uuid
 from typing import Iterable, Mapping
 
@@ -85,7 +86,7 @@ class Output:
         tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
         try:
             self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
+            os.replace(tmp, path)            # atomic; fails on a folder (shutil.move would not)
         except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)

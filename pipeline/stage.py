@@ -190,8 +190,8 @@ class EditStage:
         hashes = self.models.hashes
         source = row.get("source_uri")
         record.update({
-            "status": "ok", "error": None, "input_uri": row["image_uri"],
-            "source_uri": row["image_uri"] if is_null(source) else source,
+            "status": "ok", "error": None, "input_uri": safe_uri(row["image_uri"]),
+            "source_uri": safe_uri(row["image_uri"] if is_null(source) else str(source)),
             "attributes": list(row["attributes"]), "targets": [float(t) for t in row["targets"]],
             "size": float(row["size"]), "seed": int(row["seed"]),
             "mode": None, **self.identity, "actor_model_loads": self.model_loads,

@@ -25,8 +25,10 @@ def test_the_default_allows_local_data_and_s3_but_no_other_protocol(tmp_path):
         ("https://169.254.169.254/latest/meta-data/", "https:// inputs must be listed"),
         ("gs://bucket/a.png", "gs:// inputs must be listed"),
         ("memory://a.png", "memory:// inputs must be listed"),
-        (os.path.expanduser("~/.aws/credentials"), "a path inside a hidden folder"),
-        (f"{tmp_path}/.ray/auth_token", "a path inside a hidden folder"),
+        (os.path.expanduser("~/.aws/credentials"), "inside a hidden folder of a home"),
+        (os.path.expanduser("~/.ray/auth_token"), "inside a hidden folder of a home"),
+        ("/root/.ssh/id_ed25519", "inside a hidden folder of a home"),
+        (f"{tmp_path}/.env", "a hidden file"),
         ("/etc/shadow", "a path inside a system folder"),
         ("/proc/self/environ", "a path inside a system folder"),
         (f"{tmp_path}/faces/" + "../" * 30 + "etc/passwd", "a path inside a system folder"),
@@ -35,8 +37,9 @@ def test_the_default_allows_local_data_and_s3_but_no_other_protocol(tmp_path):
     ]:
         text = refused(default, uri)
         assert words in text and "refused" in text, (uri, text)
-    assert "the default rule allows local files outside hidden and system folders, and s3:// " \
-           "objects; list it in inputs.allow" in refused(default, "http://127.0.0.1/a.png")
+    assert "(the default rule allows local files but hidden ones" in \
+        refused(default, "http://127.0.0.1/a.png")
+    default.check(f"{tmp_path}/.cache/photos/a.png")     # a hidden folder outside any home
 
 
 def test_an_allow_list_confines_inputs_to_its_folders(tmp_path):
