@@ -207,9 +207,12 @@ def _wait_for_lost_nodes(nodes: set[str], timeout_s: float = NODE_LOSS_WAIT_S) -
     """Until the cluster reports one of `nodes` dead (or `timeout_s`: an actor lost on a
     node that lives): resources counted then are the ones left, so the next run does not
     wait for an actor on a node that is gone."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and not nodes - _alive_nodes():
+    started = time.time()
+    while time.time() < started + timeout_s and not nodes - _alive_nodes():
         time.sleep(2)
+    gone = nodes - _alive_nodes()
+    log.info("%s after %.0f s", f"{len(gone)} node(s) gone" if gone else "no node gone",
+             time.time() - started)
 
 
 def _actor_resources(settings: JobSettings) -> tuple[int, dict, bool]:

@@ -222,7 +222,8 @@ class EditStage:
             try:
                 pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
             except np.linalg.LinAlgError:
-                raise RowError(f"paste-back: align_quad {list(quad)} is degenerate") from None
+                raise RowError(f"paste-back: align_quad {[float(v) for v in quad]} is "
+                               "degenerate") from None
             out.put(f"pasted/{row_id}.png", png_bytes(pasted))
             record["pasted_uri"] = out.uri_of("pasted", row_id)
         m = result.metrics

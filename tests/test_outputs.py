@@ -103,3 +103,19 @@ for name in ("a.png", "b.png"):
                                    for line in lines), lines
     assert (out / "images" / "a.png").read_bytes() == b"the old, complete file"
     assert sorted(p.name for p in (out / "images").iterdir()) == ["a.png"]   # no temp left
+
+
+def test_on_s3_a_replaced_metrics_file_is_read_afresh(s3_server):
+    """A retried batch replaces its metrics file on S3 while this process holds a listing
+    of the old one: reading, resuming and dropping stale rows must see the new file."""
+    s3_server["fs"].mkdir("outputs-afresh")
+    out = Output("s3://outputs-afresh/o", s3_server["options"])
+    out.write_metrics(rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
+    out.write_metrics(rows(["c"], status="error", at=1.0), METRICS_SCHEMA)
+    assert len(out.read_metrics()) == 3                        # listed and read: now cached
+    actor = Output("s3://outputs-afresh/o", {**s3_server["options"], "skip_instance_cache": True})
+    actor.write_metrics(rows(["a", "b"], at=2.0), METRICS_SCHEMA)   # the same file, replaced
+    actor.write_metrics(rows(["c"], at=3.0), METRICS_SCHEMA)       # by another process
+    assert out.drop_stale_rows() == 0
+    assert out.read_metrics().set_index("id")["status"].to_dict() == {"a": "ok", "b": "ok",
+                                                                        "c": "ok"}

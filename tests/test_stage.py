@@ -106,7 +106,8 @@ def test_each_distinct_edit_is_resolved_once(tiny_dir, photos, tmp_path):
 # ---- failures: a write that fails mid-row, an output that takes nothing, the early stop ---
 def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path):
     """r1's latent cannot be written (its path is a folder): its image is there, but the
-    row ends in error, not ok; a paste-back source outside inputs.allow is refused."""
+    row ends in error, not ok; a paste-back source outside inputs.allow is refused; and
+    when no metrics can be written at all, the stage tells the driver to stop."""
     todo = rows(photos, ["smiling"] * 3, source_uri=[None, None, "/etc/hostname"],
                 align_quad=[None, None, [0.0, 0, 0, 40, 40, 40, 40, 0]])
     (tmp_path / "out" / "latents" / "r1.npy").mkdir(parents=True)
@@ -130,17 +131,13 @@ def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path
     written = Output(str(tmp_path / "out")).read_metrics().set_index("id")["status"]
     assert written.to_dict() == {"r0": "ok", "r1": "error", "r2": "error"}
 
-
-def test_metrics_that_cannot_be_written_stop_the_job_and_record_nothing(tiny_dir, photos,
-                                                                        tmp_path):
-    todo = rows(photos, ["smiling", "smiling"])
-    (tmp_path / "out").mkdir()
+    # metrics that cannot be written: the rows come back `stopped`, recorded nowhere
+    (tmp_path / "out" / "metrics").rename(tmp_path / "kept")
     (tmp_path / "out" / "metrics").write_text("a file where the metrics folder goes")
-    stage, _ = stage_for(todo, str(tiny_dir / "models.yaml"), tmp_path)
-    out = stage(todo)
-    assert out["status"].tolist() == [STOPPED, STOPPED]
-    assert "cannot write the metrics of 2 row(s)" in out["error"].iloc[0]
-    assert "Nothing can be recorded, so the job stops" in out["error"].iloc[0]
+    again = stage(todo.iloc[:1].assign(id=["r9"]))
+    assert again["status"].tolist() == [STOPPED]
+    assert "cannot write the metrics of 1 row(s)" in again["error"].iloc[0]
+    assert "Nothing can be recorded, so the job stops" in again["error"].iloc[0]
     assert (tmp_path / "out" / "metrics").read_text().startswith("a file")
 
 
