@@ -71,5 +71,7 @@ def ray_multinode():
     temp dirs; stopped by its own process ids. Module-scoped: a test that removes a worker
     (`remove_worker`) leaves this module's cluster smaller; `add_worker()` adds one back."""
     from ray_cluster import LocalRayCluster
-    with LocalRayCluster(workers=2, worker_gpus=1) as cluster:
+    # a lost node is declared dead after 5 missed health checks: 1 s apart, not Ray's 3
+    with LocalRayCluster(workers=2, worker_gpus=1,
+                         env={"RAY_health_check_period_ms": "1000"}) as cluster:
         yield cluster

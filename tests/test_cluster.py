@@ -187,7 +187,7 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(ray_multinode, 
     edits. The job goes on on the node left, once Ray gives the lost batch up, and ends
     with exactly one metrics row per id. Runs last: it leaves this module's cluster with
     one worker."""
-    rows = 10
+    rows = 8
     manifest = tmp_path / "m.parquet"
     write_manifest(pd.DataFrame({"id": [f"n{k}" for k in range(rows)],
                                  "image_uri": [str(job_files["root"] / "photo.png")] * rows,
