@@ -21,7 +21,8 @@ from pipeline.config import EditConfig, apply_mean_latent, flatten, parse_set, r
 from pipeline.engine import Editor
 from pipeline.rows import BLENDS, MODES, EditRequest, unique_stems
 from pipeline.schedule import Schedule
-from pipeline.images import ImageError, encode_png, read_image, write_bytes
+from pipeline.errors import RowError
+from pipeline.images import encode_png, read_image, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def run_edit(args) -> int:
             try:
                 images.append(read_image(path, editor.resolution))
                 kept.append((path, name))
-            except ImageError as e:
+            except RowError as e:            # unreadable, missing, too small, ...
                 failures += 1
                 print(f"error: {e}", file=sys.stderr)
         if not images:

@@ -1,8 +1,9 @@
 """`maskface run JOB.yaml`: the main job. Reads a job spec, validates the manifest before
 any model loads, runs the edits on Ray (an existing cluster when RAY_ADDRESS or
 --address is set, else a local one), prints a summary and writes the HTML report
-(OUTPUT/report/index.html; --no-report skips it). Exit code 1 if any row of the
-output ended in error."""
+(OUTPUT/report/index.html; --no-report skips it). Exit code 0: every row ok (or an
+empty manifest); 1: a row of this manifest ended in error or is still pending; 2: the
+job stopped on a setup error (its message says why; a rerun resumes)."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 import yaml
 
 from manifests.schema import read_manifest
+from pipeline.access import InputPolicy
 from pipeline.config import ConfigError, EditConfig, flatten, parse_set
+from pipeline.errors import SetupError
 from pipeline.job import JobSettings
 
 # Keys that would put credentials in a spec (and so in job.json); they come from the
@@ -37,8 +40,8 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
         if top == "edit" and rest:
             data.setdefault("edit", {})
             data["edit"] = {**flatten(data["edit"] or {}), rest: value}
-        elif top == "storage_options" and rest:
-            data.setdefault("storage_options", {})[rest] = value
+        elif top in ("storage_options", "inputs") and rest:
+            data[top] = {**(data.get(top) or {}), rest: value}
         else:
             data[key] = value
     known = {f.name for f in fields(JobSettings)}
@@ -62,6 +65,15 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
     for key in ("batch_size", "cpu_threads"):
         if key in data and (not isinstance(data[key], int) or data[key] < 1):
             raise JobSpecError(f"{path}: {key} must be a positive integer, got {data[key]!r}")
+    stop = data.get("stop_after_failed_batches", 3)
+    if not isinstance(stop, int) or isinstance(stop, bool) or stop < 0:
+        raise JobSpecError(f"{path}: stop_after_failed_batches must be an integer >= 0 "
+                           f"(0: never stop), got {stop!r}")
+    try:
+        InputPolicy.from_spec(data.get("inputs"))
+    except ValueError as e:
+        raise JobSpecError(f"{path}: {e}") from None
+    data["inputs"] = dict(data.get("inputs") or {})
     if data.get("actors") is not None and (not isinstance(data["actors"], int) or data["actors"] < 1):
         raise JobSpecError(f"{path}: actors must be a positive integer, got {data['actors']!r}")
     return JobSettings(**data)
@@ -74,8 +86,16 @@ def run_command(args) -> int:
         settings.retry_errors = True
     # the manifest is validated before any model loads or Ray starts
     manifest = read_manifest(settings.manifest, settings.storage_options)
+    if not len(manifest.rows):
+        print(f"manifest {settings.manifest} has no rows: nothing to do (nothing written to "
+              f"{settings.output})")
+        return 0
     print(f"manifest: {len(manifest.rows)} rows valid; output: {settings.output}")
-    summary = run_job(manifest.rows, settings, manifest.schema, address=args.address)
+    try:
+        summary = run_job(manifest.rows, settings, manifest.schema, address=args.address)
+    except SetupError as e:
+        print(f"error: the job stopped: {e}", file=sys.stderr)
+        return 2
     run, mine, whole = summary["this_run"], summary["manifest"], summary["whole_output"]
     print(f"this run: {run['ok']} ok, {run['error']} error, {run['skipped_already_done']} "
           f"already done; {run['images_per_hour']} images/hour")

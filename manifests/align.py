@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.identity import LANDMARK_MODEL, dlib_model_file
+from pipeline.errors import RowError
 from pipeline.images import (ImageError, crop_to_source, paste, png_bytes,  # noqa: F401
                              quad_to_crop, read_pil, write_bytes)           # (re-exported)
 from pipeline.rows import unique_stems
@@ -140,7 +141,7 @@ def align_photos(uris: Iterable[str], out_uri: str, aligner: Aligner,
     for uri, name in zip(uris, unique_stems(uris)):
         try:
             crop, quad = aligner.align(read_pil(uri, storage_options))
-        except (AlignError, ImageError, OSError) as e:
+        except (AlignError, RowError, OSError) as e:   # ImageError, StorageError are RowErrors
             log.warning("not aligned: %s: %s", uri, e)
             failed.append((uri, str(e)))
             continue

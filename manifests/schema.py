@@ -7,10 +7,15 @@ The columns and the rules for their values are pipeline/rows.py's:
   targets     list of floats in [0, 1], as long as `attributes`
 Optional columns: size (>= 0), smoothing ([0, 1)), seed (int; default: a stable hash of
 the id), mode (auto/local/global), blend (include_skin/no_skin). Any other column passes
-through unchanged to the metrics output.
+through unchanged to the metrics output (`align_quad`, from `--align`, must be 8 finite
+numbers or null).
+
+One driver holds a whole manifest in memory: a manifest over MAX_ROWS rows or MAX_BYTES
+bytes of Parquet is refused before it is read, with the way to shard it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,6 +29,10 @@ from pipeline.rows import (REQUIRED_COLUMNS, default_seed, id_problem, is_null,
                            passthrough_columns, row_problems)
 
 SHOWN = 20
+MAX_ROWS = 1_000_000             # rows one driver takes (about 1 GB of driver memory)
+MAX_BYTES = 1 << 30              # Parquet bytes one driver reads
+SHARD_HINT = ("split it into shards and run one job per shard (they may share one output): "
+              "`maskface manifest ... --shard i/n` builds shard i of n")
 
 
 class ManifestError(ValueError):
@@ -46,8 +55,22 @@ def _problems(row: Mapping[str, Any]) -> list[str]:
     uri = row["image_uri"]
     problems = [id_problem(row["id"])]
     if not isinstance(uri, str) or not uri.strip():
-        problems.append(f"image_uri must be a non-empty string, got {uri!r}")
+        problems.append(f"image_uri must be a non-empty string, got {str(uri)[:120]!r}")
+    if "align_quad" in row:
+        problems.append(_quad_problem(row["align_quad"]))
     return [p for p in problems if p] + row_problems(row)
+
+
+def _quad_problem(quad: Any) -> str | None:
+    if quad is None or (isinstance(quad, float) and math.isnan(quad)):
+        return None
+    try:
+        values = [float(v) for v in quad]
+    except (TypeError, ValueError):
+        return "align_quad must be a list of 8 numbers"
+    if len(values) != 8 or not all(math.isfinite(v) for v in values):
+        return f"align_quad must be 8 finite numbers, got {len(values)} values"
+    return None
 
 
 def validate(table: pa.Table | pd.DataFrame, manifest_uri: str | None = None) -> pd.DataFrame:
@@ -94,17 +117,34 @@ def _with_defaults(df: pd.DataFrame, manifest_uri: str | None) -> pd.DataFrame:
     return df
 
 
-def read_manifest(uri: str, storage_options: Mapping | None = None) -> Manifest:
-    """Read and validate a Parquet manifest (a file or a folder of files)."""
+def read_manifest(uri: str, storage_options: Mapping | None = None, max_rows: int = MAX_ROWS,
+                  max_bytes: int = MAX_BYTES) -> Manifest:
+    """Read and validate a Parquet manifest (a file or a folder of files). One over
+    `max_rows` rows or `max_bytes` bytes is refused from its sizes before it is read."""
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     if not fs.exists(path):
         raise ManifestError(f"manifest not found: {uri}")
     try:
+        _check_size(uri, fs, path, max_rows, max_bytes)
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
         raise ManifestError(f"{uri}: not a readable Parquet manifest ({e})") from None
     base = uri if not fs.isdir(path) else uri.rstrip("/") + "/"
     return Manifest(validate(table, base), table.schema)
+
+
+def _check_size(uri: str, fs, path: str, max_rows: int, max_bytes: int) -> None:
+    """Refuse a manifest too big for one driver, from its file sizes and Parquet footers."""
+    files = ([f for f in fs.find(path) if not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+             if fs.isdir(path) else [path])
+    size = sum(fs.size(f) for f in files)
+    if size > max_bytes:
+        raise ManifestError(f"{uri}: {size:,} bytes of Parquet, over the limit of {max_bytes:,} "
+                            f"for one driver; {SHARD_HINT}")
+    rows = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
+    if rows > max_rows:
+        raise ManifestError(f"{uri}: {rows:,} rows, over the limit of {max_rows:,} for one "
+                            f"driver; {SHARD_HINT}")
 
 
 def write_manifest(df: pd.DataFrame, uri: str, storage_options: Mapping | None = None) -> None:

@@ -1,16 +1,43 @@
-"""The two kinds of failure, and where each ends.
+"""The kinds of failure, and where each ends.
 
-    RowError    this input, this edit (an unreadable image, a numeric blow-up): recorded
-                on its row as status=error; the job goes on.
-    SetupError  the spec, the weights, the storage or the device: raised before any row
-                runs, or it ends the job.
+    RowError      this input, this edit: recorded on its row as status=error; the job goes on.
+      ImageError    the bytes are no usable image (pipeline/images.py): corrupt, too small,
+                    too large, an unsupported format
+      InputRefused  the URI is outside the job's `inputs.allow`: refused before any request
+      StorageError  the storage would not give or take this row's object (missing, denied,
+                    unreachable after the retries)
+    SetupError    the spec, the weights, the storage or the device: raised before any row
+                  runs, or it ends the job.
+      JobStopped    K whole batches in a row failed the same way (a bug, a broken GPU, a
+                    storage outage): the job ends instead of failing every row.
 """
 from __future__ import annotations
+
+# The status of the rows an actor hands back instead of its batch's results when the job
+# must end (a SetupError): never recorded, so those rows stay pending (pipeline/stage.py).
+STOPPED = "stopped"
 
 
 class RowError(ValueError):
     """A failure that belongs to one row."""
 
 
+class InputRefused(RowError):
+    """A row's URI that the job may not read."""
+
+
+class StorageError(RowError):
+    """The storage failed for one row's object; `kind` names the underlying error
+    (FileNotFoundError, PermissionError, ConnectionClosedError, ...)."""
+
+    def __init__(self, message: str, kind: str = "OSError"):
+        super().__init__(message)
+        self.kind = kind
+
+
 class SetupError(RuntimeError):
     """A failure of the job's setup, not of any one row."""
+
+
+class JobStopped(SetupError):
+    """The job stopped early: the same failure repeated over whole batches."""

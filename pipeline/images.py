@@ -3,41 +3,137 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from typing import Mapping
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .access import InputPolicy, safe_uri
 from .errors import RowError
+from .storage import STORAGE_ERRORS, filesystem, storage_error
 
 log = logging.getLogger(__name__)
 
 
 class ImageError(RowError):
-    """An input image that cannot be read."""
+    """An input image that cannot be used: unreadable, unsupported, too small or too large."""
 
 
-def decode_image(data: bytes, resolution: int, name: str = "image") -> torch.Tensor:
-    """Bytes of any PIL-readable file -> [3, resolution, resolution] float in [0, 1].
+# Decoders this job runs on untrusted bytes; others (GIF, PSD, ICO, ...) are refused.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+BACKGROUND = (255, 255, 255)            # what transparent pixels are composited on: white
+_SIGNATURES = (                          # what a refused file most likely is, for the message
+    (b"\x89PNG", "a truncated or corrupt PNG file"),
+    (b"\xff\xd8\xff", "a truncated or corrupt JPEG file"),
+    (b"GIF8", "a GIF image: unsupported format"),
+    (b"%PDF", "a PDF document, not an image"),
+    (b"8BPS", "a Photoshop (PSD) file: unsupported format"),
+    (b"\x00\x00\x01\x00", "an ICO icon: unsupported format"),
+    (b"RIFF", "a truncated or corrupt WebP file"),
+    (b"BM", "a truncated or corrupt BMP file"),
+    (b"II*\x00", "a truncated or corrupt TIFF file"),
+    (b"MM\x00*", "a truncated or corrupt TIFF file"),
+)
 
-    Any mode is converted to RGB. The image is resized as the original does: area when
-    shrinking, bilinear when enlarging; a non-square image is stretched to a square, as
-    in the original (align faces first: `maskface align`).
-    """
+
+def _what_it_is(data: bytes) -> str:
+    """Why bytes that no accepted decoder took are not an image, as far as one can tell."""
+    for magic, what in _SIGNATURES:
+        if data.startswith(magic):
+            return what
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "a HEIF/AVIF image: unsupported format"
+    head = data[:1024]
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        text = head.decode("utf-8").lower()
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text:
+        if "<html" in text or "<!doctype html" in text:
+            return "an HTML page, not an image"
+        if "<svg" in text or text.lstrip().startswith("<?xml"):
+            return "SVG/XML: unsupported format"
+        return "text, not an image"
+    return "not an image in an accepted format"
+
+
+def open_image(data: bytes, name: str, policy: InputPolicy) -> Image.Image:
+    """The image's header, checked: an accepted format, declared size within the policy's
+    limits. No pixel is decoded here, so a decompression bomb costs nothing."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: declares more than {policy.max_pixels:,} pixels: refused "
+                         "before decoding (a decompression bomb?)") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, ValueError) as e:
-        raise ImageError(f"{name}: not a readable image ({e})") from None
+        raise ImageError(f"{name}: not a readable image: {_what_it_is(data)} (accepted: "
+                         f"{', '.join(ACCEPTED_FORMATS)})") from None
+    except Exception as e:   # decoders raise many types on crafted files; each is this row's
+        raise ImageError(f"{name}: not a readable image: {_what_it_is(data)} "
+                         f"({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > policy.max_pixels:
+        raise ImageError(f"{name}: declares {w}x{h} = {w * h:,} pixels, over the limit of "
+                         f"{policy.max_pixels:,}: refused before decoding (a decompression "
+                         "bomb, or a photo to downscale first)")
+    if min(w, h) < policy.min_side:
+        raise ImageError(f"{name}: {w}x{h} pixels, below the minimum of {policy.min_side} "
+                         "on the shorter side")
+    return im
+
+
+def to_rgb(im: Image.Image, name: str) -> Image.Image:
+    """Decode and convert to 8-bit RGB: EXIF orientation applied; alpha composited on
+    BACKGROUND; 16-bit grey scaled (not clipped) to 8 bits; CMYK, palette, 1-bit and
+    grey converted by PIL."""
+    try:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            grey = np.asarray(im, dtype=np.float64) / 257.0      # 0..65535 -> 0..255
+            im = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            ground = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+            return Image.alpha_composite(ground, rgba).convert("RGB")
+        return im.convert("RGB")
+    except MemoryError:
+        raise ImageError(f"{name}: out of memory decoding {im.size[0]}x{im.size[1]} "
+                         "pixels (lower inputs.max_pixels)") from None
+    except Exception as e:   # as in open_image: a crafted file may raise any type
+        raise ImageError(f"{name}: not a readable image: a truncated or corrupt {im.format} "
+                         f"file ({type(e).__name__}: {e})") from None
+
+
+def square(im: Image.Image, how: str) -> Image.Image:
+    """`crop`: the largest centred square; `stretch`: unchanged (resize stretches it)."""
+    w, h = im.size
+    if how == "stretch" or w == h:
+        return im
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side))
+
+
+def decode_image(data: bytes, resolution: int, name: str = "image",
+                 policy: InputPolicy | None = None) -> torch.Tensor:
+    """Bytes of an accepted image file -> [3, resolution, resolution] float in [0, 1].
+
+    Checked against the policy's limits before decoding, converted to RGB (`to_rgb`),
+    made square (`square`), then resized as the original does: area when shrinking,
+    bilinear when enlarging.
+    """
+    policy = policy or InputPolicy()
+    rgb = square(to_rgb(open_image(data, name, policy), name), policy.square)
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-    h, w = x.shape[-2:]
-    if h != w:
-        log.warning("%s is %dx%d, not square: stretched to %d px", name, w, h, resolution)
     return resize(x, resolution)[0]
 
 
@@ -52,25 +148,52 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def read_image(uri: str, resolution: int, storage_options: Mapping | None = None) -> torch.Tensor:
+def read_bytes(uri: str, max_bytes: int, storage_options: Mapping | None = None) -> bytes:
+    """A file's bytes, refused when over `max_bytes`: its size is asked first, and the read
+    itself stops one byte past the limit (a size the storage does not report, or a file
+    that grew, cannot make it read more)."""
+    name = safe_uri(uri)
+    fs, path = filesystem(uri, storage_options)
     try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ImageError(f"{uri}: file not found") from None
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise ImageError(f"{name}: is a directory")
+        size = info.get("size")
+        if size is not None and size > max_bytes:
+            raise ImageError(f"{name}: {size:,} bytes, over the limit of {max_bytes:,}: "
+                             "refused before reading")
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except ImageError:
+        raise
     except IsADirectoryError:
-        raise ImageError(f"{uri}: is a directory") from None
-    return decode_image(data, resolution, uri)
+        raise ImageError(f"{name}: is a directory") from None
+    except STORAGE_ERRORS as e:
+        raise storage_error(e, uri, "reading") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"{name}: over the limit of {max_bytes:,} bytes: refused")
+    return data
 
 
-def read_pil(uri: str, storage_options: Mapping | None = None) -> Image.Image:
-    """A photo as an RGB PIL image, at its own size."""
-    with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-        data = f.read()
-    try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{uri}: not a readable image ({e})") from None
+def read_image(uri: str, resolution: int, storage_options: Mapping | None = None,
+               policy: InputPolicy | None = None, check_access: bool = False) -> torch.Tensor:
+    """An input image, as `decode_image` gives it. With `check_access`, the URI is first
+    checked against the policy's allow-list (a manifest's URIs; the CLI's own files are
+    the user's choice)."""
+    policy = policy or InputPolicy()
+    if check_access:
+        policy.check(uri)
+    return decode_image(read_bytes(uri, policy.max_bytes, storage_options), resolution,
+                        safe_uri(uri), policy)
+
+
+def read_pil(uri: str, storage_options: Mapping | None = None,
+             policy: InputPolicy | None = None, check_access: bool = False) -> Image.Image:
+    """A photo as an RGB PIL image, at its own size (converted as `to_rgb` does)."""
+    policy = policy or InputPolicy()
+    if check_access:
+        policy.check(uri)
+    data = read_bytes(uri, policy.max_bytes, storage_options)
+    return to_rgb(open_image(data, safe_uri(uri), policy), safe_uri(uri))
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -91,8 +214,11 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes, storage_options: Mapping | None = None) -> None:
-    with fsspec.open(uri, "wb", **dict(storage_options or {})) as f:
-        f.write(data)
+    fs, path = filesystem(uri, storage_options)
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
 
 
 # -- the alignment quad: crop <-> source photo (see manifests/align.py) --------------------

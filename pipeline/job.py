@@ -5,7 +5,10 @@
       -> each actor writes its rows' files, then their metrics -> summary.json
 
 A row is complete once its metrics row exists; a rerun skips complete rows (error rows
-too, unless retry_errors) and never duplicates a metrics row.
+too, unless retry_errors) and never duplicates a metrics row. A SetupError (an output
+that cannot be written, `stop_after_failed_batches` whole batches in a row failing the
+same way, an actor that keeps dying on one batch) ends the job with its message; what
+was complete stays complete and a rerun resumes (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import math
 import os
 import subprocess
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +28,9 @@ import pyarrow as pa
 from models.loaders import check_spec_names
 from models.spec import ModelsSpec, read_spec
 
+from .access import InputPolicy
 from .config import EditConfig, Settings, apply_mean_latent, required_networks, settings_key
+from .errors import STOPPED, SetupError, StorageError
 from .outputs import Output, attribute_outcomes, passthrough_schema
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .rows import passthrough_columns
@@ -47,6 +53,18 @@ class JobSettings:
     paste_back: bool = False          # write pasted/<id>.png for rows with source_uri + align_quad
     no_progress_timeout_s: float = 7200.0
     retry_errors: bool = False
+    inputs: dict = field(default_factory=dict)   # allow-list and image limits (pipeline/access.py)
+    stop_after_failed_batches: int = 3          # K whole batches in a row failing alike stop the job
+
+
+# How often Ray runs a batch again on a restarted actor after its actor died (a killed
+# process, a lost node) before the job stops: finite, so an input that crashes the process
+# every time cannot keep a job running forever.
+ACTOR_TASK_RETRIES = 4
+# How often a job runs the rows left again after Ray lost workers past those retries, and
+# how long it waits for the cluster to declare a lost node dead before each such run.
+RESUMES_AFTER_LOSS = 3
+NODE_LOSS_WAIT_S = 60.0
 
 
 def code_version() -> str:
@@ -107,20 +125,95 @@ def run_job(rows: pd.DataFrame, settings: JobSettings, manifest_schema: pa.Schem
     todo = pending_rows(rows, out, settings.retry_errors)
     skipped = len(rows) - len(todo)
     plan = plan_job(todo, settings) if len(todo) else None
-    out.put_json("job.json", {"settings": asdict(settings), "code_version": code_version(),
-                              "started_at": started, "rows": len(rows)})
+    try:
+        out.put_json("job.json", {"settings": asdict(settings), "code_version": code_version(),
+                                  "started_at": started, "rows": len(rows)})
+    except StorageError as e:
+        raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
     log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
     this_run = pd.DataFrame(columns=["id", "status"])
+    stopped = None
     if plan is not None:
-        this_run = _run_on_ray(_schedule_order(todo, plan), len(rows), settings, plan, schema,
-                               address, ray_init_kwargs)
-    if settings.retry_errors:
+        try:
+            this_run = _run_with_resumes(todo, len(rows), out, settings, plan, schema,
+                                         address, ray_init_kwargs)
+        except SetupError as e:
+            stopped = e
+    if settings.retry_errors and stopped is None:
         out.drop_stale_rows()
     summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
                         time.time() - started, settings)
     summary["this_run"]["started_at"] = started      # the report matches it to job.json's
+    if stopped is not None:
+        summary["stopped"] = str(stopped)
     out.put_json("summary.json", summary)
+    if stopped is not None:
+        raise stopped
     return summary
+
+
+class WorkersLost(Exception):
+    """Ray lost edit actors mid-run past their retries (a node gone, a process that keeps
+    dying); `nodes`: the nodes alive when that run started."""
+
+    def __init__(self, message: str, nodes: set[str]):
+        super().__init__(message)
+        self.nodes = nodes
+
+
+def _run_with_resumes(todo: pd.DataFrame, total: int, out: Output, settings: JobSettings,
+                      plan: JobPlan, schema: pa.Schema, address: str | None,
+                      ray_init_kwargs: Mapping | None) -> pd.DataFrame:
+    """`_run_on_ray`, run again over the rows still to do when Ray lost workers (a
+    preempted node), at most RESUMES_AFTER_LOSS times, once the cluster knows which
+    nodes are gone. Rows whose metrics row appeared meanwhile are not run again."""
+    before = _written(out)
+    for attempt in range(RESUMES_AFTER_LOSS + 1):
+        try:
+            this_run = _run_on_ray(_schedule_order(todo, plan), total, settings, plan, schema,
+                                   address, ray_init_kwargs)
+            if attempt == 0:
+                return this_run
+            break
+        except WorkersLost as e:
+            if attempt == RESUMES_AFTER_LOSS:
+                raise SetupError(f"Ray lost edit workers {attempt + 1} times ({e}); the job "
+                                 "stops. Complete rows stay complete: rerun to resume") from None
+            todo = todo[~todo["id"].isin(_changed(before, out))]
+            log.warning("lost edit workers (%s); %d row(s) left: resuming on the nodes still "
+                        "alive", e, len(todo))
+            _wait_for_lost_nodes(e.nodes)
+            if not len(todo):
+                break
+    done = out.read_metrics()               # after a loss: what this run wrote, returned or not
+    return done.loc[done["id"].isin(_changed(before, out, done)), ["id", "status"]]
+
+
+def _changed(before: dict[str, float], out: Output, done: pd.DataFrame | None = None) -> set:
+    """Ids whose metrics row appeared or was replaced since `before` (no clocks compared)."""
+    return {i for i, at in _written(out, done).items() if before.get(i) != at}
+
+
+def _written(out: Output, done: pd.DataFrame | None = None) -> dict[str, float]:
+    done = out.read_metrics() if done is None else done
+    return dict(zip(done["id"], done["written_at"])) if len(done) else {}
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _wait_for_lost_nodes(nodes: set[str], timeout_s: float = NODE_LOSS_WAIT_S) -> None:
+    """Until the cluster reports one of `nodes` dead (or `timeout_s`: an actor lost on a
+    node that lives): resources counted then are the ones left, so the next run does not
+    wait for an actor on a node that is gone."""
+    started = time.time()
+    while time.time() < started + timeout_s and not nodes - _alive_nodes():
+        time.sleep(2)
+    gone = nodes - _alive_nodes()
+    log.info("%s after %.0f s", f"{len(gone)} node(s) gone" if gone else "no node gone",
+             time.time() - started)
 
 
 def _actor_resources(settings: JobSettings) -> tuple[int, dict, bool]:
@@ -151,6 +244,7 @@ def _run_on_ray(todo: pd.DataFrame, total: int, settings: JobSettings, plan: Job
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
                  **dict(ray_init_kwargs or {}))
     log.info("%s", describe_cluster(address or os.environ.get("RAY_ADDRESS")))
+    nodes = _alive_nodes()
     n_actors, per_actor, on_gpus = _actor_resources(settings)
     log.info("%d %s actor(s), batch size %d", n_actors, "GPU" if on_gpus else "CPU",
              settings.batch_size)
@@ -161,22 +255,62 @@ def _run_on_ray(todo: pd.DataFrame, total: int, settings: JobSettings, plan: Job
     ctx.enable_tensor_extension_casting = False
     blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
     ds = ray.data.from_pandas(todo).repartition(blocks)
-    ds = ds.map_batches(
-        EditStage, batch_size=settings.batch_size, batch_format="pandas",
-        compute=ActorPoolStrategy(size=n_actors),
-        fn_constructor_kwargs=dict(
-            spec=plan.spec, networks=plan.networks, settings=plan.settings,
-            parser_size=plan.parser_size, output_uri=settings.output,
-            storage_options=settings.storage_options, schema=schema,
-            save_noises=settings.save_noises, paste_back=settings.paste_back,
-            cpu_threads=None if on_gpus else settings.cpu_threads),
-        **per_actor)
+    with warnings.catch_warnings():
+        # Ray Data takes max_task_retries only as a `ray_remote_args` key, which Ray 2.60
+        # calls deprecated (no named parameter exists for it yet)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            EditStage, batch_size=settings.batch_size, batch_format="pandas",
+            compute=ActorPoolStrategy(size=n_actors),
+            fn_constructor_kwargs=dict(
+                spec=plan.spec, networks=plan.networks, settings=plan.settings,
+                parser_size=plan.parser_size, output_uri=settings.output,
+                storage_options=settings.storage_options, schema=schema,
+                save_noises=settings.save_noises, paste_back=settings.paste_back,
+                cpu_threads=None if on_gpus else settings.cpu_threads,
+                inputs=InputPolicy.from_spec(settings.inputs),
+                stop_after=settings.stop_after_failed_batches),
+            max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, **per_actor)
+    return _collect(ds, total, len(todo), nodes)
+
+
+def _collect(ds, total: int, pending: int, nodes: set[str]) -> pd.DataFrame:
+    """Each row's id and status as the actors hand them back, with progress. Rows with
+    status `stopped` end the job (SetupError, their message); Ray losing actors past
+    their retries raises WorkersLost; any other error is raised as it is."""
     parts = []
-    with DriverProgress(total=total, before=total - len(todo)) as progress:
-        for b in ds.iter_batches(batch_format="pandas", batch_size=None):
-            parts.append(b[["id", "status"]])                      # type: ignore[index]
-            progress.update(b["status"])                           # type: ignore[index]
+    with DriverProgress(total=total, before=total - pending) as progress:
+        try:
+            for b in ds.iter_batches(batch_format="pandas", batch_size=None):
+                stopped = b[b["status"] == STOPPED]
+                if len(stopped):           # an actor ended the job: stop reading, say why
+                    raise SetupError(str(list(stopped["error"])[0]))
+                parts.append(b[["id", "status"]])
+                progress.update(b["status"])
+        except SetupError:
+            raise
+        except Exception as e:
+            lost = _lost_workers(e)
+            if lost is None:
+                raise
+            raise WorkersLost(lost, nodes) from None
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "status"])
+
+
+def _lost_workers(error: BaseException) -> str | None:
+    """What Ray says when it lost an edit actor past its retries (its node died, its
+    process kept dying), or None for any other error (a bug: raised with its traceback)."""
+    import ray.exceptions as rex
+    lost = (rex.ActorDiedError, rex.ActorUnavailableError, rex.WorkerCrashedError,
+            rex.NodeDiedError)
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, lost):
+            return f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    return None
 
 
 def summarize(all_rows: pd.DataFrame, manifest_ids: set[str], this_run: pd.DataFrame,

@@ -6,6 +6,10 @@
     metrics/*.parquet    one row per manifest row (written last: a row with a metrics
                          row is complete)
     job.json, summary.json
+
+Every write is whole or absent: on local disk a file is written under a hidden temporary
+name and renamed; on object stores one PUT is atomic already. A failed write raises
+StorageError (pipeline/errors.py) naming the object and the storage's reason.
 """
 from __future__ import annotations
 
@@ -13,14 +17,17 @@ import hashlib
 import io
 import json
 import logging
+import os
 import uuid
 from typing import Iterable, Mapping
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .access import under
+from .storage import STORAGE_ERRORS, filesystem, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +61,46 @@ METRICS_SCHEMA = pa.schema([
 class Output:
     def __init__(self, uri: str, storage_options: Mapping | None = None):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **dict(storage_options or {}))
+        self.fs, self.root = filesystem(self.uri, storage_options)
+        self.local = "file" in _protocols(self.fs)
 
     def uri_of(self, kind: str, row_id: str) -> str:
         ext = {"images": "png", "latents": "npy", "masks": "png", "noises": "npz",
                "pasted": "png"}[kind]
-        return f"{self.uri}/{kind}/{row_id}.{ext}"
+        return f"{self.uri}/{under(kind, f'{row_id}.{ext}')}"
 
     def _path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return under(self.root, rel)         # never outside the output folder
 
     def put(self, rel: str, data: bytes) -> None:
+        """Write one file whole, or raise StorageError and leave nothing new behind."""
         path = self._path(rel)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, data)
+        try:
+            if self.local:
+                self._put_local(path, data)
+            else:
+                self.fs.pipe_file(path, data)
+        except STORAGE_ERRORS as e:
+            raise storage_error(e, f"{self.uri}/{rel}", "writing") from None
+
+    def _put_local(self, path: str, data: bytes) -> None:
+        folder, _, name = path.rpartition("/")
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        try:
+            self.fs.pipe_file(tmp, data)
+            os.replace(tmp, path)            # atomic; fails on a folder (shutil.move would not)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
 
     def put_atomic(self, rel: str, data: bytes) -> None:
-        """Written under a hidden name, then moved: readers never see half a file."""
-        folder, _, name = rel.rpartition("/")
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}" if folder else f".tmp-{uuid.uuid4().hex}-{name}"
-        self.put(tmp, data)
-        self.fs.mv(self._path(tmp), self._path(rel))
+        """Every `put` is atomic (see the module doc); kept for its callers."""
+        self.put(rel, data)
 
     def put_json(self, rel: str, obj) -> None:
-        self.put_atomic(rel, json.dumps(obj, indent=2, default=str).encode())
+        self.put(rel, json.dumps(obj, indent=2, default=str).encode())
 
     def put_npy(self, rel: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
@@ -92,9 +115,7 @@ class Output:
     # -- metrics ---------------------------------------------------------------------------
     def metrics_files(self) -> list[str]:
         folder = self._path("metrics")
-        # other processes (the actors) add files: a listing cached by this process's
-        # filesystem (s3fs keeps them) would miss them
-        self.fs.invalidate_cache(folder)
+        self.fs.invalidate_cache(folder)     # other processes write here: list it afresh
         if not self.fs.exists(folder):
             return []
         return sorted(p for p in self.fs.ls(folder, detail=False)
@@ -107,7 +128,7 @@ class Output:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         rel = f"metrics/part-{key}.parquet"
-        self.put_atomic(rel, buf.getvalue())
+        self.put(rel, buf.getvalue())
         return rel
 
     def read_metrics(self) -> pd.DataFrame:
@@ -147,8 +168,13 @@ class Output:
             else:
                 buf = io.BytesIO()
                 pq.write_table(kept, buf)
-                self.put_atomic(rel, buf.getvalue())
+                self.put(rel, buf.getvalue())
         return dropped
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _current_columns(df: pd.DataFrame) -> pd.DataFrame:

@@ -30,6 +30,8 @@ import numpy as np
 
 from models.classifier import ATTRIBUTE_INDEX, ATTRIBUTES
 
+from .errors import RowError
+
 TARGET_RANGE = (0.0, 1.0)
 MODES = ("auto", "local", "global")
 BLENDS = ("include_skin", "no_skin")
@@ -80,10 +82,16 @@ def _number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """A value's repr for a message, clipped: a hostile manifest may hold huge values."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def id_problem(row_id: Any) -> str | None:
     if isinstance(row_id, str) and ID_PATTERN.fullmatch(row_id) and not row_id.startswith("."):
         return None
-    return f"unsafe id {row_id!r} (1-200 of A-Z a-z 0-9 . _ -, not starting with '.')"
+    return f"unsafe id {_short(row_id)} (1-200 of A-Z a-z 0-9 . _ -, not starting with '.')"
 
 
 def _as_list(value: Any) -> list | None:
@@ -96,14 +104,14 @@ def _as_list(value: Any) -> list | None:
 def attributes_problem(attributes: Any) -> str | None:
     names = _as_list(attributes)
     if not names:
-        return f"attributes must be a non-empty list of names, got {attributes!r}"
+        return f"attributes must be a non-empty list of names, got {_short(attributes)}"
     if len(names) > len(ATTRIBUTES):
         return f"{len(names)} attributes listed; there are only {len(ATTRIBUTES)}"
     unknown = [a for a in names if a not in ATTRIBUTE_INDEX]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), ATTRIBUTES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown attribute(s) {unknown}{hint}"
+        return f"unknown attribute(s) {_short(unknown)}{hint}"
     if len(set(names)) != len(names):
         return f"an attribute is listed twice: {names}"
     return None
@@ -112,26 +120,28 @@ def attributes_problem(attributes: Any) -> str | None:
 def targets_problem(targets: Any, n_attributes: int | None) -> str | None:
     values = _as_list(targets)
     if values is None:
-        return f"targets must be a list of numbers, got {targets!r}"
+        return f"targets must be a list of numbers, got {_short(targets)}"
+    if len(values) > len(ATTRIBUTES):
+        return f"{len(values)} targets listed; there are only {len(ATTRIBUTES)} attributes"
     if n_attributes is not None and len(values) != n_attributes:
         return f"{n_attributes} attributes but {len(values)} targets"
     low, high = TARGET_RANGE
     bad = [t for t in values if not _number(t) or not low <= t <= high]
     if bad:
-        return f"targets must be numbers in [{low:g}, {high:g}], got {bad}"
+        return f"targets must be numbers in [{low:g}, {high:g}], got {_short(bad)}"
     return None
 
 
 def size_problem(size: Any) -> str | None:
     if _number(size) and math.isfinite(size) and size >= 0:
         return None
-    return f"size must be a number >= 0, got {size!r}"
+    return f"size must be a number >= 0, got {_short(size)}"
 
 
 def smoothing_problem(smoothing: Any) -> str | None:
     if _number(smoothing) and 0 <= smoothing < 1:
         return None
-    return f"smoothing must be in [0, 1), got {smoothing!r}"
+    return f"smoothing must be in [0, 1), got {_short(smoothing)}"
 
 
 def seed_problem(seed: Any) -> str | None:
@@ -139,13 +149,13 @@ def seed_problem(seed: Any) -> str | None:
         return None
     if isinstance(seed, float) and seed.is_integer():
         return None
-    return f"seed must be an integer, got {seed!r}"
+    return f"seed must be an integer, got {_short(seed)}"
 
 
 def choice_problem(name: str, value: Any, allowed: Sequence[str]) -> str | None:
     if value in allowed:
         return None
-    return f"{name} must be one of {', '.join(allowed)}, got {value!r}"
+    return f"{name} must be one of {', '.join(allowed)}, got {_short(value)}"
 
 
 def row_problems(row: Mapping[str, Any]) -> list[str]:
@@ -167,7 +177,7 @@ def row_problems(row: Mapping[str, Any]) -> list[str]:
 @dataclass(frozen=True)
 class EditRequest:
     """What to do to one image (see the module doc for each field). Invalid values raise
-    ValueError naming every problem."""
+    RowError (a ValueError) naming every problem."""
     attributes: tuple[str, ...]
     targets: tuple[float, ...]
     size: float = 0.0
@@ -179,7 +189,7 @@ class EditRequest:
     def __post_init__(self):
         problems = row_problems(self.__dict__)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise RowError("; ".join(problems))
         object.__setattr__(self, "attributes", tuple(self.attributes))
         object.__setattr__(self, "targets", tuple(float(t) for t in self.targets))
         object.__setattr__(self, "size", float(self.size))

@@ -3,9 +3,15 @@
 Ray Data creates an actor pool of `EditStage`; each actor loads the networks the job
 needs once, in `__init__`, and edits batches of manifest rows in `__call__`. Rows carry
 URIs, not pixels: the actor reads each image itself, writes the image, latent, mask
-(and noise) files, then the batch's metrics file, and returns the metrics rows. A row
-that fails (unreadable image, numeric blow-up) becomes a `status=error` row; it never
-fails the batch.
+(and noise) files, then the batch's metrics file, and returns the metrics rows.
+
+Failures (pipeline/errors.py): a RowError (a refused URI, an unusable image, a storage
+error on one object, a numeric blow-up) becomes that row's `status=error` row. An
+exception of the engine fails its whole batch's rows the same way; `stop_after` such
+batches in a row that fail with the same exception type (or every row on the same
+storage outage) raise JobStopped, which ends the job: a bug or a broken GPU stops it
+early instead of turning every row into an error. A SetupError ends the job at once, as
+does a metrics file that cannot be written (nothing could be recorded).
 """
 from __future__ import annotations
 
@@ -25,13 +31,15 @@ from PIL import Image
 from models.loaders import load_models
 from models.spec import ModelsSpec
 
+from .access import InputPolicy, safe_uri
 from .config import Settings, settings_key
 from .engine import Editor, EditResult
-from .errors import SetupError
+from .errors import STOPPED, JobStopped, RowError, SetupError, StorageError
 from .identity import load_identity
-from .images import ImageError, encode_png, paste, png_bytes, read_image, read_pil, to_uint8
+from .images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from .outputs import Output
 from .rows import EditRequest, is_null
+from .storage import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +59,15 @@ class EditStage:
         schema: the metrics schema, passthrough columns included.
         save_noises, paste_back: the optional outputs.
         cpu_threads: torch threads (CPU actors).
+        inputs: where inputs may come from and the limits on each image.
+        stop_after: whole batches in a row failing the same way that stop the job (0: never).
     """
 
     def __init__(self, spec: ModelsSpec, networks: Sequence[str],
                  settings: Mapping[tuple, Settings], parser_size: int, output_uri: str,
                  storage_options: Mapping | None, schema: pa.Schema, save_noises: bool = False,
-                 paste_back: bool = False, cpu_threads: int | None = None):
+                 paste_back: bool = False, cpu_threads: int | None = None,
+                 inputs: InputPolicy | None = None, stop_after: int = 3):
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.storage_options = dict(storage_options or {})
@@ -70,8 +81,10 @@ class EditStage:
         self.schema = schema
         self.save_noises = save_noises
         self.paste_back = paste_back
+        self.inputs = inputs or InputPolicy()
         self.identity = self._identity()
         self.face_identity = load_identity()      # dlib's face descriptors (the align extra)
+        self.streak = FailureStreak(stop_after, self.identity["node"])
         log.info("edit actor ready on %s (%s)", self.identity["node"], self.device)
 
     @staticmethod
@@ -87,11 +100,27 @@ class EditStage:
         return {"node": node, "actor": actor, "gpu_ids": gpu_ids}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """The batch's metrics rows; on a SetupError, its rows with status `stopped` and
+        the message (recorded nowhere: they stay pending), which tell the driver to end
+        the job (an exception would reach it buried in Ray Data's own error)."""
+        try:
+            return self._run(batch)
+        except SetupError as e:
+            log.error("stopping the job: %s", e)
+            stopped = pd.DataFrame({name: [None] * len(batch) for name in self.schema.names})
+            stopped["id"] = list(batch["id"])
+            stopped["status"] = STOPPED
+            stopped["error"] = safe_uri(str(e))
+            return stopped
+
+    def _run(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")
         records = [self._base_record(r) for r in rows]
-        inputs = self._read_inputs(rows, records)
+        errors: list[Exception | None] = [None] * len(rows)
+        inputs = self._read_inputs(rows, records, errors)
         if inputs:
-            self._edit(rows, records, inputs)
+            self._edit(rows, records, errors, inputs)
+        self.streak.record(errors)                   # may stop the job (JobStopped)
         now = time.time()
         for r in records:
             r["written_at"] = now
@@ -99,26 +128,41 @@ class EditStage:
         for name in self.schema.names:
             if name not in out.columns:
                 out[name] = None
-        self.output.write_metrics(out, self.schema)    # last: the rows are now complete
+        try:
+            self.output.write_metrics(out, self.schema)    # last: the rows are now complete
+        except StorageError as e:
+            raise SetupError(f"cannot write the metrics of {len(out)} row(s) under "
+                             f"{safe_uri(self.output.uri)}: {e}. Nothing can be recorded, so "
+                             "the job stops; rerun it once the output is writable") from None
         return out[self.schema.names]
 
-    def _read_inputs(self, rows: list[dict], records: list[dict]) -> list[tuple]:
+    @staticmethod
+    def _fail(records: list[dict], errors: list, k: int, error: Exception,
+              prefix: str = "") -> None:
+        errors[k] = error
+        text = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, RowError):               # an engine exception
+            text = f"{type(error).__name__}: {text}"
+        records[k].update(status="error", error=safe_uri(f"{prefix}: {text}" if prefix else text))
+
+    def _read_inputs(self, rows: list[dict], records: list[dict], errors: list) -> list[tuple]:
         """(position, image, request, settings) of each row whose input is usable; the
         others get their error on their record."""
         inputs = []
         for k, row in enumerate(rows):
             try:
                 image = read_image(row["image_uri"], self.editor.resolution,
-                                   self.storage_options)
+                                   self.storage_options, self.inputs, check_access=True)
                 request = EditRequest.from_row(row)
-            except (ValueError, OSError) as e:   # ImageError is a ValueError
-                records[k].update(status="error", error=str(e))
+            except RowError as e:
+                self._fail(records, errors, k, e)
                 continue
             inputs.append((k, image, request,
                            self.settings[settings_key(request.attributes, row.get("mode"))]))
         return inputs
 
-    def _edit(self, rows: list[dict], records: list[dict], inputs: list[tuple]) -> None:
+    def _edit(self, rows: list[dict], records: list[dict], errors: list,
+              inputs: list[tuple]) -> None:
         started = time.perf_counter()
         positions, images, requests, settings = zip(*inputs)
         try:
@@ -126,19 +170,21 @@ class EditStage:
                                        settings=list(settings))
         except SetupError:
             raise
-        except Exception as e:   # a whole-batch failure (e.g. out of memory) fails its rows
+        except Exception as e:
+            # the engine failed the whole batch (a bug, out of memory, a broken device):
+            # its rows fail, and the FailureStreak decides whether the job goes on
             log.error("batch failed: %s", traceback.format_exc())
             for k in positions:
-                records[k].update(status="error", error=f"batch failed: {type(e).__name__}: {e}")
+                self._fail(records, errors, k, e, "batch failed")
             return
         for k, image, result in zip(positions, images, results):
             if not result.ok:
-                records[k].update(status="error", error=result.error)
+                self._fail(records, errors, k, RowError(result.error))
                 continue
             try:
                 records[k].update(self._write(rows[k], result, image))
-            except (ImageError, OSError, ValueError) as e:
-                records[k].update(status="error", error=f"writing outputs: {e}")
+            except RowError as e:
+                self._fail(records, errors, k, e, "writing outputs")
         log.info("edited %d rows in %.1f s", len(positions), time.perf_counter() - started)
 
     def _base_record(self, row: dict) -> dict[str, Any]:
@@ -146,8 +192,8 @@ class EditStage:
         hashes = self.models.hashes
         source = row.get("source_uri")
         record.update({
-            "status": "ok", "error": None, "input_uri": row["image_uri"],
-            "source_uri": row["image_uri"] if is_null(source) else source,
+            "status": "ok", "error": None, "input_uri": safe_uri(row["image_uri"]),
+            "source_uri": safe_uri(row["image_uri"] if is_null(source) else str(source)),
             "attributes": list(row["attributes"]), "targets": [float(t) for t in row["targets"]],
             "size": float(row["size"]), "seed": int(row["seed"]),
             "mode": None, **self.identity, "actor_model_loads": self.model_loads,
@@ -172,9 +218,14 @@ class EditStage:
         quad = row.get("align_quad")
         if (self.paste_back and not is_null(row.get("source_uri")) and quad is not None
                 and len(quad) == 8):
-            photo = read_pil(row["source_uri"], self.storage_options)
+            photo = read_pil(row["source_uri"], self.storage_options, self.inputs,
+                             check_access=True)
             edited = Image.fromarray(to_uint8(result.edited))
-            pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
+            try:
+                pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
+            except np.linalg.LinAlgError:
+                raise RowError(f"paste-back: align_quad {[float(v) for v in quad]} is "
+                               "degenerate") from None
             out.put(f"pasted/{row_id}.png", png_bytes(pasted))
             record["pasted_uri"] = out.uri_of("pasted", row_id)
         m = result.metrics
@@ -184,3 +235,50 @@ class EditStage:
         record["prob_result"] = [m["prob_result"][a] for a in attrs]
         record.update(self.face_identity.compare_one(to_uint8(image), to_uint8(result.edited)))
         return record
+
+
+class FailureStreak:
+    """The early-stop rule, on one actor: `limit` whole batches in a row that failed the
+    same way raise JobStopped. A batch failed whole when every row of it failed with the
+    same engine exception type, or on a storage outage of the same kind (pipeline/
+    storage.py: not a missing or denied object); a bad input is the row's own business
+    and never counts. Any other batch resets the count; a limit of 0 never stops."""
+
+    def __init__(self, limit: int, node: str):
+        self.limit, self.node = limit, node
+        self.kind: str | None = None
+        self.count = 0
+        self.error_rows = 0               # rows the streak's earlier batches recorded as errors
+        self.last = ""
+
+    def record(self, errors: list[Exception | None]) -> None:
+        kinds = {_failure_kind(e) for e in errors}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if kind is None:
+            self.kind, self.count, self.error_rows = None, 0, 0
+            return
+        if kind != self.kind:
+            self.kind, self.count, self.error_rows = kind, 0, 0
+        self.count += 1
+        self.last = safe_uri(" ".join(str(errors[0]).split()))[:500]
+        if self.limit and self.count >= self.limit:
+            raise JobStopped(
+                f"{self.count} batches in a row failed with {kind} on {self.node} (the "
+                f"last: {self.last}). The job stops here (stop_after_failed_batches: "
+                f"{self.limit}). Rows already complete stay complete; the earlier "
+                f"{self.error_rows} row(s) of this streak were recorded as errors and this "
+                "batch's rows stay pending. Fix the cause, then rerun the job with "
+                "--retry-errors to redo them.")
+        self.error_rows += len(errors)
+
+
+def _failure_kind(error: Exception | None) -> str | None:
+    """What a row's failure says about the batch: an engine exception's type, a storage
+    outage's kind, or None (the row succeeded, or its own input failed it)."""
+    if error is None:
+        return None
+    if isinstance(error, StorageError):
+        return f"a storage error ({error.kind})" if is_outage(error) else None
+    if isinstance(error, RowError):
+        return None
+    return type(error).__name__

@@ -33,6 +33,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny32(tmp_path_factory):
+    """The tiny checkpoint set at 32 px: the job tests' models."""
+    from models.tiny import make_tiny
+    out = tmp_path_factory.mktemp("tiny32")
+    make_tiny(out, resolution=32)
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference_checkpoints(tmp_path_factory):
     """The deterministic checkpoints the shared fidelity cases were recorded with."""
     from helpers import write_reference_checkpoints
@@ -62,5 +71,7 @@ def ray_multinode():
     temp dirs; stopped by its own process ids. Module-scoped: a test that removes a worker
     (`remove_worker`) leaves this module's cluster smaller; `add_worker()` adds one back."""
     from ray_cluster import LocalRayCluster
-    with LocalRayCluster(workers=2, worker_gpus=1) as cluster:
+    # a lost node is declared dead after 5 missed health checks: 1 s apart, not Ray's 3
+    with LocalRayCluster(workers=2, worker_gpus=1,
+                         env={"RAY_health_check_period_ms": "1000"}) as cluster:
         yield cluster

@@ -1,7 +1,7 @@
 """Cluster jobs as users run them: `ray job submit` of `maskface run` to a real local
 multi-node Ray cluster (a head and two worker raylets with one logical GPU each, token
 auth on), with the README's own runtime env; `maskface status` while it runs; a second
-submission that resumes; a client without the token refused."""
+submission that resumes; a client without the token refused; a worker node lost mid-job."""
 import io
 import json
 import shutil
@@ -39,9 +39,10 @@ def job_files(tmp_path_factory):
     a manifest of the photo the repo ships, tiny models, an output folder."""
     root = tmp_path_factory.mktemp("cluster-job")
     make_tiny(root / "tiny", resolution=32)
+    shutil.copy(PHOTO, root / "photo.png")     # outside the checkout, wherever it lives
     manifest = root / "manifest.parquet"
     write_manifest(pd.DataFrame({"id": [f"c{k}" for k in range(ROWS)],
-                                 "image_uri": [str(PHOTO)] * ROWS,
+                                 "image_uri": [str(root / "photo.png")] * ROWS,
                                  "attributes": [["smiling"]] * ROWS,
                                  "targets": [[1.0]] * ROWS}), str(manifest))
     checkout = root / "checkout"
@@ -178,3 +179,50 @@ def test_a_client_without_the_token_is_refused(ray_multinode, job_files, tmp_pat
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert ray_multinode.token_path.read_text() not in refused.stdout + refused.stderr
+
+
+def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(ray_multinode, job_files,
+                                                                  tmp_path):
+    """A preempted GPU node, as Ray sees it: one worker node SIGKILLed while its actor
+    edits. The job goes on on the node left, once Ray gives the lost batch up, and ends
+    with exactly one metrics row per id. Runs last: it leaves this module's cluster with
+    one worker."""
+    rows = 8
+    manifest = tmp_path / "m.parquet"
+    write_manifest(pd.DataFrame({"id": [f"n{k}" for k in range(rows)],
+                                 "image_uri": [str(job_files["root"] / "photo.png")] * rows,
+                                 "attributes": [["smiling"]] * rows,
+                                 "targets": [[1.0]] * rows}), str(manifest))
+    out = tmp_path / "out"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"manifest": str(manifest), "output": str(out),
+                                    "models": str(job_files["root"] / "tiny" / "models.yaml"),
+                                    "batch_size": 1, "edit": EDIT}))
+    env = ray_multinode.node_env()
+    env["RAY_ADDRESS"] = ray_multinode.address              # a driver attached to the cluster
+    proc = subprocess.Popen([str(BIN / "maskface"), "run", str(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lost = ray_multinode.node("w0")
+    killed_after = None
+    deadline = time.time() + 400
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if killed_after is None and (out / "metrics").is_dir():
+                nodes = {n.rsplit("/", 1)[1] for n in Output(str(out)).read_metrics()["node"]}
+                if lost.node_id[:12] in nodes and len(nodes) == 2:   # both actors at work
+                    ray_multinode.remove_worker(lost)
+                    killed_after = len(Output(str(out)).read_metrics())
+            time.sleep(0.2)
+        log, _ = proc.communicate(timeout=max(deadline - time.time(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_after is not None and killed_after < rows, "the node was not lost mid-job"
+    assert proc.returncode == 0, log[-4000:]
+    assert "lost edit workers" in log and "resuming on the nodes still alive" in log
+    every = pd.concat([pq.read_table(f).to_pandas() for f in Output(str(out)).metrics_files()])
+    assert sorted(every["id"]) == [f"n{k}" for k in range(rows)]    # one row each
+    assert (every["status"] == "ok").all(), every["error"].tolist()
+    survivor = ray_multinode.node("w1").node_id[:12]
+    by_node = every.groupby(every["node"].str.rsplit("/", n=1).str[1]).size()
+    assert by_node[survivor] >= rows - killed_after                 # the rest ran there

@@ -15,16 +15,8 @@ from PIL import Image
 
 from jobs.run import JobSpecError, load_job_spec, run_command
 from manifests.schema import ManifestError, read_manifest, validate, write_manifest
-from models.tiny import make_tiny
 from pipeline.outputs import Output
 
-
-
-@pytest.fixture(scope="module")
-def tiny32(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny32")
-    make_tiny(out, resolution=32)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +213,9 @@ def test_defaults_and_relative_image_uris(tmp_path):
     ({"storage_options": {"key": "AKIA..."}}, "must not hold credentials"),
     ({"edit": {"steps.latnt": 3}}, "steps.latnt"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"inputs": {"allow": 3}}, "inputs.allow must be a list of URI prefixes"),
+    ({"inputs": {"max_pixels": "big"}}, "inputs.max_pixels must be a positive integer"),
+    ({"stop_after_failed_batches": -1}, "stop_after_failed_batches must be an integer >= 0"),
 ])
 def test_job_spec_errors(tmp_path, keys, message):
     spec = write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o", models="m.yaml",
@@ -231,8 +226,10 @@ def test_job_spec_errors(tmp_path, keys, message):
 
 def test_set_overrides_spec_and_edit_keys(tmp_path):
     spec = write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o", models="m.yaml")
-    settings = load_job_spec(spec, ["batch_size=8", "edit.steps.latent=9", "save_noises=true"])
+    settings = load_job_spec(spec, ["batch_size=8", "edit.steps.latent=9", "save_noises=true",
+                                    "inputs.allow=[s3://data/faces/]", "inputs.min_side=64"])
     assert settings.batch_size == 8 and settings.save_noises is True
+    assert settings.inputs == {"allow": ["s3://data/faces/"], "min_side": 64}
     assert settings.edit["steps.latent"] == 9 and settings.edit["parser_size"] == 32
 
 

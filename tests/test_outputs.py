@@ -1,4 +1,7 @@
 """The output layout and its metrics dataset: one row per id, atomic writes, old columns."""
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -69,3 +72,50 @@ def test_passthrough_columns_keep_their_types_and_may_not_shadow_metrics():
     assert schema.names.count("source_uri") == 1
     with pytest.raises(ValueError, match="would overwrite metrics columns"):
         passthrough_schema(None, ["edited_uri"])
+
+
+def test_a_write_failing_midway_leaves_the_old_file_or_none(tmp_path):
+    """The disk refuses bytes past 64 KiB (RLIMIT_FSIZE, in a child process): a 200 KB
+    write fails in the middle, and neither the complete old file nor a missing one is
+    replaced by half a file."""
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "a.png").write_bytes(b"the old, complete file")
+    script = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+from pipeline.errors import StorageError
+from pipeline.outputs import Output
+out = Output({str(out)!r})
+for name in ("a.png", "b.png"):
+    try:
+        out.put("images/" + name, b"x" * 200_000)
+        print(name, "written")
+    except StorageError as e:
+        print(name, "failed:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("failed:" in line and "File too large" in line
+                                   for line in lines), lines
+    assert (out / "images" / "a.png").read_bytes() == b"the old, complete file"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["a.png"]   # no temp left
+
+
+def test_on_s3_a_replaced_metrics_file_is_read_afresh(s3_server):
+    """A retried batch replaces its metrics file on S3 while this process holds a listing
+    of the old one: reading, resuming and dropping stale rows must see the new file."""
+    s3_server["fs"].mkdir("outputs-afresh")
+    out = Output("s3://outputs-afresh/o", s3_server["options"])
+    out.write_metrics(rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
+    out.write_metrics(rows(["c"], status="error", at=1.0), METRICS_SCHEMA)
+    assert len(out.read_metrics()) == 3                        # listed and read: now cached
+    actor = Output("s3://outputs-afresh/o", {**s3_server["options"], "skip_instance_cache": True})
+    actor.write_metrics(rows(["a", "b"], at=2.0), METRICS_SCHEMA)   # the same file, replaced
+    actor.write_metrics(rows(["c"], at=3.0), METRICS_SCHEMA)       # by another process
+    assert out.drop_stale_rows() == 0
+    assert out.read_metrics().set_index("id")["status"].to_dict() == {"a": "ok", "b": "ok",
+                                                                        "c": "ok"}

@@ -9,9 +9,12 @@ from PIL import Image
 
 from manifests.schema import validate
 from models.spec import REQUIRED, SpecError
+from pipeline.access import InputPolicy
+from pipeline.errors import STOPPED, JobStopped, StorageError
+from pipeline.images import ImageError
 from pipeline.job import JobSettings, plan_job
 from pipeline.outputs import Output, passthrough_schema
-from pipeline.stage import EditStage
+from pipeline.stage import EditStage, FailureStreak
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +101,64 @@ def test_each_distinct_edit_is_resolved_once(tiny_dir, photos, tmp_path):
                                      (("smiling",), "auto")]
     assert plan.settings[(("male",), "local")].local and plan.networks == REQUIRED
     assert plan.settings[(("black_hair",), "auto")].loss.weights.seg == 0.5
+
+
+# ---- failures: a write that fails mid-row, an output that takes nothing, the early stop ---
+def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path):
+    """r1's latent cannot be written (its path is a folder): its image is there, but the
+    row ends in error, not ok; a paste-back source outside inputs.allow is refused; and
+    when no metrics can be written at all, the stage tells the driver to stop."""
+    todo = rows(photos, ["smiling"] * 3, source_uri=[None, None, "/etc/hostname"],
+                align_quad=[None, None, [0.0, 0, 0, 40, 40, 40, 40, 0]])
+    (tmp_path / "out" / "latents" / "r1.npy").mkdir(parents=True)
+    settings = JobSettings(manifest="m", output=str(tmp_path / "out"),
+                           models=str(tiny_dir / "models.yaml"), edit=SHORT)
+    plan = plan_job(todo, settings)
+    schema = passthrough_schema(pa.Schema.from_pandas(todo), ["align_quad"])
+    stage = EditStage(plan.spec, plan.networks, plan.settings, plan.parser_size,
+                      settings.output, {}, schema, paste_back=True,
+                      inputs=InputPolicy(allow=(str(photos),)))
+    out = stage(todo).set_index("id")
+    assert out.loc["r0", "status"] == "ok"
+    assert out.loc["r1", "status"] == "error"
+    assert out.loc["r1", "error"].startswith("writing outputs: ")
+    assert "latents/r1.npy" in out.loc["r1", "error"]
+    assert (tmp_path / "out" / "images" / "r1.png").is_file()       # written before it failed
+    assert out.loc["r2", "status"] == "error"
+    assert "/etc/hostname: refused: not under any inputs.allow" in out.loc["r2", "error"]
+    leftovers = [p for p in (tmp_path / "out").rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    written = Output(str(tmp_path / "out")).read_metrics().set_index("id")["status"]
+    assert written.to_dict() == {"r0": "ok", "r1": "error", "r2": "error"}
+
+    # metrics that cannot be written: the rows come back `stopped`, recorded nowhere
+    (tmp_path / "out" / "metrics").rename(tmp_path / "kept")
+    (tmp_path / "out" / "metrics").write_text("a file where the metrics folder goes")
+    again = stage(todo.iloc[:1].assign(id=["r9"]))
+    assert again["status"].tolist() == [STOPPED]
+    assert "cannot write the metrics of 1 row(s)" in again["error"].iloc[0]
+    assert "Nothing can be recorded, so the job stops" in again["error"].iloc[0]
+    assert (tmp_path / "out" / "metrics").read_text().startswith("a file")
+
+
+def test_the_early_stop_rule_counts_whole_batches_failing_alike():
+    engine = RuntimeError("CUDA error: device-side assert triggered")
+    outage = StorageError("s3://b/x.png: storage error while reading (...)",
+                          "ConnectionClosedError")
+    bad_input, missing = ImageError("x.png: not a readable image"), StorageError("gone",
+                                                                                 "FileNotFoundError")
+    streak = FailureStreak(3, "node-1")
+    streak.record([engine, engine])
+    streak.record([engine, None])                     # a row succeeded: the streak ends
+    streak.record([bad_input, bad_input])             # bad inputs never count
+    streak.record([missing, missing])                 # nor a missing object
+    streak.record([engine, engine])
+    streak.record([outage, outage])                   # another kind: starts again
+    streak.record([outage, outage])
+    with pytest.raises(JobStopped, match=r"3 batches in a row failed with a storage error "
+                                         r"\(ConnectionClosedError\) on node-1") as err:
+        streak.record([outage, outage, outage])
+    assert "the earlier 4 row(s) of this streak were recorded as errors" in str(err.value)
+    never = FailureStreak(0, "node-1")
+    for _ in range(10):
+        never.record([engine])

@@ -1,0 +1,316 @@
+"""Reliability and security of the main job, end to end: a real local Ray (two logical
+GPUs), a real S3 server (moto) behind the project's fault-injecting proxy
+(tests/s3_faults.py), faults injected into the workers (tests/faults.py).
+
+One bad input fails its row alone; an actor SIGKILLed mid-batch loses and duplicates
+nothing; storage faults are retried a bounded number of times, and persistent ones end
+rows or the job, never hang it; K batches failing alike stop the job and a rerun
+resumes; no URI outside `inputs.allow` is ever requested; credentials reach no output
+and no log. The node-loss test is in tests/test_cluster.py (a multi-node cluster).
+"""
+import os
+import shutil
+import tempfile
+import threading
+import time
+from argparse import Namespace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from corpus import BIG_LIMIT, PHOTO, bad_files, encoded, odd_images, photo
+from faults import ENGINE_ERROR, FAIL_SEED
+from helpers import SHORT
+from s3_faults import FaultProxy
+
+from jobs.run import run_command
+from manifests.schema import write_manifest
+from pipeline.outputs import Output
+from pipeline.storage import S3_ATTEMPTS, S3FS_RETRIES
+
+BUCKET = "reliability"
+# Recognisable fake credentials: every worker has them; no output or log may.
+FAKE = {"AWS_ACCESS_KEY_ID": "AKIAFAKELEAKCHECK7Q2X",
+        "AWS_SECRET_ACCESS_KEY": "fakeSecretLEAKCHECKq9w8e7r6t5y4u3i2o1p0",
+        "AWS_SESSION_TOKEN": "FakeSessionTokenLEAKCHECKzz99yy88",
+        "RAY_AUTH_TOKEN": "feedfacecafebeef" * 4}
+OUTPUTS: list[Path] = []          # every local output of this module: searched for FAKE
+TRANSCRIPTS: list[str] = []       # every job's captured stdout/stderr: searched for FAKE
+
+
+@pytest.fixture(scope="module")
+def proxy(s3_server):
+    with FaultProxy(s3_server["endpoint"]) as p:
+        s3_server["fs"].mkdir(BUCKET)
+        yield p
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, proxy):
+    """Ray with the fake credentials in every process, its logs in a folder of its own,
+    and tests/faults.py installed in its workers."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    saved = {k: os.environ.get(k) for k in FAKE}
+    os.environ.update(FAKE)
+    reset_auth_token_state()          # Ray caches the token per process: read it anew
+    temp = Path(tempfile.mkdtemp(prefix="mfrel-", dir="/tmp"))     # short: Ray's sockets
+    (temp / "faults").mkdir()
+    tests = str(Path(__file__).parent)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=str(temp / "ray"),
+             runtime_env={"worker_process_setup_hook": "faults.install",
+                          "env_vars": {"PYTHONPATH": tests, "MASKFACE_FAULT_DIR":
+                                       str(temp / "faults")}})
+    yield {"temp": temp, "faults": temp / "faults", "ray": ray}
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reset_auth_token_state()          # later modules' Ray: their own token again
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def counting_http():
+    """A loopback HTTP server that serves a real photo and counts every request."""
+    hits = []
+    body = encoded(photo(), "PNG")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+    server.server_close()
+
+
+def rows_of(ids, uris, **extra):
+    return pd.DataFrame({"id": ids, "image_uri": uris, "attributes": [["smiling"]] * len(ids),
+                         "targets": [[1.0]] * len(ids), **extra})
+
+
+def job(tmp_path, rows, models, capfd, *extra, retry_errors=False, **keys):
+    """Write the manifest and spec, run `maskface run`, keep what it printed."""
+    write_manifest(rows, str(tmp_path / "m.parquet"))
+    keys.setdefault("edit", SHORT)
+    keys.setdefault("batch_size", 2)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"manifest": str(tmp_path / "m.parquet"),
+                                    "models": str(models / "models.yaml"), **keys}))
+    if not keys["output"].startswith("s3://"):
+        OUTPUTS.append(Path(keys["output"]))
+    rc = run_command(Namespace(spec=str(spec), set=list(extra), address=None,
+                               retry_errors=retry_errors))
+    captured = capfd.readouterr()
+    TRANSCRIPTS.append(captured.out + captured.err)
+    return rc, captured.out + captured.err
+
+
+def every_row(output, storage_options=None):
+    """Every metrics row in every file (not one per id, as read_metrics gives)."""
+    out = Output(output, storage_options)
+    return pd.concat([pq.read_table(f, filesystem=out.fs).to_pandas()
+                      for f in out.metrics_files()], ignore_index=True)
+
+
+def s3_options(proxy):
+    return {"client_kwargs": {"endpoint_url": proxy.endpoint}}
+
+
+# ---- inputs: each bad one fails its row alone; a killed actor loses nothing -------------
+def test_each_bad_input_fails_alone_and_a_killed_actor_loses_and_duplicates_nothing(
+        cluster, proxy, s3_server, counting_http, tiny32, tmp_path, capfd):
+    corpus = tmp_path / "corpus"
+    odd, bad = odd_images(corpus / "odd"), bad_files(corpus / "bad")
+    fs = s3_server["fs"]
+    fs.pipe_file(f"{BUCKET}/in/photo.png", PHOTO.read_bytes())
+    fs.pipe_file(f"{BUCKET}/in/denied.png", PHOTO.read_bytes())
+    fs.pipe_file(f"{BUCKET}/in/big.png", bad["big.png"][0].read_bytes())
+    proxy.add("HEAD", rf"/{BUCKET}/in/denied\.png", "403")
+    proxy.add("GET", rf"/{BUCKET}/in/denied\.png", "403")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "photo.png").write_bytes(PHOTO.read_bytes())
+    http, hits = counting_http
+
+    expect = {f"odd-{n.replace('.', '-')}": (str(p), None) for n, p in odd.items()}
+    expect.update({"shipped-photo": (str(PHOTO), None), "kill-photo": (str(PHOTO), None),
+                   "s3-photo": (f"s3://{BUCKET}/in/photo.png", None)})
+    expect.update({f"bad-{n.replace('.', '-')}": (str(p), words)
+                   for n, (p, words) in bad.items()})
+    expect.update({
+        "s3-denied": (f"s3://{BUCKET}/in/denied.png", "access denied"),
+        "s3-no-bucket": ("s3://no-such-bucket-mf/photo.png", "not found"),
+        "s3-big": (f"s3://{BUCKET}/in/big.png", f"over the limit of {BIG_LIMIT:,}: refused "
+                                                 "before reading"),
+        "http-loopback": (f"{http}/photo.png", "refused: not under any inputs.allow prefix"),
+        "outside-allow": (str(elsewhere / "photo.png"), "refused: not under any inputs.allow"),
+        "dot-dot": (f"{corpus}/odd/../../elsewhere/photo.png", "refused: not under any"),
+    })
+    ids = sorted(expect)
+    rc, log = job(tmp_path, rows_of(ids, [expect[i][0] for i in ids]), tiny32, capfd,
+                  output=str(tmp_path / "out"), batch_size=4, storage_options=s3_options(proxy),
+                  inputs={"allow": [str(corpus), str(PHOTO.parent), f"s3://{BUCKET}/in",
+                                    "s3://no-such-bucket-mf/"], "max_bytes": BIG_LIMIT})
+    assert rc == 1, log[-3000:]                        # rows in error, none pending
+    rows = every_row(str(tmp_path / "out"))
+    assert sorted(rows["id"]) == ids                   # exactly one metrics row per id
+    rows = rows.set_index("id")
+    for rid, (uri, words) in expect.items():
+        status, error = rows.loc[rid, "status"], rows.loc[rid, "error"]
+        if words is None:
+            assert status == "ok", (rid, error)
+            assert Path(tmp_path, "out", "images", f"{rid}.png").is_file()
+        else:
+            assert status == "error" and words in error, (rid, error)
+            assert not Path(tmp_path, "out", "images", f"{rid}.png").exists()
+    assert (cluster["faults"] / "kill-photo.npy").exists()     # the actor was killed there
+    assert hits == []                                           # no request was made
+    assert proxy.attempts("GET", r"/in/big\.png") == 0          # its size sufficed
+    assert proxy.attempts("HEAD", r"/in/denied\.png") == 1      # a 403 is not retried
+    summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
+    ok = sum(words is None for _, words in expect.values())
+    assert (ok, len(ids) - ok) == (17, 18)             # 14 odd images + 3; 18 bad inputs
+    assert summary["manifest"] == {"rows": len(ids), "ok": ok, "error": len(ids) - ok,
+                                   "pending": 0}
+    proxy.clear()
+
+
+# ---- S3 faults: retried, bounded; persistent ones end rows, or the job -------------------
+def test_s3_faults_are_retried_a_bounded_number_of_times_then_end_their_rows(
+        cluster, proxy, s3_server, tiny32, tmp_path, capfd):
+    fs = s3_server["fs"]
+    ids = ["p0", "p1", "p2", "s0", "s1", "s2", "s3"]
+    for rid in ids:
+        fs.pipe_file(f"{BUCKET}/faults/in/{rid}.png", PHOTO.read_bytes())
+    out = f"s3://{BUCKET}/faults/out"
+    transient = [("GET", "/in/s0", "500", 2), ("HEAD", "/in/s1", "500", 1),
+                 ("GET", "/in/s2", "slowdown", 2), ("GET", "/in/s3", "drop", 1),
+                 ("PUT", "/out/images/s0", "500", 2), ("PUT", "/out/latents/s1", "slowdown", 2),
+                 ("PUT", "/out/masks/s2", "drop-body", 1), ("PUT", "/out/metrics/", "drop", 1)]
+    for method, path, fault, times in transient:
+        proxy.add(method, path, fault, times)
+    proxy.add("GET", "/in/p0", "500")                 # persistent: 5xx on a read
+    proxy.add("PUT", "/out/latents/p1", "500")        # persistent: 5xx on a write, mid-row
+    proxy.add("GET", "/in/p2", "drop")                # persistent: dropped connections
+    started = time.time()
+    rc, log = job(tmp_path, rows_of(ids, [f"s3://{BUCKET}/faults/in/{i}.png" for i in ids]),
+                  tiny32, capfd, output=out, storage_options=s3_options(proxy))
+    assert time.time() - started < 300
+    assert rc == 1, log[-3000:]
+    opts = {**s3_server["options"], "client_kwargs": {"endpoint_url": s3_server["endpoint"]}}
+    rows = every_row(out, opts).set_index("id")
+    assert sorted(rows.index) == sorted(ids)
+    assert (rows.loc[["s0", "s1", "s2", "s3"], "status"] == "ok").all(), rows["error"].to_dict()
+    # transient faults: exactly one more attempt per fault (a dropped connection may be
+    # sent once more by the HTTP client)
+    assert proxy.attempts("GET", "/in/s0") == 3 and proxy.attempts("HEAD", "/in/s1") == 2
+    assert proxy.attempts("GET", "/in/s2") == 3 and 2 <= proxy.attempts("GET", "/in/s3") <= 3
+    assert proxy.attempts("PUT", "/out/images/s0") == 3
+    assert proxy.attempts("PUT", "/out/latents/s1") == 3
+    assert 2 <= proxy.attempts("PUT", "/out/masks/s2") <= 3
+    # persistent faults: the rows end in error with the storage's reason, after a bounded
+    # number of attempts (pipeline/storage.py): S3_ATTEMPTS on 5xx; on dropped connections
+    # S3_ATTEMPTS x S3FS_RETRIES^2 for a read (s3fs wraps it twice), each sent up to twice
+    assert "storage error while reading" in rows.loc["p0", "error"]
+    assert "internal error" in rows.loc["p0", "error"]
+    assert proxy.attempts("GET", "/in/p0") == S3_ATTEMPTS
+    assert "ConnectionClosedError" in rows.loc["p2", "error"]
+    assert S3_ATTEMPTS * S3FS_RETRIES ** 2 <= proxy.attempts("GET", "/in/p2") \
+        <= 2 * S3_ATTEMPTS * S3FS_RETRIES ** 2
+    # a write that failed mid-row: its image is there, its row is not complete (error)
+    assert rows.loc["p1", "status"] == "error"
+    assert "writing outputs" in rows.loc["p1", "error"] and "latents/p1.npy" in rows.loc["p1", "error"]
+    assert proxy.attempts("PUT", "/out/latents/p1") == S3_ATTEMPTS
+    assert fs.exists(f"{BUCKET}/faults/out/images/p1.png")
+    assert not fs.exists(f"{BUCKET}/faults/out/latents/p1.npy")
+
+
+def test_an_output_that_cannot_be_written_stops_the_job_as_a_setup_error(
+        cluster, proxy, s3_server, tiny32, tmp_path, capfd):
+    s3_server["fs"].pipe_file(f"{BUCKET}/stop/in/a.png", PHOTO.read_bytes())
+    rows = rows_of(["a0", "a1"], [f"s3://{BUCKET}/stop/in/a.png"] * 2)
+    out = f"s3://{BUCKET}/stop/out"
+    proxy.add("PUT", "/stop/out/job.json", "500")
+    rc, log = job(tmp_path, rows, tiny32, capfd, output=out, storage_options=s3_options(proxy))
+    assert rc == 2 and "the output cannot be written" in log and "nothing was run" in log
+    assert proxy.attempts("GET", "/stop/in/") == 0             # no row ran
+    proxy.clear()
+    proxy.add("PUT", "/stop/out/metrics/", "500")               # nothing can be recorded
+    started = time.time()
+    rc, log = job(tmp_path, rows, tiny32, capfd, output=out, storage_options=s3_options(proxy),
+                  actors=1)
+    assert rc == 2, log[-3000:]
+    assert time.time() - started < 180                          # ended, did not hang
+    assert "error: the job stopped: cannot write the metrics of 2 row(s)" in log
+    assert "Nothing can be recorded" in log
+    assert not s3_server["fs"].exists(f"{BUCKET}/stop/out/metrics")
+    summary = s3_server["fs"].cat_file(f"{BUCKET}/stop/out/summary.json").decode()
+    assert '"stopped"' in summary and '"pending": 2' in summary    # a rerun will do them
+    proxy.clear()
+
+
+# ---- the early stop: K whole batches failing alike ---------------------------------------
+def test_k_batches_failing_alike_stop_the_job_and_a_rerun_resumes(cluster, tiny32, tmp_path,
+                                                                  capfd):
+    ids = [f"a{k}" for k in range(4)] + [f"f{k}" for k in range(6)]
+    seeds = [1] * 4 + [FAIL_SEED] * 6                           # f*: the engine raises
+    rows = rows_of(ids, [str(PHOTO)] * len(ids), seed=seeds)
+    out = str(tmp_path / "out")
+    rc, log = job(tmp_path, rows, tiny32, capfd, output=out, actors=1,
+                  stop_after_failed_batches=2)
+    assert rc == 2, log[-3000:]
+    assert "error: the job stopped: 2 batches in a row failed with RuntimeError" in log
+    assert ENGINE_ERROR in log and "--retry-errors" in log
+    done = every_row(out).set_index("id")
+    assert sorted(done.index) == ["a0", "a1", "a2", "a3", "f0", "f1"]
+    assert (done.loc[["a0", "a1", "a2", "a3"], "status"] == "ok").all()
+    assert (done.loc[["f0", "f1"], "error"] == f"batch failed: RuntimeError: {ENGINE_ERROR}").all()
+    summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
+    assert summary["manifest"]["pending"] == 4 and "2 batches in a row" in summary["stopped"]
+    # the cause fixed (here: the rows' seeds), a rerun with --retry-errors does the rest
+    rc, log = job(tmp_path, rows.assign(seed=list(range(len(ids)))), tiny32, capfd,
+                  retry_errors=True, output=out, actors=1, stop_after_failed_batches=2)
+    assert rc == 0, log[-3000:]
+    after = every_row(out).set_index("id")
+    assert sorted(after.index) == sorted(ids) and (after["status"] == "ok").all()
+    for rid in ("a0", "a1", "a2", "a3"):                        # complete rows: untouched
+        assert after.loc[rid, "written_at"] == done.loc[rid, "written_at"]
+
+
+# ---- credentials: in every process, in no output and no log -------------------------------
+def test_credentials_reach_no_output_and_no_log(cluster, proxy, s3_server):
+    """Runs last: searches what every job of this module wrote and logged (bad inputs, a
+    killed actor, S3 faults, a job stopped twice, an early stop)."""
+    ray = cluster["ray"]
+    workers_env = ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in FAKE}).remote())
+    assert workers_env == FAKE                                   # the workers had them
+    assert TRANSCRIPTS and OUTPUTS
+    texts = {f"transcript {k}": t for k, t in enumerate(TRANSCRIPTS)}
+    for root in [*OUTPUTS, cluster["temp"] / "ray"]:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                texts[str(path)] = path.read_bytes().decode("latin-1")
+    fs = s3_server["fs"]
+    for key in fs.find(BUCKET):
+        texts[f"s3://{key}"] = fs.cat_file(key).decode("latin-1")
+    assert any("session_" in name and name.endswith(".log") for name in texts)   # Ray's logs
+    assert any(name.endswith("job.json") for name in texts)
+    for name, text in texts.items():
+        for key, value in FAKE.items():
+            assert value not in text, f"{key} found in {name}"

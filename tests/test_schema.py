@@ -1,0 +1,70 @@
+"""Manifest-level limits, checked before any work: list columns longer than the
+attributes that exist, manifests too big for one driver, the empty manifest."""
+from argparse import Namespace
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.run import run_command
+from manifests.schema import MAX_ROWS, ManifestError, read_manifest, validate
+from models.classifier import ATTRIBUTES
+
+
+def one_row(**values):
+    row = {"id": "r0", "image_uri": "p.png", "attributes": ["smiling"], "targets": [1.0]}
+    row.update(values)
+    return pd.DataFrame({k: [v] for k, v in row.items()})
+
+
+@pytest.mark.parametrize("values,words", [
+    ({"attributes": list(ATTRIBUTES) + ["smiling"], "targets": [1.0] * 41},
+     "41 attributes listed; there are only 40"),
+    ({"targets": [1.0] * 100_000}, "100000 targets listed; there are only 40 attributes"),
+    ({"align_quad": [0.0] * 9}, "align_quad must be 8 finite numbers, got 9 values"),
+    ({"align_quad": [0.0] * 7 + [float("nan")]}, "align_quad must be 8 finite numbers"),
+    ({"targets": [float("nan")] * 40, "attributes": list(ATTRIBUTES)}, "targets must be numbers"),
+])
+def test_list_columns_longer_than_the_attributes_are_refused(values, words):
+    with pytest.raises(ManifestError, match="row 0") as err:
+        validate(one_row(**values))
+    assert words in str(err.value)
+    assert len(str(err.value)) < 600                      # a huge value is not echoed whole
+
+
+def test_a_manifest_too_big_for_one_driver_is_refused_from_its_footer(tmp_path):
+    n = MAX_ROWS + 1
+    ids = pa.array([f"r{k}" for k in range(n)])
+    table = pa.table({"id": ids, "image_uri": pa.array(["p.png"] * n)})
+    pq.write_table(table, tmp_path / "big.parquet")            # no lists: cheap to write
+    with pytest.raises(ManifestError) as err:
+        read_manifest(str(tmp_path / "big.parquet"))
+    text = str(err.value)
+    assert f"{n:,} rows, over the limit of {MAX_ROWS:,} for one driver" in text
+    assert "maskface manifest ... --shard i/n" in text
+    small = one_row()
+    pq.write_table(pa.Table.from_pandas(small), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"bytes of Parquet, over the limit of 100 "):
+        read_manifest(str(tmp_path / "m.parquet"), max_bytes=100)
+    (tmp_path / "folder").mkdir()
+    for k in range(3):
+        pq.write_table(pa.Table.from_pandas(one_row(id=f"r{k}")), tmp_path / "folder" / f"{k}.parquet")
+    with pytest.raises(ManifestError, match="3 rows, over the limit of 2"):
+        read_manifest(str(tmp_path / "folder"), max_rows=2)
+    assert len(read_manifest(str(tmp_path / "folder"), max_rows=3).rows) == 3
+
+
+def test_an_empty_manifest_is_a_clean_no_op(tmp_path, capsys):
+    empty = one_row().iloc[:0]
+    pq.write_table(pa.Table.from_pandas(empty, preserve_index=False), tmp_path / "m.parquet")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"manifest": str(tmp_path / "m.parquet"),
+                                    "output": str(tmp_path / "out"),
+                                    "models": str(tmp_path / "absent.yaml")}))
+    import ray
+    was_running = ray.is_initialized()
+    assert run_command(Namespace(spec=str(spec), set=[], address=None, retry_errors=False)) == 0
+    assert "has no rows: nothing to do" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and ray.is_initialized() == was_running
