@@ -42,7 +42,7 @@ def run_paste(args) -> int:
     return 0
 
 
-def add_parsers(commands) -> None:
+def add_parser(commands) -> None:
     a = commands.add_parser("align", help="FFHQ-align the faces of photos (needs .[align])")
     a.add_argument("input", metavar="IN_URI", help="a photo or a folder of photos")
     a.add_argument("output", metavar="OUT_URI", help="folder for the aligned crops")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -163,7 +164,14 @@ def _weights_check(args) -> int:
     return 0 if failures == 0 else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each command's module (weights: this one). A command line that names one imports only
+# that module, so `maskface status` starts without torch; --help lists every command.
+COMMAND_MODULES = {"run": "run", "status": "status", "report": "report", "export": "export",
+                   "manifest": "manifest_cmd", "align": "align_cmd", "paste": "align_cmd",
+                   "edit": "edit", "bench": "bench"}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskface", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,20 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="face parser working size (512 for the real weights)")
     check.set_defaults(func=_weights_check)
 
-    from jobs import align_cmd, bench, edit, export, manifest_cmd, report, run, status
-    run.add_parser(commands)
-    status.add_parser(commands)
-    report.add_parser(commands)
-    export.add_parser(commands)
-    manifest_cmd.add_parser(commands)
-    align_cmd.add_parsers(commands)
-    edit.add_parser(commands)
-    bench.add_parser(commands)
+    named = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")),
+                 None)
+    wanted = [COMMAND_MODULES[named]] if named in COMMAND_MODULES else COMMAND_MODULES.values()
+    for name in dict.fromkeys(wanted):
+        importlib.import_module(f"jobs.{name}").add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

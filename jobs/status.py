@@ -8,8 +8,8 @@ import json
 import sys
 import time
 
-from jobs.run import CREDENTIAL_KEYS, load_job_spec
 from pipeline.config import flatten
+from pipeline.storage import CREDENTIAL_KEYS
 
 
 def _storage_options(args) -> dict:
@@ -32,6 +32,7 @@ def status_command(args) -> int:
     from pipeline.progress import read_status, render
     output, manifest, options = args.output, args.manifest, _storage_options(args)
     if args.job:
+        from jobs.run import load_job_spec       # the job's modules: only for --job
         spec = load_job_spec(args.job)
         output = output or spec.output
         manifest = manifest or spec.manifest

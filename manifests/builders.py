@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import fsspec
 import pandas as pd
 
-from models.classifier import ATTRIBUTES
+from models.celeba import ATTRIBUTES
 from pipeline.rows import safe_stem
 
 from .schema import ManifestError, validate

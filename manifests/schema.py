@@ -3,7 +3,7 @@
 The columns and the rules for their values are pipeline/rows.py's:
   id          unique, 1-200 characters of [A-Za-z0-9._-], not starting with '.'; names the outputs
   image_uri   fsspec URI, or a path relative to the manifest's own location
-  attributes  list of attribute names (models.classifier.ATTRIBUTES)
+  attributes  list of attribute names (models.celeba.ATTRIBUTES)
   targets     list of floats in [0, 1], as long as `attributes`
 Optional columns: size (>= 0), smoothing ([0, 1)), seed (int; default: a stable hash of
 the id), mode (auto/local/global), blend (include_skin/no_skin). Any other column passes

@@ -14,11 +14,13 @@ import posixpath
 import re
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import fsspec
-import torch
 from filelock import FileLock
+
+if TYPE_CHECKING:       # torch is imported where a checkpoint is loaded: URI helpers stay light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ def _verify(path: Path, expected: str, uri: str) -> None:
 def safe_load(path: str | os.PathLike, uri: str | None = None,
               allowed_types: Iterable[type] = ()) -> object:
     """torch.load with weights_only=True onto the CPU, with errors that name the file."""
+    import torch
     name = redact(uri or str(path))
     try:
         with torch.serialization.safe_globals(list(allowed_types)):
@@ -154,6 +157,7 @@ def require_mapping(obj: object, name: str, keys: Iterable[str] = ()) -> Mapping
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str
                 ) -> None:
     """Load a state dict whose keys and shapes must match the module's exactly."""
+    import torch
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]

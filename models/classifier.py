@@ -12,18 +12,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# Output order of the 40 logits. This is the one table that maps names to indices.
-ATTRIBUTES: tuple[str, ...] = (
-    "blurry", "sideburns", "wearing_earrings", "bald", "goatee", "mustache",
-    "5_o_clock_shadow", "arched_eyebrows", "no_beard", "heavy_makeup", "male",
-    "wearing_lipstick", "black_hair", "high_cheekbones", "smiling", "mouth_slightly_open",
-    "oval_face", "bushy_eyebrows", "attractive", "young", "gray_hair", "brown_hair",
-    "blond_hair", "pale_skin", "chubby", "double_chin", "big_nose", "bags_under_eyes",
-    "wearing_necklace", "wearing_necktie", "rosy_cheeks", "bangs", "wavy_hair",
-    "straight_hair", "wearing_hat", "big_lips", "narrow_eyes", "pointy_nose",
-    "receding_hairline", "eyeglasses",
-)
-ATTRIBUTE_INDEX: dict[str, int] = {name: i for i, name in enumerate(ATTRIBUTES)}
+# the logits' order: the one table that maps attribute names to indices
+from .celeba import ATTRIBUTE_INDEX, ATTRIBUTES  # noqa: F401
 
 CELEBA_MEAN = (0.5061, 0.4254, 0.3828)
 CELEBA_STD = (0.2661, 0.2453, 0.2413)

@@ -1,6 +1,6 @@
 """The attribute table: which face regions an edit may touch, and how it is optimised.
 
-Every classifier attribute (models.classifier.ATTRIBUTES) can be edited; the names are
+Every classifier attribute (models.celeba.ATTRIBUTES) can be edited; the names are
 checked in pipeline/rows.py. The 14 local ones run the local schedule (mean-latent
 start, masked MSE); every other attribute runs the global schedule (e4e start, masked
 LPIPS), as in the original.

@@ -5,7 +5,7 @@ options. `EditRequest` (what the engine takes), the manifest validator
 (`manifests/schema.py`), the edit settings (`pipeline/config.py`) and the command line
 all check values with the rules below, so a value means the same thing everywhere.
 
-    attributes   names from models.classifier.ATTRIBUTES (the 40 CelebA attributes),
+    attributes   names from models.celeba.ATTRIBUTES (the 40 CelebA attributes),
                  each at most once, at least one
     targets      one number in [0, 1] per attribute; the classifier aims at
                  |target - smoothing|
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from models.classifier import ATTRIBUTE_INDEX, ATTRIBUTES
+from models.celeba import ATTRIBUTE_INDEX, ATTRIBUTES
 
 from .errors import RowError
 

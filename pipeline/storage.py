@@ -30,6 +30,11 @@ import fsspec
 from .access import safe_uri
 from .errors import StorageError
 
+# Keys that would put credentials in a job spec or a command line (and so in job.json or
+# a shell history); they come from the standard AWS chain or the environment instead.
+CREDENTIAL_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
+                   "aws_secret_access_key", "aws_session_token", "session_token"}
+
 S3_ATTEMPTS = 4            # botocore total_max_attempts, per request
 S3FS_RETRIES = 2           # s3fs tries per call (its own default of 5 multiplies too much)
 CONNECT_TIMEOUT_S = 10

@@ -1,5 +1,5 @@
 """The attribute table: regions and modes."""
-from models.classifier import ATTRIBUTES
+from models.celeba import ATTRIBUTES
 from pipeline.attributes import (DEFAULT_REGIONS, GLOBAL_ATTRIBUTES, LOCAL_ATTRIBUTES, has_hair,
                                  has_hair_shape, is_local, regions)
 

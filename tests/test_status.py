@@ -192,6 +192,20 @@ def test_status_watch_refreshes_until_interrupted(tmp_path):
     assert rc == 0, proc.stderr.read()                  # Ctrl-C ends a watch cleanly
 
 
+def test_status_starts_without_loading_torch(tmp_path):
+    """A status read from another terminal loads no deep-learning stack (seconds saved
+    at every start, and no GPU library on a login node)."""
+    out = Output(str(tmp_path / "out"))
+    write_job(out, SPECS[:2], START)
+    code = ("import sys; from jobs.cli import main; rc = main(['status', sys.argv[1], '--json']); "
+            "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["figures"]["done"] == 2
+    assert run.stderr.strip().splitlines()[-1] == "False"
+
+
 def test_driver_progress_lines_without_a_terminal(caplog):
     caplog.set_level(logging.INFO, logger="pipeline.progress")
     with DriverProgress(total=10, before=2, interval_s=0.2, tty=False) as progress:
