@@ -17,11 +17,9 @@ from pipeline.access import InputPolicy
 from pipeline.config import ConfigError, EditConfig, flatten, parse_set
 from pipeline.errors import SetupError
 from pipeline.job import JobSettings
+from pipeline.runtime import Runtime
+from pipeline.storage import CREDENTIAL_KEYS
 
-# Keys that would put credentials in a spec (and so in job.json); they come from the
-# standard AWS chain or the environment instead.
-CREDENTIAL_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
-                   "aws_secret_access_key", "aws_session_token", "session_token"}
 
 
 class JobSpecError(ValueError):
@@ -40,7 +38,7 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
         if top == "edit" and rest:
             data.setdefault("edit", {})
             data["edit"] = {**flatten(data["edit"] or {}), rest: value}
-        elif top in ("storage_options", "inputs") and rest:
+        elif top in ("storage_options", "inputs", "runtime") and rest:
             data[top] = {**(data.get(top) or {}), rest: value}
         else:
             data[key] = value
@@ -74,6 +72,15 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
     except ValueError as e:
         raise JobSpecError(f"{path}: {e}") from None
     data["inputs"] = dict(data.get("inputs") or {})
+    data["runtime"] = dict(data.get("runtime") or {})
+    try:
+        Runtime(**data["runtime"])
+    except (TypeError, ValueError) as e:
+        raise JobSpecError(f"{path}: runtime: {e}; keys: "
+                           f"{', '.join(f.name for f in fields(Runtime))}") from None
+    for key in ("auto_batch", "share_prefix"):
+        if not isinstance(data.get(key, True), bool):
+            raise JobSpecError(f"{path}: {key} must be true or false, got {data[key]!r}")
     if data.get("actors") is not None and (not isinstance(data["actors"], int) or data["actors"] < 1):
         raise JobSpecError(f"{path}: actors must be a positive integer, got {data['actors']!r}")
     return JobSettings(**data)

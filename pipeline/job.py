@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import subprocess
 import time
 import warnings
@@ -55,6 +56,9 @@ class JobSettings:
     retry_errors: bool = False
     inputs: dict = field(default_factory=dict)   # allow-list and image limits (pipeline/access.py)
     stop_after_failed_batches: int = 3          # K whole batches in a row failing alike stop the job
+    runtime: dict = field(default_factory=dict)  # how the engine runs (pipeline/runtime.py)
+    auto_batch: bool = True           # GPU actors probe the largest batch up to batch_size
+    share_prefix: bool = True         # each image's shared inversion prefix runs once
 
 
 # How often Ray runs a batch again on a restarted actor after its actor died (a killed
@@ -104,6 +108,23 @@ def _schedule_order(todo: pd.DataFrame, plan: JobPlan) -> pd.DataFrame:
     order = {k: i for i, k in enumerate(sorted({(s.mode, repr(s.group_key())) for s in group}))}
     todo = todo.assign(_group=[order[(s.mode, repr(s.group_key()))] for s in group])
     return todo.sort_values(["_group", "id"]).drop(columns="_group").reset_index(drop=True)
+
+
+def image_groups(todo: pd.DataFrame, most: int) -> pd.DataFrame:
+    """One dataset row per input image, holding up to `most` of its edit rows (in
+    schedule order), pickled: an image's edits reach an actor call together, so its
+    shared inversion prefix runs once there (an image with more rows than `most` is
+    split, so that it cannot hold one actor while others idle; its later parts find the
+    prefix in the actor's memory or the output). Every manifest value (a passthrough
+    timestamp, an align_quad list or null) reaches the actor as pandas gave it, untouched
+    by Ray Data's column conversions. The bytes go from this driver to its actors only."""
+    groups: dict[str, list[dict]] = {}
+    for row in todo.to_dict("records"):
+        groups.setdefault(row["image_uri"], []).append(row)
+    parts = [(uri, rows[k:k + most]) for uri, rows in groups.items()
+             for k in range(0, len(rows), most)]
+    return pd.DataFrame({"image_uri": [uri for uri, _ in parts],
+                         "rows": [pickle.dumps(rows) for _, rows in parts]})
 
 
 def pending_rows(rows: pd.DataFrame, out: Output, retry_errors: bool) -> pd.DataFrame:
@@ -251,16 +272,16 @@ def _run_on_ray(todo: pd.DataFrame, total: int, settings: JobSettings, plan: Job
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = settings.no_progress_timeout_s
     ctx.enable_progress_bars = ray_data_progress_wanted()    # ours below; theirs with -v
-    # passthrough list columns (align_quad) may hold nulls: keep them plain lists
-    ctx.enable_tensor_extension_casting = False
-    blocks = max(n_actors, math.ceil(len(todo) / settings.batch_size))
-    ds = ray.data.from_pandas(todo).repartition(blocks)
+    groups = image_groups(todo, settings.batch_size)
+    per_call = max(1, round(settings.batch_size * len(groups) / len(todo)))   # images per call
+    blocks = max(n_actors, math.ceil(len(groups) / per_call))
+    ds = ray.data.from_pandas(groups).repartition(blocks)
     with warnings.catch_warnings():
         # Ray Data takes max_task_retries only as a `ray_remote_args` key, which Ray 2.60
         # calls deprecated (no named parameter exists for it yet)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(
-            EditStage, batch_size=settings.batch_size, batch_format="pandas",
+            EditStage, batch_size=per_call, batch_format="pandas",
             compute=ActorPoolStrategy(size=n_actors),
             fn_constructor_kwargs=dict(
                 spec=plan.spec, networks=plan.networks, settings=plan.settings,
@@ -269,7 +290,9 @@ def _run_on_ray(todo: pd.DataFrame, total: int, settings: JobSettings, plan: Job
                 save_noises=settings.save_noises, paste_back=settings.paste_back,
                 cpu_threads=None if on_gpus else settings.cpu_threads,
                 inputs=InputPolicy.from_spec(settings.inputs),
-                stop_after=settings.stop_after_failed_batches),
+                stop_after=settings.stop_after_failed_batches, runtime=settings.runtime,
+                batch_size=settings.batch_size, auto_batch=settings.auto_batch,
+                share_prefix=settings.share_prefix),
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, **per_actor)
     return _collect(ds, total, len(todo), nodes)
 

@@ -46,6 +46,8 @@ METRICS_SCHEMA = pa.schema([
     ("outside_mse", pa.float64()), ("outside_psnr", pa.float64()), ("recon_mse", pa.float64()),
     ("region_portion_before", pa.float64()), ("region_portion_after", pa.float64()),
     ("steps", pa.int64()), ("seconds", pa.float64()),
+    # the shared inversion prefix the edit branched from: computed, cached, or null (none)
+    ("prefix", pa.string()),
     # identity preservation (pipeline/identity.py): null on error rows and when not measured
     ("identity_distance", pa.float64()), ("same_person", pa.bool_()),
     ("identity_status", pa.string()), ("identity_seconds", pa.float64()),
@@ -106,6 +108,19 @@ class Output:
         buf = io.BytesIO()
         np.save(buf, array)
         self.put(rel, buf.getvalue())
+
+    def get_npy(self, rel: str) -> np.ndarray | None:
+        """A .npy file under the output, or None when there is none (or it is unreadable:
+        a cache entry is then made again)."""
+        path = self._path(rel)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return np.load(io.BytesIO(f.read()), allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (ValueError, EOFError, *STORAGE_ERRORS) as e:  # type: ignore[misc]
+            log.warning("ignoring %s/%s: %s", self.uri, rel, e)
+            return None
 
     def put_npz(self, rel: str, arrays: dict) -> None:
         buf = io.BytesIO()

@@ -47,6 +47,11 @@ class Runtime:
     check_every: int = 0
 
     def __post_init__(self):
+        for name in ("channels_last", "compile", "tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.check_every, int) or isinstance(self.check_every, bool):
+            raise ValueError(f"check_every must be an integer, got {self.check_every!r}")
         if self.autocast not in (None, *AUTOCAST):
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)} or unset, "
                              f"got {self.autocast!r}")

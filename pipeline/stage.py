@@ -1,9 +1,13 @@
 """The Ray Data stage: a model-holding callable class, one instance per GPU.
 
 Ray Data creates an actor pool of `EditStage`; each actor loads the networks the job
-needs once, in `__init__`, and edits batches of manifest rows in `__call__`. Rows carry
-URIs, not pixels: the actor reads each image itself, writes the image, latent, mask
-(and noise) files, then the batch's metrics file, and returns the metrics rows.
+needs once, in `__init__`, and edits manifest rows in `__call__`. The job hands it
+image groups (all the edit rows of one input image: see `job.image_groups`),
+which it edits `batch_size` rows at a time (on a GPU, the largest size up to that which
+fits, probed once). Rows carry URIs, not pixels: the actor reads each image once,
+branches its local edits from the image's shared inversion prefix (pipeline/prefix.py),
+writes the image, latent, mask (and noise) files, then each batch's metrics file, and
+returns the metrics rows.
 
 Failures (pipeline/errors.py): a RowError (a refused URI, an unusable image, a storage
 error on one object, a numeric blow-up) becomes that row's `status=error` row. An
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -33,12 +38,16 @@ from models.spec import ModelsSpec
 
 from .access import InputPolicy, safe_uri
 from .config import Settings, settings_key
-from .engine import Editor, EditResult
+from .engine import Editor, EditResult, StartPoint
 from .errors import STOPPED, JobStopped, RowError, SetupError, StorageError
 from .identity import load_identity
 from .images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from .outputs import Output
+from .perf import auto_batch_size
+from .prefix import PrefixCache, branch_points, start_for
 from .rows import EditRequest, is_null
+from .runtime import Runtime
+from .schedule import shared_prefix
 from .storage import is_outage
 
 log = logging.getLogger(__name__)
@@ -61,23 +70,33 @@ class EditStage:
         cpu_threads: torch threads (CPU actors).
         inputs: where inputs may come from and the limits on each image.
         stop_after: whole batches in a row failing the same way that stop the job (0: never).
+        runtime: how the engine runs (pipeline.runtime.Runtime's fields).
+        batch_size: rows per engine call; on a GPU with auto_batch, the cap of the probe.
+        share_prefix: run each image's shared inversion prefix once, cached in the output.
     """
 
     def __init__(self, spec: ModelsSpec, networks: Sequence[str],
                  settings: Mapping[tuple, Settings], parser_size: int, output_uri: str,
                  storage_options: Mapping | None, schema: pa.Schema, save_noises: bool = False,
                  paste_back: bool = False, cpu_threads: int | None = None,
-                 inputs: InputPolicy | None = None, stop_after: int = 3):
+                 inputs: InputPolicy | None = None, stop_after: int = 3,
+                 runtime: Mapping | None = None, batch_size: int = 4, auto_batch: bool = True,
+                 share_prefix: bool = True):
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.storage_options = dict(storage_options or {})
         self.settings = dict(settings)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.models = load_models(spec, device=self.device, parser_size=parser_size,
-                                  networks=networks, storage_options=self.storage_options)
+        self.runtime = Runtime(**dict(runtime or {}))
+        self.editor = Editor(load_models(spec, device=self.device, parser_size=parser_size,
+                                         networks=networks, storage_options=self.storage_options),
+                             runtime=self.runtime)
+        self.models = self.editor.models  # the networks as the runtime prepared them, held once
         self.model_loads = 1          # reported per row: more would mean a reloading actor
-        self.editor = Editor(self.models)
+        self.chunk = self._batch_size(batch_size, auto_batch, parser_size)
         self.output = Output(output_uri, self.storage_options)
+        self.prefixes = PrefixCache(self.output) if share_prefix else None
+        self._images: dict[str, torch.Tensor] = {}     # this call's decoded inputs, by URI
         self.schema = schema
         self.save_noises = save_noises
         self.paste_back = paste_back
@@ -87,10 +106,22 @@ class EditStage:
         self.streak = FailureStreak(stop_after, self.identity["node"])
         log.info("edit actor ready on %s (%s)", self.identity["node"], self.device)
 
+    def _batch_size(self, cap: int, auto: bool, parser_size: int) -> int:
+        """`cap`, or on a GPU the largest batch up to it whose heaviest step fits (on a CPU
+        running out of memory kills the process rather than raising: no probe there)."""
+        if not auto or self.device != "cuda":
+            return cap
+        mode = "global" if any(not s.local for s in self.settings.values()) else "local"
+        size = auto_batch_size(self.models, self.runtime, mode, cap, parser_size)
+        log.info("batch size %d (probed; the job's cap %d)", size, cap)
+        return size
+
     @staticmethod
     def _identity() -> dict:
         try:
             import ray
+            if not ray.is_initialized():   # asking would start a local Ray instance
+                raise RuntimeError("outside Ray")
             ctx = ray.get_runtime_context()
             actor = ctx.get_actor_id() or f"pid-{os.getpid()}"
             gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
@@ -100,21 +131,28 @@ class EditStage:
         return {"node": node, "actor": actor, "gpu_ids": gpu_ids}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """The batch's metrics rows; on a SetupError, its rows with status `stopped` and
-        the message (recorded nowhere: they stay pending), which tell the driver to end
-        the job (an exception would reach it buried in Ray Data's own error)."""
-        try:
-            return self._run(batch)
-        except SetupError as e:
-            log.error("stopping the job: %s", e)
-            stopped = pd.DataFrame({name: [None] * len(batch) for name in self.schema.names})
-            stopped["id"] = list(batch["id"])
-            stopped["status"] = STOPPED
-            stopped["error"] = safe_uri(str(e))
-            return stopped
+        """The metrics rows of the batch's edit rows (image groups are unpacked), edited
+        `self.chunk` at a time. On a SetupError, the rows not yet done come back with
+        status `stopped` and the message (recorded nowhere: they stay pending), which
+        tell the driver to end the job (an exception would reach it buried in Ray Data's
+        own error)."""
+        rows = unpack(batch)
+        self._images = {}                                    # each image read once per call
+        parts = []
+        for start in range(0, len(rows), self.chunk):
+            try:
+                parts.append(self._run(rows[start:start + self.chunk]))
+            except SetupError as e:
+                log.error("stopping the job: %s", e)
+                stopped = pd.DataFrame({n: [None] * (len(rows) - start) for n in self.schema.names})
+                stopped["id"] = [r["id"] for r in rows[start:]]
+                stopped["status"] = STOPPED
+                stopped["error"] = safe_uri(str(e))
+                parts.append(stopped)
+                break
+        return pd.concat(parts, ignore_index=True)
 
-    def _run(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = batch.to_dict("records")
+    def _run(self, rows: list[dict]) -> pd.DataFrame:
         records = [self._base_record(r) for r in rows]
         errors: list[Exception | None] = [None] * len(rows)
         inputs = self._read_inputs(rows, records, errors)
@@ -151,8 +189,11 @@ class EditStage:
         inputs = []
         for k, row in enumerate(rows):
             try:
-                image = read_image(row["image_uri"], self.editor.resolution,
-                                   self.storage_options, self.inputs, check_access=True)
+                image = self._images.get(row["image_uri"])
+                if image is None:
+                    image = read_image(row["image_uri"], self.editor.resolution,
+                                       self.storage_options, self.inputs, check_access=True)
+                    self._images[row["image_uri"]] = image
                 request = EditRequest.from_row(row)
             except RowError as e:
                 self._fail(records, errors, k, e)
@@ -163,11 +204,30 @@ class EditStage:
 
     def _edit(self, rows: list[dict], records: list[dict], errors: list,
               inputs: list[tuple]) -> None:
+        """Rows that share an inversion prefix branch from it; the others start as usual."""
         started = time.perf_counter()
+        shares = [self.prefixes is not None and shared_prefix(x[3]) > 0 for x in inputs]
+        for from_prefix in (True, False):
+            part = [x for x, s in zip(inputs, shares) if s == from_prefix]
+            if part:
+                self._edit_part(rows, records, errors, part, from_prefix)
+        log.info("edited %d rows in %.1f s", len(inputs), time.perf_counter() - started)
+
+    def _edit_part(self, rows: list[dict], records: list[dict], errors: list,
+                   inputs: list[tuple], from_prefix: bool) -> None:
         positions, images, requests, settings = zip(*inputs)
         try:
+            start = StartPoint()
+            if from_prefix:
+                assert self.prefixes is not None
+                latents, sources = branch_points(self.editor, self.prefixes, list(images),
+                                                 list(requests), list(settings), self.chunk,
+                                                 self.runtime.autocast)
+                start = start_for(latents, list(settings))
+                for k, source in zip(positions, sources):
+                    records[k]["prefix"] = source
             results = self.editor.edit(torch.stack(images), list(requests),
-                                       settings=list(settings))
+                                       settings=list(settings), start=start)
         except SetupError:
             raise
         except Exception as e:
@@ -178,6 +238,8 @@ class EditStage:
                 self._fail(records, errors, k, e, "batch failed")
             return
         for k, image, result in zip(positions, images, results):
+            if result.ok and from_prefix:         # its share of the prefix's steps counts too
+                result.metrics["steps"] += start.step or 0
             if not result.ok:
                 self._fail(records, errors, k, RowError(result.error))
                 continue
@@ -185,7 +247,6 @@ class EditStage:
                 records[k].update(self._write(rows[k], result, image))
             except RowError as e:
                 self._fail(records, errors, k, e, "writing outputs")
-        log.info("edited %d rows in %.1f s", len(positions), time.perf_counter() - started)
 
     def _base_record(self, row: dict) -> dict[str, Any]:
         record = {k: v for k, v in row.items() if k in self.schema.names}
@@ -282,3 +343,12 @@ def _failure_kind(error: Exception | None) -> str | None:
     if isinstance(error, RowError):
         return None
     return type(error).__name__
+
+
+def unpack(batch: pd.DataFrame) -> list[dict]:
+    """The edit rows of a batch: image groups unpacked (as `job.image_groups` packs them:
+    pickled by this job's driver), or a batch of edit rows as it is (the stage called
+    directly)."""
+    if "rows" in batch.columns and "id" not in batch.columns:
+        return [row for packed in batch["rows"] for row in pickle.loads(packed)]
+    return batch.to_dict("records")

@@ -15,7 +15,9 @@ from PIL import Image
 
 from jobs.run import JobSpecError, load_job_spec, run_command
 from manifests.schema import ManifestError, read_manifest, validate, write_manifest
+from pipeline.job import image_groups
 from pipeline.outputs import Output
+from pipeline.stage import unpack
 
 
 
@@ -208,6 +210,18 @@ def test_defaults_and_relative_image_uris(tmp_path):
     assert read_manifest(str(tmp_path / "m.parquet")).rows["image_uri"].iloc[0] == str(tmp_path / "p.png")
 
 
+def test_an_images_rows_travel_together_up_to_the_batch_size_with_every_value_intact():
+    taken = pd.to_datetime(["2024-05-01", None, "2024-05-03", None, "2024-05-05"], utc=True)
+    todo = manifest([f"r{k}" for k in range(5)], ["a.png", "a.png", "a.png", "b.png", "a.png"],
+                    align_quad=[[0.5] * 8, None, None, None, [1.5] * 8], taken_at=taken)
+    groups = image_groups(todo, 2)
+    assert groups["image_uri"].tolist() == ["a.png", "a.png", "b.png"]
+    rows = unpack(groups)
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r4", "r3"]
+    back = pd.DataFrame(rows).set_index("id").loc[todo["id"]].reset_index()
+    pd.testing.assert_frame_equal(back[todo.columns], todo)
+
+
 @pytest.mark.parametrize("keys,message", [
     ({"bogus": 1}, r"unknown key\(s\) \['bogus'\]"),
     ({"storage_options": {"key": "AKIA..."}}, "must not hold credentials"),
@@ -216,6 +230,10 @@ def test_defaults_and_relative_image_uris(tmp_path):
     ({"inputs": {"allow": 3}}, "inputs.allow must be a list of URI prefixes"),
     ({"inputs": {"max_pixels": "big"}}, "inputs.max_pixels must be a positive integer"),
     ({"stop_after_failed_batches": -1}, "stop_after_failed_batches must be an integer >= 0"),
+    ({"runtime": {"autocast": "fp8"}}, "runtime: autocast must be one of"),
+    ({"runtime": {"compile": "yes"}}, "runtime: compile must be true or false"),
+    ({"runtime": {"fast": True}}, "runtime: .*unexpected keyword.*keys: channels_last"),
+    ({"share_prefix": "no"}, "share_prefix must be true or false"),
 ])
 def test_job_spec_errors(tmp_path, keys, message):
     spec = write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o", models="m.yaml",
@@ -227,9 +245,11 @@ def test_job_spec_errors(tmp_path, keys, message):
 def test_set_overrides_spec_and_edit_keys(tmp_path):
     spec = write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o", models="m.yaml")
     settings = load_job_spec(spec, ["batch_size=8", "edit.steps.latent=9", "save_noises=true",
-                                    "inputs.allow=[s3://data/faces/]", "inputs.min_side=64"])
+                                    "inputs.allow=[s3://data/faces/]", "inputs.min_side=64",
+                                    "runtime.autocast=bf16", "share_prefix=false"])
     assert settings.batch_size == 8 and settings.save_noises is True
     assert settings.inputs == {"allow": ["s3://data/faces/"], "min_side": 64}
+    assert settings.runtime == {"autocast": "bf16"} and settings.share_prefix is False
     assert settings.edit["steps.latent"] == 9 and settings.edit["parser_size"] == 32
 
 
@@ -343,8 +363,9 @@ def test_paste_back_writes_the_edit_into_the_full_photo(ray_cluster, tmp_path, t
     big = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(1).random((80, 100, 3)) * 255).astype("uint8")).save(big)
     quad = [20.0, 10.0, 20.0, 60.0, 70.0, 60.0, 70.0, 10.0]     # a 50 px square in the photo
+    taken = pd.to_datetime(["2024-05-01 10:00", None], utc=True)    # any passthrough type
     rows = manifest(["pa", "pb"], [str(photos / "p0.png"), str(photos / "p1.png")],
-                    source_uri=[str(big), None], align_quad=[quad, None])
+                    source_uri=[str(big), None], align_quad=[quad, None], taken_at=taken)
     write_manifest(rows, str(tmp_path / "m.parquet"))
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
                       output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
@@ -355,6 +376,7 @@ def test_paste_back_writes_the_edit_into_the_full_photo(ray_cluster, tmp_path, t
     assert metrics.loc["pa", "input_uri"] == str(photos / "p0.png")
     assert metrics.loc["pb", "source_uri"] == str(photos / "p1.png")   # not aligned
     assert list(metrics.loc["pa", "align_quad"]) == quad
+    assert metrics.loc["pa", "taken_at"] == taken[0] and pd.isna(metrics.loc["pb", "taken_at"])
     pasted = np.asarray(Image.open(tmp_path / "out" / "pasted" / "pa.png"))
     assert pasted.shape == (80, 100, 3)
     original = np.asarray(Image.open(big))

@@ -1,8 +1,10 @@
 """The Ray stage called directly, without Ray, and the driver's plan it is built from:
 settings resolved once per job, networks loaded by need, the column contract."""
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import ray
 import yaml
 from helpers import SHORT, write_photos
 from PIL import Image
@@ -12,7 +14,7 @@ from models.spec import REQUIRED, SpecError
 from pipeline.access import InputPolicy
 from pipeline.errors import STOPPED, JobStopped, StorageError
 from pipeline.images import ImageError
-from pipeline.job import JobSettings, plan_job
+from pipeline.job import JobSettings, image_groups, plan_job
 from pipeline.outputs import Output, passthrough_schema
 from pipeline.stage import EditStage, FailureStreak
 
@@ -42,12 +44,12 @@ def rows(photos, attrs, ids=None, **extra):
         "attributes": [[a] for a in attrs], "targets": [[1.0]] * n, **extra}))
 
 
-def stage_for(todo, models, tmp_path, edit=SHORT):
-    settings = JobSettings(manifest="m", output=str(tmp_path / "out"), models=models, edit=edit)
+def stage_for(todo, models, tmp_path, edit=SHORT, output="out", **kwargs):
+    settings = JobSettings(manifest="m", output=str(tmp_path / output), models=models, edit=edit)
     plan = plan_job(todo, settings)
     schema = passthrough_schema(pa.Schema.from_pandas(todo), ["label"])
     stage = EditStage(plan.spec, plan.networks, plan.settings, plan.parser_size,
-                      settings.output, {}, schema)
+                      settings.output, {}, schema, **kwargs)
     return stage, plan
 
 
@@ -65,6 +67,7 @@ def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path,
     assert out.loc["r0", "input_uri"] == str(photos / "p0.png")
     assert Image.open(out.loc["r1", "edited_uri"]).size == (64, 64)
     assert out["label"].tolist() == [7, 8, 9] and (out["actor_model_loads"] == 1).all()
+    assert not ray.is_initialized()          # a stage used directly starts no Ray instance
     assert out.loc["r1", "steps"] == 3 + 2 and out.loc["r0", "mode"] == "local"
     written = Output(str(tmp_path / "out")).read_metrics().set_index("id")
     assert sorted(written.index) == ["r0", "r1", "r2"]                # the metrics file is there
@@ -162,3 +165,50 @@ def test_the_early_stop_rule_counts_whole_batches_failing_alike():
     never = FailureStreak(0, "node-1")
     for _ in range(10):
         never.record([engine])
+
+
+PREFIX = {**SHORT, "steps.latent": 4, "loss.start_steps.classf": 2, "loss.start_steps.seg": 2}
+
+
+def edits(photos, pairs):
+    """Rows (photo k, attribute) with ids that say which."""
+    return validate(pd.DataFrame({
+        "id": [f"p{k}.{a}" for k, a in pairs], "image_uri": [str(photos / f"p{k}.png") for k, _ in pairs],
+        "attributes": [[a] for _, a in pairs], "targets": [[1.0]] * len(pairs)}))
+
+
+def test_an_images_local_edits_branch_from_one_prefix_kept_in_the_output(tiny_dir, photos,
+                                                                         tmp_path):
+    """Two recon masks per photo (the hair-shape edit adds the ears): one prefix each,
+    computed once, stored under the output, used by a later call with other attributes
+    and not by one whose prefix settings differ. Edits branched from it agree with edits
+    run from scratch (float32; another batch composition)."""
+    todo = edits(photos, [(0, "smiling"), (0, "big_nose"), (0, "wavy_hair"), (1, "smiling"),
+                          (1, "straight_hair"), (0, "male")])
+    stage, _ = stage_for(todo, str(tiny_dir / "models.yaml"), tmp_path, edit=PREFIX, batch_size=3)
+    out = stage(image_groups(todo, 3)).set_index("id")
+    assert (out["status"] == "ok").all(), out["error"].tolist()
+    assert out["prefix"].fillna("none").to_dict() == {
+        "p0.smiling": "computed", "p0.big_nose": "computed", "p0.wavy_hair": "computed",
+        "p1.smiling": "computed", "p1.straight_hair": "computed", "p0.male": "none"}
+    prefixes = sorted((tmp_path / "out" / "prefixes").iterdir())
+    assert len(prefixes) == 4                                  # 2 photos x (skin, skin + ears)
+    assert out.loc["p0.smiling", "steps"] == 4 + 2             # the prefix's steps count
+    scratch, _ = stage_for(todo, str(tiny_dir / "models.yaml"), tmp_path, edit=PREFIX,
+                           output="scratch", share_prefix=False)
+    alone = scratch(todo).set_index("id")
+    assert alone["prefix"].isna().all()
+    for rid in out.index:      # float32 rounding of another batch can tip an Adam step (lr
+        a = np.load(out.loc[rid, "latent_uri"])                 # 0.001); a wrong prefix is off
+        b = np.load(alone.loc[rid, "latent_uri"])               # by far more (exact in float64:
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-3)     # tests/test_engine.py)
+
+    more = edits(photos, [(0, "bushy_eyebrows"), (1, "wavy_hair")])      # same recon masks
+    later, _ = stage_for(more, str(tiny_dir / "models.yaml"), tmp_path, edit=PREFIX)  # a later job
+    again = later(image_groups(more, 4)).set_index("id")
+    assert again["prefix"].tolist() == ["cached", "cached"]
+    assert sorted((tmp_path / "out" / "prefixes").iterdir()) == prefixes
+    changed, _ = stage_for(more, str(tiny_dir / "models.yaml"), tmp_path,
+                           edit={**PREFIX, "optimizer.lr_latent": 0.002})
+    assert changed(image_groups(more, 4))["prefix"].tolist() == ["computed", "computed"]
+    assert len(list((tmp_path / "out" / "prefixes").iterdir())) == 6
