@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from models.stylegan2 import compute_mean_latent
+from models.tiny import tiny_generator
 from pipeline.config import EditConfig
 from pipeline.engine import Editor
 from pipeline.perf import bench_models
@@ -78,3 +80,29 @@ def test_the_batch_probe_finds_the_largest_size_that_fits():
         assert len(tried) <= 2 * cap.bit_length()          # doubling, then bisection
     with pytest.raises(RuntimeError, match="not even one image"):
         largest_batch(lambda n: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no")), 4)
+
+
+@pytest.mark.compile
+def test_torch_compile_agrees_with_eager_forward_and_backward():
+    """Inductor (its C++ backend here) on a 32 px generator: the image and the latent's
+    gradient of a masked recon loss are eager's to float32 rounding. The generator alone:
+    compiling the engine's four networks with their backward takes many minutes on 2
+    cores (the bench reports compile time as the first step's extra time)."""
+    torch.manual_seed(0)
+    g = tiny_generator(32).eval().requires_grad_(False)
+    compiled = torch.compile(g, dynamic=False)
+    latent = compute_mean_latent(g, 64).view(1, 1, -1).repeat(2, g.n_latent, 1)
+    latent = latent + 0.1 * torch.randn(latent.shape)
+    noises = g.make_noise(2, "randn", torch.Generator().manual_seed(1))
+    target = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def image_and_grad(net):
+        w = latent.clone().requires_grad_(True)
+        image = net(w, noises)
+        ((image - target) ** 2).mean().backward()
+        return image.detach(), w.grad
+
+    eager_image, eager_grad = image_and_grad(g)
+    image, grad = image_and_grad(compiled)
+    torch.testing.assert_close(image, eager_image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-3, atol=1e-6)
