@@ -5,8 +5,9 @@ metrics rows and job.json under the output (local path or s3://...)."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
-import time
+import threading
 
 from pipeline.config import flatten
 from pipeline.storage import CREDENTIAL_KEYS
@@ -44,23 +45,38 @@ def status_command(args) -> int:
     if args.window <= 0 or args.errors < 0:
         raise ValueError("--window takes a positive number of minutes, --errors a count >= 0")
     tty = sys.stdout.isatty()
-    try:
-        while True:
-            status = read_status(output, options, manifest, window_s=args.window * 60,
-                                 errors=args.errors)
-            if args.json:
-                print(json.dumps(status.as_dict(), default=str), flush=True)
-            else:
-                if args.watch and tty:
-                    print("\x1b[2J\x1b[H", end="")          # clear the screen, cursor home
-                print(render(status), flush=True)
-                if args.watch:
-                    print(f"\n(refreshing every {args.watch:g} s; Ctrl-C to stop)", flush=True)
-            if not args.watch:
-                return 0
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return 0
+    stop = _stop_on_interrupt() if args.watch else threading.Event()
+    while True:
+        status = read_status(output, options, manifest, window_s=args.window * 60,
+                             errors=args.errors)
+        if args.json:
+            print(json.dumps(status.as_dict(), default=str), flush=True)
+        else:
+            if args.watch and tty:
+                print("\x1b[2J\x1b[H", end="")          # clear the screen, cursor home
+            print(render(status), flush=True)
+            if args.watch:
+                print(f"\n(refreshing every {args.watch:g} s; Ctrl-C to stop)", flush=True)
+        if not args.watch or stop.wait(args.watch):
+            return 0
+
+
+def _stop_on_interrupt() -> threading.Event:
+    """An event set by Ctrl-C (or SIGTERM): a watch ends after the read under way, rather
+    than by an exception raised inside whatever library is reading; a second Ctrl-C
+    raises at once. pyarrow's own interruption handlers stay off: they take the signal
+    during a read and hand it back afterwards, which a watch does not need."""
+    import pyarrow as pa
+    pa.enable_signal_handlers(False)
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
 
 
 def add_parser(commands) -> None:

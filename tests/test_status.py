@@ -187,9 +187,13 @@ def test_status_watch_refreshes_until_interrupted(tmp_path):
                 break
     finally:
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)       # reads both pipes: none can fill
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"a watch went on after Ctrl-C; its stderr: {proc.communicate()[1]}")
     assert json.loads(lines[0])["figures"]["done"] == 2 and seen[-1] == 4
-    assert rc == 0, proc.stderr.read()                  # Ctrl-C ends a watch cleanly
+    assert proc.returncode == 0, err                    # Ctrl-C ends a watch cleanly
 
 
 def test_status_starts_without_loading_torch(tmp_path):
