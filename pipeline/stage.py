@@ -204,13 +204,13 @@ class EditStage:
 
     def _edit(self, rows: list[dict], records: list[dict], errors: list,
               inputs: list[tuple]) -> None:
-        """Rows that share an inversion prefix branch from it; the others start as usual."""
+        """Rows that share an inversion prefix branch from it (rows whose prefixes end at
+        different steps in separate calls); the others start as usual."""
         started = time.perf_counter()
-        shares = [self.prefixes is not None and shared_prefix(x[3]) > 0 for x in inputs]
-        for from_prefix in (True, False):
-            part = [x for x, s in zip(inputs, shares) if s == from_prefix]
-            if part:
-                self._edit_part(rows, records, errors, part, from_prefix)
+        ends = [shared_prefix(x[3]) if self.prefixes is not None else 0 for x in inputs]
+        for end in dict.fromkeys(ends):
+            self._edit_part(rows, records, errors,
+                            [x for x, e in zip(inputs, ends) if e == end], end > 0)
         log.info("edited %d rows in %.1f s", len(inputs), time.perf_counter() - started)
 
     def _edit_part(self, rows: list[dict], records: list[dict], errors: list,
