@@ -17,13 +17,19 @@ README's measured figures say it wins and the numbers stay within their toleranc
                    reference), "ref" or "cuda" (models/ops.py)
     check_every    read the per-image health record from the device every N steps (0:
                    only at log steps and at the end; 1 is the plain path: a sync per step)
+    reuse_memory   CPU on glibc (on by default, bit-identical): freed activations stay in
+                   the process heap and are reused, instead of being unmapped and
+                   page-faulted in again at every step (`reuse_freed_memory`)
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import logging
+import platform
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,9 +51,10 @@ class Runtime:
     tf32: bool = False
     ops: str = "auto"
     check_every: int = 0
+    reuse_memory: bool = True
 
     def __post_init__(self):
-        for name in ("channels_last", "compile", "tf32"):
+        for name in ("channels_last", "compile", "tf32", "reuse_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.check_every, int) or isinstance(self.check_every, bool):
@@ -63,8 +70,8 @@ class Runtime:
     @classmethod
     def plain(cls) -> "Runtime":
         """The path the engine started from: eager, NCHW, float32, the PyTorch reference
-        ops, a device read per step."""
-        return cls(ops="ref", check_every=1)
+        ops, a device read per step, glibc's default memory handling."""
+        return cls(ops="ref", check_every=1, reuse_memory=False)
 
     def prepare(self, models: Models) -> Models:
         """The networks in this runtime's memory format, compiled if asked. Modules are
@@ -72,6 +79,8 @@ class Runtime:
         networks keep their layout)."""
         device = models.generator.input.input.device
         set_default_impl(self.ops)
+        if device.type == "cpu":
+            reuse_freed_memory(self.reuse_memory)
         if self.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -103,6 +112,37 @@ def _to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
             if t.ndim == 4:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
     return module
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024       # glibc's defaults
+
+
+def reuse_freed_memory(on: bool) -> bool:
+    """Process-wide, Linux with glibc: keep freed memory in the heap for reuse (`on`), or
+    go back to glibc's default. Returns False where it does not apply (other platforms).
+
+    By default glibc serves every block above its mmap threshold (32 MB at most) with a
+    fresh mmap and unmaps it when freed. A StyleGAN2 step at 1024 px allocates dozens of
+    such activations ([1, 32, 1024, 1024] is 134 MB), so every step page-faults them in
+    again: a multiply into a fresh tensor of that shape took 42 ms on this CPU, 6.5 ms into
+    an existing one. With mmap off and no trimming, freed blocks are reused: the same
+    arithmetic, the generator's forward and backward 2-3x faster on 2 cores, and the
+    batch-4 penalty gone. The cost: the process keeps its peak memory (measured +40% max
+    RSS at 1024 px, from fragmentation) until it exits. `off` restores glibc's settings
+    and returns what the heap holds free to the kernel.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    if on:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    else:
+        ok = (libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+              and libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD))
+        libc.malloc_trim(0)
+    return bool(ok)
 
 
 def largest_batch(fits: Callable[[int], object], cap: int) -> int:

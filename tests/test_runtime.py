@@ -1,4 +1,6 @@
 """Runtime options change how the engine runs, not what it computes (beyond rounding)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,6 +59,42 @@ def test_bf16_autocast_keeps_the_optimised_tensors_float32(models, images, eager
     assert all(n.dtype == torch.float32 for n in out[0].noises)
     assert all(v.dtype == torch.float32 for s in seen for v in s.losses.values())
     assert 0 < max_diff(out, eager) < 0.05
+
+
+FAULT_PROBE = """
+import resource, sys, torch
+from pipeline.runtime import reuse_freed_memory
+
+def faults_per_cycle():
+    for _ in range(4):                      # the heap grows to its peak layout first
+        torch.ones(16, 1024, 1024).sum()    # 64 MB: above glibc's largest mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.ones(16, 1024, 1024).sum()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+print(reuse_freed_memory(True), faults_per_cycle())
+print(reuse_freed_memory(False), faults_per_cycle())
+"""
+
+
+def test_reused_memory_is_not_faulted_in_again_and_the_default_comes_back():
+    """A freed 64 MB activation is page-faulted in again at each allocation under glibc's
+    default (16,384 pages of 4 KiB, fewer with huge pages), and not at all once reused."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True,
+                         check=True, cwd=str(Path(__file__).parents[1])).stdout.split()
+    if out[0] != "True":
+        pytest.skip("not Linux with glibc: reuse_memory does not apply")
+    reused, default = float(out[1]), float(out[3])
+    assert reused < 100 and default > 20 * max(reused, 1), (reused, default)
+
+
+def test_the_plain_path_keeps_glibcs_memory_handling():
+    assert Runtime().reuse_memory and not Runtime.plain().reuse_memory
+    with pytest.raises(ValueError, match="reuse_memory must be true or false"):
+        Runtime(reuse_memory="yes")
 
 
 def test_unknown_options_are_refused():
