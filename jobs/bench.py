@@ -20,7 +20,7 @@ import torch
 from pipeline.config import EditConfig
 from pipeline.engine import Editor
 from pipeline.config import parse_set
-from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, early_stop_steps, matmul_peak,
+from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, early_stop_steps, peak_rates,
                            peak_memory, phase_times, step_kinds, time_kind)
 from pipeline.rows import EditRequest
 from pipeline.runtime import AUTOCAST, Runtime
@@ -72,7 +72,7 @@ def run_bench(args) -> int:
     models = bench_models(args.preset, args.mode, str(device))
     overrides = {"parser_size": PRESETS[args.preset][1]}
     dtype = AUTOCAST.get(args.autocast or "", torch.float32)
-    peaks = [matmul_peak(device, dtype)]
+    peaks = [peak_rates(device, dtype)]
     report = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                       "device": str(device), "dtype": args.autocast or "float32",
                       "flops_method": "torch.utils.flop_counter.FlopCounterMode: matmuls and "
@@ -83,9 +83,9 @@ def run_bench(args) -> int:
         for label, rt in runtimes.items():
             report["runs"].setdefault(label, []).append(
                 measure(models, rt, args.mode, batch, args.steps, overrides))
-            peaks.append(matmul_peak(device, dtype))
-    report["env"]["matmul_peak_flops_per_s"] = peak = max(peaks)
-    report["env"]["matmul_peak_samples"] = peaks      # their spread: how noisy the machine was
+            peaks.append(peak_rates(device, dtype))
+    report["env"]["peak_flops_per_s"] = peak = max(max(p.values()) for p in peaks)
+    report["env"]["peak_samples"] = peaks      # their spread: how noisy the machine was
     for runs in report["runs"].values():
         for r in runs:
             r["mfu"] = r["achieved_flops_per_s"] / peak
@@ -107,11 +107,12 @@ def run_bench(args) -> int:
 
 def print_table(report: dict) -> None:
     env = report["env"]
-    samples = env["matmul_peak_samples"]
+    best = {op: max(p[op] for p in env["peak_samples"]) / 1e9 for op in env["peak_samples"][0]}
     print(f"preset {report['preset']} ({report['mode']}), {env['device']}, {env['dtype']}, "
-          f"torch {env['torch']}, {env['threads']} threads; matmul peak "
-          f"{env['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s (highest of {len(samples)} "
-          f"samples, lowest {min(samples) / 1e9:.0f})", file=sys.stderr)
+          f"torch {env['torch']}, {env['threads']} threads; peak "
+          f"{env['peak_flops_per_s'] / 1e9:.0f} GFLOP/s (best of "
+          f"{len(env['peak_samples'])} samples: "
+          + ", ".join(f"{op} {v:.0f}" for op, v in best.items()) + ")", file=sys.stderr)
     for label, runs in report["runs"].items():
         for r in runs:
             phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases_ms_per_step"].items())

@@ -83,21 +83,35 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of a large square matmul on this device, now: the best of a few calls, as a
-    peak is what the device can do. The bench samples it around every measurement and
-    divides by the highest (on a shared machine one sample can be far below it)."""
-    n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+def _best_rate(fn: Callable[[], object], flops: float, device: torch.device) -> float:
+    fn()
     best = math.inf
     for _ in range(5):
         start = time.perf_counter()
-        a @ b
+        fn()
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return flops / best
+
+
+def peak_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """FLOP/s of the densest matrix products this torch build runs on this device, now,
+    each the best of a few calls: a square matmul (BLAS) and a 3x3 convolution of 512
+    channels at 64x64 (oneDNN's or cuDNN's implicit GEMM, the op StyleGAN2 and the parser
+    are made of). MFU divides by the highest: on the AMD CPU we develop on, MKL's sgemm
+    reaches ~180 GFLOP/s while oneDNN's convolutions reach ~440 (the AVX-512 peak), so a
+    matmul-only peak read MFU above 100%. The bench samples this around every measurement
+    (on a shared machine one sample can be far below the peak)."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    batch = 8 if device.type == "cuda" else 1
+    x = torch.randn(batch, 512, 64, 64, device=device, dtype=dtype)
+    w = torch.randn(512, 512, 3, 3, device=device, dtype=dtype)
+    with torch.no_grad():
+        return {"matmul": _best_rate(lambda: a @ b, 2 * n ** 3, device),
+                "conv3x3": _best_rate(lambda: torch.nn.functional.conv2d(x, w, padding=1),
+                                      2 * batch * 512 * 512 * 9 * 64 * 64, device)}
 
 
 def phase_times(models: Models, settings: Settings, batch: int, repeats: int,

@@ -58,8 +58,10 @@ def test_the_bench_prints_a_complete_document(tmp_path):
     assert sum(k["count"] for k in run["kinds"].values()) == run["steps_per_edit"] == 1501
     assert all(k["flops"] > 0 and k["seconds"] > 0 for k in run["kinds"].values())
     assert run["images_per_hour"] == pytest.approx(3600 / run["seconds_per_edit"])
-    assert run["mfu"] == pytest.approx(run["achieved_flops_per_s"] /
-                                       report["env"]["matmul_peak_flops_per_s"])
+    peak = report["env"]["peak_flops_per_s"]
+    assert run["mfu"] == pytest.approx(run["achieved_flops_per_s"] / peak)
+    assert peak == max(max(s.values()) for s in report["env"]["peak_samples"])
+    assert set(report["env"]["peak_samples"][0]) == {"matmul", "conv3x3"}
     assert set(run["phases_ms_per_step"]) == {"generator", "parser", "classifier", "optimizer"}
     saving = report["prefix_saving_14_attributes"]
     assert saving["steps_saved"] == pytest.approx(1 - (2 * 500 + 14 * 1001) / (14 * 1501))
