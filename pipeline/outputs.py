@@ -104,6 +104,14 @@ class Output:
     def put_json(self, rel: str, obj) -> None:
         self.put(rel, json.dumps(obj, indent=2, default=str).encode())
 
+    def get_json(self, rel: str) -> dict | None:
+        """A JSON file under the output (job.json, summary.json), or None when there is none."""
+        try:
+            with self.fs.open(self._path(rel), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
     def put_npy(self, rel: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, array)

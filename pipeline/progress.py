@@ -142,11 +142,12 @@ class JobStatus:
     output: str
     now: float
     figures: Figures
-    state: str                            # complete | running | idle | waiting | empty
+    state: str                            # complete | running | ended | stopped | idle | waiting | empty
     started_at: float | None = None       # this run's start (job.json)
     last_row_at: float | None = None
     manifest: str | None = None
     manifest_hint: str | None = None      # job.json's manifest, when --manifest was not given
+    ended: dict | None = None             # summary.json, when this run has written it
     other_rows: int = 0                   # rows under the output that are not this manifest's
     per_node: list[dict] = field(default_factory=list)
     per_actor: list[dict] = field(default_factory=list)
@@ -161,8 +162,10 @@ class JobStatus:
 def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str] | None = None,
                    manifest: str | None = None, started_at: float | None = None,
                    now: float | None = None, window_s: float = DEFAULT_WINDOW_S,
-                   errors: int = 5) -> JobStatus:
-    """The figures of one output's metrics rows (one row per id, as `read_metrics` gives)."""
+                   errors: int = 5, summary: dict | None = None) -> JobStatus:
+    """The figures of one output's metrics rows (one row per id, as `read_metrics` gives).
+    `summary`: summary.json, which a run writes when it ends; it counts only when it is
+    this run's (its start matches `started_at`), and then the run has ended or stopped."""
     now = time.time() if now is None else now
     rows = metrics[["id", "status", "error", "node", "actor", "written_at"]].copy() \
         if len(metrics) else pd.DataFrame(columns=["id", "status", "error", "node", "actor",
@@ -179,8 +182,12 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
     total = None if manifest_ids is None else len(manifest_ids)
     last = float(rows["written_at"].max()) if len(rows) else None
     run_rows = rows if started_at is None else rows[rows["written_at"] >= started_at]
+    ended = summary if (summary and started_at is not None and
+                        (summary.get("this_run") or {}).get("started_at") == started_at) else None
     if total and ok + error >= total:
         state = "complete"
+    elif ended is not None:
+        state = "stopped" if ended.get("stopped") else "ended"
     elif not len(run_rows):
         state = "waiting" if started_at is not None else "empty"
     elif last is not None and now - last <= window_s:
@@ -188,14 +195,14 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
     else:
         state = "idle"
     # a job that is no longer writing: its run's rate ends with its last row, not now
-    until = last if state in ("complete", "idle") and last is not None else now
+    until = last if state in ("complete", "ended", "stopped", "idle") and last is not None else now
     recent = rates(rows["written_at"], now, started_at, window_s)[0]
     overall = rates(rows["written_at"], until, started_at, window_s)[1]
     figures = Figures(ok=ok, error=error, total=total, before=before, recent_rate=recent,
                       overall_rate=overall, window_s=window_s)
     return JobStatus(
         output=output, now=now, figures=figures, state=state, started_at=started_at,
-        last_row_at=last, manifest=manifest, other_rows=other,
+        last_row_at=last, manifest=manifest, other_rows=other, ended=ended,
         per_node=_throughput(rows, ["node"], now, until, started_at, window_s),
         per_actor=_throughput(rows, ["actor", "node"], now, until, started_at, window_s),
         latest_errors=[{"id": r["id"], "error": r["error"], "node": r["node"],
@@ -240,7 +247,7 @@ def read_status(output_uri: str, storage_options: Mapping | None = None,
     """The status of the job writing to `output_uri`, from its metrics and job.json."""
     from .outputs import Output
     out = Output(output_uri, storage_options)
-    job = _job_json(out)
+    job = out.get_json("job.json")
     files = out.metrics_files()
     if job is None and not files:
         raise FileNotFoundError(f"no job output at {output_uri}: neither job.json nor metrics/ "
@@ -249,19 +256,11 @@ def read_status(output_uri: str, storage_options: Mapping | None = None,
     ids = manifest_ids(manifest_uri, storage_options) if manifest_uri else None
     status = compute_status(metrics, output=output_uri, manifest_ids=ids, manifest=manifest_uri,
                             started_at=(job or {}).get("started_at"), now=now,
-                            window_s=window_s, errors=errors)
+                            window_s=window_s, errors=errors,
+                            summary=out.get_json("summary.json"))
     if manifest_uri is None and job:
         status.manifest_hint = (job.get("settings") or {}).get("manifest")
     return status
-
-
-def _job_json(out) -> dict | None:
-    path = f"{out.root}/job.json"
-    try:
-        with out.fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
 
 
 def render(status: JobStatus, width: int = 100) -> str:
@@ -274,6 +273,9 @@ def render(status: JobStatus, width: int = 100) -> str:
                      f" ({fmt_duration(status.now - status.started_at)} ago)")
     state = {"complete": "complete: every manifest row has a metrics row",
              "running": "running",
+             "ended": "ended: the run finished (summary.json); its pending rows, if any, "
+                      "were not reached",
+             "stopped": "stopped: " + str((status.ended or {}).get("stopped")),
              "idle": f"idle: no new row in the last {fmt_duration(f.window_s)} "
                      "(the job stopped, or a batch takes longer than that)",
              "waiting": "started, no row written yet (loading models, first batch)",

@@ -53,17 +53,9 @@ class JobFiles:
     ids: set[str] | None        # the manifest's ids, when it could be read
 
 
-def _read_json(out: Output, rel: str) -> dict | None:
-    try:
-        with out.fs.open(f"{out.root}/{rel}", "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        return None
-
-
 def read_job(output_uri: str, storage_options: Mapping | None = None) -> JobFiles:
     out = Output(output_uri, storage_options)
-    job, summary = _read_json(out, "job.json"), _read_json(out, "summary.json")
+    job, summary = out.get_json("job.json"), out.get_json("summary.json")
     metrics = out.read_metrics()
     if job is None and not len(metrics):
         raise FileNotFoundError(f"no job output at {output_uri}: neither job.json nor metrics/")

@@ -17,7 +17,7 @@ import pytest
 from jobs.cli import main
 from manifests.schema import write_manifest
 from pipeline.outputs import METRICS_SCHEMA, Output
-from pipeline.progress import DriverProgress, Figures, compute_status, rates, read_status
+from pipeline.progress import DriverProgress, Figures, compute_status, rates, read_status, render
 
 NOW = 1_800_000_000.0          # a fixed clock: every figure below is exact
 
@@ -110,6 +110,9 @@ def test_status_counts_rates_nodes_actors_and_errors(tmp_path):
     bare = render_cli(str(tmp_path / "out"))
     assert "7 done: 6 ok, 1 error (pending needs --manifest)" in bare
     assert "job.json names manifest m.parquet" in bare and "ETA       " not in bare
+    # the run writes summary.json as it ends: from then on the job reads as ended
+    out.put_json("summary.json", {"this_run": {"started_at": START - NOW + now}})
+    assert "state     ended: the run finished" in render_cli(str(tmp_path / "out"))
 
 
 def test_status_states():
@@ -124,6 +127,19 @@ def test_status_states():
     assert stale.state == "idle"                          # nothing in the last 10 minutes
     assert compute_status(rows, output="o", started_at=NOW - 5, now=NOW).state == "waiting"
     assert compute_status(rows.iloc[:0], output="o", now=NOW).state == "empty"
+    # summary.json of this run: it ended, even without a manifest and with rows still fresh
+    fresh = compute_status(rows, output="o", started_at=NOW - 3010, now=NOW - 2980)
+    assert fresh.state == "running"
+    summary = {"this_run": {"started_at": NOW - 3010}}
+    ended = compute_status(rows, output="o", started_at=NOW - 3010, now=NOW - 2980,
+                           summary=summary)
+    assert ended.state == "ended" and ended.figures.overall_rate == pytest.approx(2 / 20)
+    stopped = compute_status(rows, output="o", started_at=NOW - 3010, now=NOW - 2980,
+                             summary={**summary, "stopped": "3 batches failed alike"})
+    assert stopped.state == "stopped" and "3 batches failed alike" in render(stopped)
+    # an earlier run's summary says nothing about this one
+    assert compute_status(rows, output="o", started_at=NOW - 3005, now=NOW - 2980,
+                          summary=summary).state == "running"
 
 
 def render_cli(*argv) -> str:
