@@ -144,3 +144,31 @@ def test_torch_compile_agrees_with_eager_forward_and_backward():
     image, grad = image_and_grad(compiled)
     torch.testing.assert_close(image, eager_image, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad, eager_grad, rtol=1e-3, atol=1e-6)
+
+
+COMPILE_FAILS = """
+import logging, torch, torch._inductor.config as inductor
+from models.tiny import tiny_generator
+from pipeline.perf import bench_models
+from pipeline.runtime import Runtime
+inductor.cpp.cxx = ("/nonexistent/c++",)         # a CPU node without a C++ compiler
+inductor.fx_graph_cache = False                  # and nothing compiled before to reuse
+models = bench_models("tiny", "local", "cpu")
+g = models.generator
+latent = models.mean_latent.view(1, 1, -1).repeat(1, g.n_latent, 1)
+noises = g.make_noise(1)
+want = g(latent, noises)
+got = Runtime(compile=True).prepare(models).generator(latent, noises)
+print("EQUAL" if torch.equal(got, want) else "DIFFERENT")
+"""
+
+
+@pytest.mark.compile
+def test_a_compile_that_fails_runs_eagerly_with_a_warning():
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", COMPILE_FAILS], capture_output=True, text=True,
+                         cwd=str(Path(__file__).parents[1]), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "EQUAL"
+    assert "nonexistent" in run.stderr              # the failure was reported, not hidden
