@@ -7,13 +7,13 @@ the rate over the last few minutes and since the run started, and an ETA from th
     read_status(output_uri, manifest_uri=...)  -> JobStatus   (another terminal, any time)
     DriverProgress(total, before)                              (inside `maskface run`)
 
-Status reads only the metrics rows and job.json, never images, so it works on local
-disk and S3 alike, while the job runs or after it ended. A row counts once its metrics
-row exists (the job's own rule for "complete"). Times are the rows' `written_at`.
+Status reads only the metrics rows, job.json and summary.json, never images, so it
+works on local disk and S3 alike, while the job runs or after it ended. A row counts
+once its metrics row exists (the job's own rule for "complete"). Times are the rows'
+`written_at`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
