@@ -273,8 +273,7 @@ def render(status: JobStatus, width: int = 100) -> str:
                      f" ({fmt_duration(status.now - status.started_at)} ago)")
     state = {"complete": "complete: every manifest row has a metrics row",
              "running": "running",
-             "ended": "ended: the run finished (summary.json); its pending rows, if any, "
-                      "were not reached",
+             "ended": "ended: the run finished" + _pending_at_end(status.ended),
              "stopped": "stopped: " + str((status.ended or {}).get("stopped")),
              "idle": f"idle: no new row in the last {fmt_duration(f.window_s)} "
                      "(the job stopped, or a batch takes longer than that)",
@@ -314,6 +313,13 @@ def render(status: JobStatus, width: int = 100) -> str:
             text = " ".join(str(e["error"]).split())
             lines.append(_clip(f"  {when}  {e['id']}  {text}", width))
     return "\n".join(lines)
+
+
+def _pending_at_end(summary: dict | None) -> str:
+    manifest = (summary or {}).get("manifest") or {}
+    if "pending" not in manifest:
+        return " (summary.json)"
+    return f" (summary.json: {manifest['pending']} of its manifest's {manifest['rows']} rows pending)"
 
 
 def _table(title: str, rows: list[dict], keys: list[str], now: float) -> str:

@@ -111,8 +111,10 @@ def test_status_counts_rates_nodes_actors_and_errors(tmp_path):
     assert "7 done: 6 ok, 1 error (pending needs --manifest)" in bare
     assert "job.json names manifest m.parquet" in bare and "ETA       " not in bare
     # the run writes summary.json as it ends: from then on the job reads as ended
-    out.put_json("summary.json", {"this_run": {"started_at": START - NOW + now}})
-    assert "state     ended: the run finished" in render_cli(str(tmp_path / "out"))
+    out.put_json("summary.json", {"this_run": {"started_at": START - NOW + now},
+                                  "manifest": {"rows": 10, "pending": 4}})
+    assert ("state     ended: the run finished (summary.json: 4 of its manifest's 10 rows "
+            "pending)") in render_cli(str(tmp_path / "out"))
 
 
 def test_status_states():
