@@ -11,7 +11,6 @@ the Schedule's counts gives the time of a whole edit without running 1,500 steps
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import statistics
 import time
@@ -70,8 +69,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` after one warm-up call."""
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int,
+              pick: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds of `fn` after one warm-up call: the median of `repeats` calls, or what
+    `pick` takes from them (`min` for a peak)."""
     fn()
     _sync(device)
     times = []
@@ -80,18 +81,7 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> f
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _best_rate(fn: Callable[[], object], flops: float, device: torch.device) -> float:
-    fn()
-    best = math.inf
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return flops / best
+    return pick(times)
 
 
 def peak_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
@@ -109,9 +99,9 @@ def peak_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> dict
     x = torch.randn(batch, 512, 64, 64, device=device, dtype=dtype)
     w = torch.randn(512, 512, 3, 3, device=device, dtype=dtype)
     with torch.no_grad():
-        return {"matmul": _best_rate(lambda: a @ b, 2 * n ** 3, device),
-                "conv3x3": _best_rate(lambda: torch.nn.functional.conv2d(x, w, padding=1),
-                                      2 * batch * 512 * 512 * 9 * 64 * 64, device)}
+        matmul = time_call(lambda: a @ b, device, 5, pick=min)
+        conv = time_call(lambda: torch.nn.functional.conv2d(x, w, padding=1), device, 5, pick=min)
+    return {"matmul": 2 * n ** 3 / matmul, "conv3x3": 2 * batch * 512 * 512 * 9 * 64 * 64 / conv}
 
 
 def phase_times(models: Models, settings: Settings, batch: int, repeats: int,
