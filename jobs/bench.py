@@ -2,14 +2,18 @@
 and whole at paper defaults; FLOPs and MFU; our default path against the plain one.
 
     maskface bench --preset 1024 --batch 1 4 [--mode local|global] [--baseline]
-        [--channels-last] [--compile] [--autocast bf16] [--tf32] [--json out.json]
+        [--channels-last] [--compile | --no-compile] [--autocast bf16] [--tf32]
+        [--json out.json]
 
 Networks have the real shapes (config-f StyleGAN2, DeepLabV3-ResNet50 at 512,
 BranchedTiny; global adds e4e and LPIPS-VGG) with random weights: nothing to download.
-A figure, not a test: compare ratios measured in one run on an idle machine.
+A figure, not a test: compare ratios measured in one run on an idle machine. With
+--baseline it also runs one short edit under both paths and reports how far the
+default path's image, latent and probabilities are from the plain path's.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -20,8 +24,8 @@ import torch
 from pipeline.config import EditConfig
 from pipeline.engine import Editor
 from pipeline.config import parse_set
-from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, early_stop_steps, peak_rates,
-                           peak_memory, phase_times, step_kinds, time_kind)
+from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, deviation, early_stop_steps,
+                           peak_rates, peak_memory, phase_times, step_kinds, time_kind)
 from pipeline.rows import EditRequest
 from pipeline.runtime import AUTOCAST, Runtime
 from pipeline.schedule import Schedule
@@ -66,7 +70,8 @@ def prefix_saving(result: dict, attributes: int = 14, prefixes: int = 2) -> dict
 def run_bench(args) -> int:
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    runtime = Runtime(channels_last=args.channels_last, compile=args.compile,
+    runtime = Runtime(channels_last=args.channels_last,
+                      compile="auto" if args.compile is None else args.compile,
                       autocast=args.autocast, tf32=args.tf32)
     # the plain path first: runtimes differ in process-wide state (reuse_memory), and the
     # first run of a process is the one that meets glibc's own settings
@@ -79,8 +84,8 @@ def run_bench(args) -> int:
                       "device": str(device), "dtype": args.autocast or "float32",
                       "flops_method": "torch.utils.flop_counter.FlopCounterMode: matmuls and "
                                       "convolutions, forward and backward"},
-              "preset": args.preset, "mode": args.mode, "runtime": vars(runtime),
-              "runs": {}}
+              "preset": args.preset, "mode": args.mode,
+              "runtime": {**vars(runtime), "compiled": runtime.compiles(models)}, "runs": {}}
     for batch in args.batch:            # interleaved, so a drifting machine hits both alike
         for label, rt in runtimes.items():
             report["runs"].setdefault(label, []).append(
@@ -92,6 +97,8 @@ def run_bench(args) -> int:
         for r in runs:
             r["mfu"] = r["achieved_flops_per_s"] / peak
     report["peak_memory_bytes"] = peak_memory(device)
+    if args.baseline:
+        report["deviation_from_baseline"] = deviation(models, runtime, args.mode, overrides)
     if args.mode == "local":
         report["prefix_saving_14_attributes"] = prefix_saving(report["runs"]["default"][0])
     if args.early_stop is not None:
@@ -111,7 +118,8 @@ def print_table(report: dict) -> None:
     env = report["env"]
     best = {op: max(p[op] for p in env["peak_samples"]) / 1e9 for op in env["peak_samples"][0]}
     print(f"preset {report['preset']} ({report['mode']}), {env['device']}, {env['dtype']}, "
-          f"torch {env['torch']}, {env['threads']} threads; peak "
+          f"torch {env['torch']}, {env['threads']} threads, compiled: "
+          f"{'yes' if report['runtime']['compiled'] else 'no'}; peak "
           f"{env['peak_flops_per_s'] / 1e9:.0f} GFLOP/s (best of "
           f"{len(env['peak_samples'])} samples: "
           + ", ".join(f"{op} {v:.0f}" for op, v in best.items()) + ")", file=sys.stderr)
@@ -129,6 +137,15 @@ def print_table(report: dict) -> None:
         for d, b in zip(report["runs"]["default"], report["runs"]["baseline"]):
             print(f"default / baseline, batch {d['batch']}: "
                   f"{b['seconds_per_edit'] / d['seconds_per_edit']:.2f}x faster", file=sys.stderr)
+    dev = report.get("deviation_from_baseline")
+    if dev and "error" in dev:
+        print(f"deviation from the plain path: not measured ({dev['error']})", file=sys.stderr)
+    elif dev:
+        print(f"deviation from the plain path after a {dev['steps']}-step edit: image max "
+              f"{dev['edited_max_abs'] * 255:.2f} / mean {dev['edited_mean_abs'] * 255:.4f} "
+              f"8-bit levels ({dev['edited_share_off_by_half_a_level']:.2%} of values off by "
+              f"half a level or more), latent max {dev['latent_max_abs']:.2e}, target "
+              f"probability max {dev['prob_result_max_abs']:.2e}", file=sys.stderr)
     stop = report.get("early_stop")
     if stop:
         print(f"early stopping {stop['early_stop']}: {stop['steps_saved']:.1%} of "
@@ -212,7 +229,9 @@ def add_parser(commands) -> None:
                    help="also run the plain path (eager, NCHW, fp32, a device read per step) "
                         "and print the ratio")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the networks (default: the runtime's auto rule, "
+                        "on for CPUs at 256 px and more)")
     p.add_argument("--autocast", choices=sorted(AUTOCAST), help="networks in this precision")
     p.add_argument("--tf32", action="store_true", help="CUDA: TF32 matmuls and convolutions")
     p.add_argument("--early-stop", nargs="*", metavar="KEY=VALUE",

@@ -207,7 +207,7 @@ def time_kind(models: Models, runtime: Runtime, overrides: dict, kind: StepKind,
     gaps = [b - a for a, b in zip(times[1:], times[2:])]
     counter = FlopCounterMode(display=False)
     with counter:
-        flops = _marks(models, Runtime(), overrides, kind, mode, batch, 2,
+        flops = _marks(models, Runtime(compile=False), overrides, kind, mode, batch, 2,
                        lambda: float(counter.get_total_flops()))
     seconds = statistics.median(gaps)
     return {"seconds": seconds, "flops": flops[2] - flops[1],
@@ -232,6 +232,42 @@ def auto_batch_size(models: Models, runtime: Runtime, mode: str, cap: int,
                    key=lambda k: len(k.name.split("+")))
     return largest_batch(lambda n: _marks(models, runtime, {"parser_size": parser_size},
                                           heaviest, mode, n, 2, time.perf_counter), cap)
+
+
+# A short edit that passes through every kind of step (prefix, classifier, parser with
+# and without gradients, noise): long enough for rounding to compound, short enough for
+# the 1024 preset's plain path.
+DEVIATION_EDIT = {"steps.latent": 8, "steps.noise": 2, "loss.start_steps.classf": 2,
+                  "loss.start_steps.seg": 4, "dynamic_masking_iters": 2, "steps.log": 10 ** 9}
+
+
+def deviation(models: Models, runtime: Runtime, mode: str, overrides: dict,
+              batch: int = 1) -> dict:
+    """How far `runtime` moves an edit's numbers from the plain path's: the same short
+    edit (DEVIATION_EDIT) of the same random input under both, compared on what a job
+    writes. Images are in [0, 1]: 1/255 is one 8-bit level."""
+    g = models.generator
+    config = EditConfig.from_overrides({**overrides, **DEVIATION_EDIT})
+    images = torch.rand(batch, 3, g.size, g.size, device=g.input.input.device,
+                        generator=torch.Generator(g.input.input.device).manual_seed(2))
+    requests = [BENCH_EDIT[mode]] * batch
+    plain = Editor(models, config, Runtime.plain()).edit(images, requests)
+    other = Editor(models, config, runtime).edit(images, requests)
+    if not all(r.ok for r in plain + other):
+        return {"error": next(r.error for r in plain + other if not r.ok)}
+
+    def stacked(results: list, field: str) -> torch.Tensor:
+        return torch.stack([getattr(r, field) for r in results])
+
+    # the image as a job writes it (clamped to [0, 1])
+    edited = (stacked(other, "edited").clamp(0, 1) - stacked(plain, "edited").clamp(0, 1)).abs()
+    latent = (stacked(other, "latent") - stacked(plain, "latent")).abs()
+    prob = [abs(o.metrics["prob_result"][a] - p.metrics["prob_result"][a])
+            for o, p in zip(other, plain) for a in o.metrics["prob_result"]]
+    return {"steps": plain[0].metrics["steps"], "edited_max_abs": edited.max().item(),
+            "edited_mean_abs": edited.mean().item(),
+            "edited_share_off_by_half_a_level": (edited > 0.5 / 255).float().mean().item(),
+            "latent_max_abs": latent.max().item(), "prob_result_max_abs": max(prob)}
 
 
 def early_stop_steps(models: Models, runtime: Runtime, mode: str, batch: int,

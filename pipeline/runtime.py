@@ -5,9 +5,13 @@ Every option here changes only float rounding, and each is off by default unless
 README's measured figures say it wins and the numbers stay within their tolerance:
 
     channels_last  NHWC convolutions (oneDNN on CPU, cuDNN tensor cores on GPU)
-    compile        torch.compile (inductor) the generator, parser and classifier: a
-                   warm-up of seconds to minutes per batch shape, then faster steps; a
-                   failed compile falls back to eager with a warning
+    compile        torch.compile (inductor) the generator, parser, classifier and LPIPS:
+                   minutes of warm-up per process for the first batch size, batch 1 and
+                   one dynamic-batch graph that serves every other size, then faster
+                   steps; a failed compile falls back to eager with a warning. "auto"
+                   (the default) compiles on CPUs for generators of 256 px and more,
+                   where the README's figures show it winning, when a C++ compiler is
+                   found; tiny test-size networks and GPUs (not measured yet) run eager
     autocast       "bf16": the networks run under bfloat16 autocast while the latent,
                    the noise maps and Adam's state stay float32 (opt-in: measured
                    deviation in the README)
@@ -42,12 +46,14 @@ from models.ops import IMPLS, set_default_impl
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_FROM = 256          # px: compile "auto" compiles generators at least this large
+RECOMPILE_LIMIT = 64        # graphs per compiled function before dynamo falls back to eager
 
 
 @dataclass(frozen=True)
 class Runtime:
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = "auto"
     autocast: str | None = None
     tf32: bool = False
     ops: str = "auto"
@@ -55,9 +61,11 @@ class Runtime:
     reuse_memory: bool = True
 
     def __post_init__(self):
-        for name in ("channels_last", "compile", "tf32", "reuse_memory"):
+        for name in ("channels_last", "tf32", "reuse_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f"compile must be true, false or auto, got {self.compile!r}")
         if not isinstance(self.check_every, int) or isinstance(self.check_every, bool):
             raise ValueError(f"check_every must be an integer, got {self.check_every!r}")
         if self.autocast not in (None, *AUTOCAST):
@@ -72,7 +80,27 @@ class Runtime:
     def plain(cls) -> "Runtime":
         """The path the engine started from: eager, NCHW, float32, the PyTorch reference
         ops, a device read per step, glibc's default memory handling."""
-        return cls(ops="ref", check_every=1, reuse_memory=False)
+        return cls(compile=False, ops="ref", check_every=1, reuse_memory=False)
+
+    def compiles(self, models: Models) -> bool:
+        """Whether `prepare` compiles these networks: `compile` itself, or for "auto" a
+        CPU, a generator of at least COMPILE_FROM px (where inductor's minutes of warm-up
+        buy back their time within a few edits: about 1.5x per edit at 256 px and 1.7x at
+        1024 on our CPU) and a C++ compiler for inductor. GPUs stay eager under "auto" until a GPU bench has
+        measured compile against eager there (`maskface bench --device cuda --compile`)."""
+        if isinstance(self.compile, bool):
+            return self.compile
+        device, size = models.generator.input.input.device, models.generator.size
+        if device.type != "cpu":
+            why = "not measured on GPUs yet"
+        elif size < COMPILE_FROM:
+            why = f"{size} px is below {COMPILE_FROM} px"
+        elif not _has_cpp_compiler():
+            why = "no C++ compiler for inductor"
+        else:
+            why = None
+        log.info("compile: auto -> %s", "on" if why is None else f"off: {why}")
+        return why is None
 
     def prepare(self, models: Models) -> Models:
         """The networks in this runtime's memory format, compiled if asked. Modules are
@@ -85,11 +113,17 @@ class Runtime:
         if self.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if self.compile:
+        compiles = self.compiles(models)
+        if compiles:
             # a compile that fails (no C++ compiler on a CPU node, an inductor bug) runs
             # that code eagerly with a logged warning, instead of failing every row
             import torch._dynamo
             torch._dynamo.config.suppress_errors = True
+            # one network is several graphs (with and without grad, the noise phase, batch
+            # 1, the first batch size, then a dynamic batch): dynamo's default of 8 per
+            # function ran the generator eagerly after the third batch size of a job
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       RECOMPILE_LIMIT)
         nets = {name: getattr(models, name) for name in
                 ("generator", "face_parser", "classifier", "e4e", "lpips")}
         for name, net in nets.items():
@@ -97,8 +131,10 @@ class Runtime:
                 continue
             if self.channels_last:
                 net = _to_channels_last(copy.deepcopy(net))
-            if self.compile and name in ("generator", "face_parser", "classifier", "lpips"):
-                net = torch.compile(net, dynamic=False)
+            if compiles and name in ("generator", "face_parser", "classifier", "lpips"):
+                # dynamic=None: the first batch size compiles static, a second one makes
+                # the batch dimension dynamic, so a shrinking batch does not recompile
+                net = torch.compile(net, dynamic=None)
             nets[name] = net
         return dataclasses.replace(models, **nets)
 
@@ -109,6 +145,15 @@ class Runtime:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=AUTOCAST[self.autocast])
+
+
+def _has_cpp_compiler() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+        return True
+    except Exception:
+        return False
 
 
 def _to_channels_last(module: torch.nn.Module) -> torch.nn.Module:

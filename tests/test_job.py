@@ -231,7 +231,7 @@ def test_an_images_rows_travel_together_up_to_the_batch_size_with_every_value_in
     ({"inputs": {"max_pixels": "big"}}, "inputs.max_pixels must be a positive integer"),
     ({"stop_after_failed_batches": -1}, "stop_after_failed_batches must be an integer >= 0"),
     ({"runtime": {"autocast": "fp8"}}, "runtime: autocast must be one of"),
-    ({"runtime": {"compile": "yes"}}, "runtime: compile must be true or false"),
+    ({"runtime": {"compile": "yes"}}, "runtime: compile must be true, false or auto"),
     ({"runtime": {"fast": True}}, "runtime: .*unexpected keyword.*keys: channels_last"),
     ({"share_prefix": "no"}, "share_prefix must be true or false"),
 ])

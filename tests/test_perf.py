@@ -66,3 +66,9 @@ def test_the_bench_prints_a_complete_document(tmp_path):
     saving = report["prefix_saving_14_attributes"]
     assert saving["steps_saved"] == pytest.approx(1 - (2 * 500 + 14 * 1001) / (14 * 1501))
     assert "default / baseline, batch 1" in result.stderr and report["peak_memory_bytes"] > 0
+    # at test sizes the default path is eager and bit-identical to the plain one
+    assert report["runtime"]["compile"] == "auto" and report["runtime"]["compiled"] is False
+    deviation = report["deviation_from_baseline"]
+    assert deviation["steps"] == 11 and deviation["edited_max_abs"] == 0
+    assert deviation["latent_max_abs"] == 0 and deviation["prob_result_max_abs"] == 0
+    assert "deviation from the plain path after a 11-step edit" in result.stderr

@@ -1,4 +1,5 @@
 """Runtime options change how the engine runs, not what it computes (beyond rounding)."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,30 @@ def test_the_plain_path_keeps_glibcs_memory_handling():
         Runtime(reuse_memory="yes")
 
 
+def test_compile_auto_compiles_real_sizes_on_cpu_and_leaves_test_sizes_eager(models):
+    """The rule, not the speed (the bench measures that): "auto" compiles a 256 px
+    generator's networks on a CPU with a C++ compiler, not the 64 px test networks;
+    true and false are obeyed as given, and the plain path never compiles."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from pipeline.runtime import COMPILE_FROM, RECOMPILE_LIMIT, _has_cpp_compiler
+    large = dataclasses.replace(models, generator=tiny_generator(COMPILE_FROM).eval())
+    assert Runtime().compile == "auto"
+    assert not Runtime().compiles(models) and Runtime(compile=True).compiles(models)
+    assert not Runtime.plain().compiles(large) and not Runtime(compile=False).compiles(large)
+    assert Runtime().compiles(large) == _has_cpp_compiler()
+    prepared = Runtime().prepare(models)              # lazy: nothing compiles until called
+    assert prepared.generator is models.generator
+    prepared = Runtime(compile=True).prepare(models)
+    assert isinstance(prepared.generator, OptimizedModule)
+    # a network is more graphs than dynamo's default limit of 8 (grad modes, phases,
+    # batch sizes); past the limit it would run eagerly without a word in the results
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+    assert prepared.e4e is models.e4e                 # e4e runs once per image: not compiled
+    with pytest.raises(ValueError, match="compile must be true, false or auto"):
+        Runtime(compile="yes")
+
+
 def test_unknown_options_are_refused():
     with pytest.raises(ValueError, match="autocast must be one of"):
         Runtime(autocast="int8")
@@ -122,28 +147,35 @@ def test_the_batch_probe_finds_the_largest_size_that_fits():
 
 @pytest.mark.compile
 def test_torch_compile_agrees_with_eager_forward_and_backward():
-    """Inductor (its C++ backend here) on a 32 px generator: the image and the latent's
-    gradient of a masked recon loss are eager's to float32 rounding. The generator alone:
-    compiling the engine's four networks with their backward takes many minutes on 2
-    cores (the bench reports compile time as the first step's extra time)."""
+    """Inductor (its C++ backend here) on a 32 px generator, compiled as the Runtime
+    compiles it: batch 2 first (a static graph), then batch 3 (the dynamic-batch graph
+    that serves every later size), then batch 4, which compiles nothing new. The image
+    and the latent's gradient of a masked recon loss are eager's to float32 rounding. The
+    generator alone: compiling the engine's four networks with their backward takes
+    minutes on 2 cores (the bench reports compile time as the first step's extra time)."""
+    from torch._dynamo.utils import counters
     torch.manual_seed(0)
     g = tiny_generator(32).eval().requires_grad_(False)
-    compiled = torch.compile(g, dynamic=False)
-    latent = compute_mean_latent(g, 64).view(1, 1, -1).repeat(2, g.n_latent, 1)
-    latent = latent + 0.1 * torch.randn(latent.shape)
-    noises = g.make_noise(2, "randn", torch.Generator().manual_seed(1))
-    target = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    models = bench_models("tiny", "local", "cpu")
+    compiled = Runtime(compile=True).prepare(dataclasses.replace(models, generator=g)).generator
 
-    def image_and_grad(net):
-        w = latent.clone().requires_grad_(True)
+    def image_and_grad(net, batch):
+        gen = torch.Generator().manual_seed(batch)
+        latent = compute_mean_latent(g, 64).view(1, 1, -1).repeat(batch, g.n_latent, 1)
+        w = (latent + 0.1 * torch.randn(latent.shape, generator=gen)).requires_grad_(True)
+        noises = g.make_noise(batch, "randn", gen)
+        target = torch.rand(batch, 3, 32, 32, generator=gen)
         image = net(w, noises)
         ((image - target) ** 2).mean().backward()
         return image.detach(), w.grad
 
-    eager_image, eager_grad = image_and_grad(g)
-    image, grad = image_and_grad(compiled)
-    torch.testing.assert_close(image, eager_image, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grad, eager_grad, rtol=1e-3, atol=1e-6)
+    for batch in (2, 3, 4):
+        graphs = counters["stats"]["unique_graphs"]
+        eager_image, eager_grad = image_and_grad(g, batch)
+        image, grad = image_and_grad(compiled, batch)
+        torch.testing.assert_close(image, eager_image, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-3, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == graphs     # batch 4: the dynamic graph served
 
 
 COMPILE_FAILS = """
