@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,24 @@ install: $(STAMP)
 test: install
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# On a machine with a GPU, in one short run: the GPU tests (our CUDA kernels and
+# inductor against their references), then `bench` at 1024 px paper defaults at the
+# automatic batch size in fp32, TF32 and bf16, and compiled. JSON documents land in
+# $(GPU_OUT); compare the compiled run with fp32 before changing `compile: auto` for GPUs.
+# GPU_PY: a Python with this project's dependencies (default: the venv `install` builds;
+# on a machine that cannot install, e.g. GPU_PY=python3 with PYTHONPATH set).
+GPU_OUT ?= gpu-check
+GPU_PY ?= $(BIN)/python
+GPU_BENCH = $(GPU_PY) -m jobs.cli bench --preset 1024 --device cuda --batch auto --steps 3
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} $(GPU_PY) -m pytest -q \
+	    -p no:cacheprovider tests/test_gpu.py tests/test_extension.py
+	$(GPU_BENCH) --no-compile --json $(GPU_OUT)/fp32.json
+	$(GPU_BENCH) --no-compile --tf32 --json $(GPU_OUT)/tf32.json
+	$(GPU_BENCH) --no-compile --autocast bf16 --json $(GPU_OUT)/bf16.json
+	$(GPU_BENCH) --compile --json $(GPU_OUT)/fp32-compiled.json
 
 # The demo: a manifest of four edits of the photo the repo ships (jobs/demo/), run by
 # the main job on a local Ray with local storage. With MODELS=spec.yaml (or

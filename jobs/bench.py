@@ -24,11 +24,14 @@ import torch
 from pipeline.config import EditConfig
 from pipeline.engine import Editor
 from pipeline.config import parse_set
-from pipeline.perf import (BENCH_EDIT, PRESETS, bench_models, deviation, early_stop_steps,
-                           peak_rates, peak_memory, phase_times, step_kinds, time_kind)
+from pipeline.perf import (BENCH_EDIT, PRESETS, auto_batch_size, bench_models, deviation,
+                           early_stop_steps, peak_rates, peak_memory, phase_times, step_kinds,
+                           time_kind)
 from pipeline.rows import EditRequest
 from pipeline.runtime import AUTOCAST, Runtime
 from pipeline.schedule import Schedule
+
+AUTO_BATCH_CAP = 64         # --batch auto: the most a GPU probe tries
 
 
 def measure(models, runtime: Runtime, mode: str, batch: int, steps: int,
@@ -70,6 +73,7 @@ def prefix_saving(result: dict, attributes: int = 14, prefixes: int = 2) -> dict
 def run_bench(args) -> int:
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    asked = parse_batches(args.batch, device)
     runtime = Runtime(channels_last=args.channels_last,
                       compile="auto" if args.compile is None else args.compile,
                       autocast=args.autocast, tf32=args.tf32)
@@ -78,6 +82,8 @@ def run_bench(args) -> int:
     runtimes = {**({"baseline": Runtime.plain()} if args.baseline else {}), "default": runtime}
     models = bench_models(args.preset, args.mode, str(device))
     overrides = {"parser_size": PRESETS[args.preset][1]}
+    batches = [size or auto_batch_size(models, runtime, args.mode, AUTO_BATCH_CAP,
+                                       overrides["parser_size"]) for size in asked]
     dtype = AUTOCAST.get(args.autocast or "", torch.float32)
     peaks = [peak_rates(device, dtype)]
     report = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -86,7 +92,7 @@ def run_bench(args) -> int:
                                       "convolutions, forward and backward"},
               "preset": args.preset, "mode": args.mode,
               "runtime": {**vars(runtime), "compiled": runtime.compiles(models)}, "runs": {}}
-    for batch in args.batch:            # interleaved, so a drifting machine hits both alike
+    for batch in batches:               # interleaved, so a drifting machine hits both alike
         for label, rt in runtimes.items():
             report["runs"].setdefault(label, []).append(
                 measure(models, rt, args.mode, batch, args.steps, overrides))
@@ -102,7 +108,7 @@ def run_bench(args) -> int:
     if args.mode == "local":
         report["prefix_saving_14_attributes"] = prefix_saving(report["runs"]["default"][0])
     if args.early_stop is not None:
-        report["early_stop"] = early_stop_steps(models, runtime, args.mode, args.batch[0],
+        report["early_stop"] = early_stop_steps(models, runtime, args.mode, batches[0],
                                                 {**overrides, **parse_set(args.early_stop)})
     print_table(report)
     text = json.dumps(report, indent=2, default=str)
@@ -112,6 +118,20 @@ def run_bench(args) -> int:
     else:
         print(text)
     return 0
+
+
+def parse_batches(asked: list[str], device: torch.device) -> list[int | None]:
+    """--batch values: sizes, or None for "auto" (GPU only: the size a job's actor probes
+    for, the largest whose heaviest step fits, up to AUTO_BATCH_CAP)."""
+    sizes: list[int | None] = []
+    for value in asked:
+        if value == "auto" and device.type != "cuda":
+            raise SystemExit("bench: --batch auto probes GPU memory; give sizes on a CPU")
+        if value != "auto" and not (value.isdigit() and int(value) > 0):
+            raise SystemExit(f"bench: --batch takes positive sizes or auto, got {value!r}")
+        sizes.append(None if value == "auto" else int(value))
+    return sizes
+
 
 
 def print_table(report: dict) -> None:
@@ -178,7 +198,9 @@ def run_pipeline_bench(args) -> int:
     from pipeline.job import JobSettings, run_job
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    n, batch = args.pipeline, args.batch[-1]
+    if not args.batch[-1].isdigit() or int(args.batch[-1]) < 1:
+        raise SystemExit(f"bench --pipeline: --batch takes a size, got {args.batch[-1]!r}")
+    n, batch = args.pipeline, int(args.batch[-1])
     work = Path(tempfile.mkdtemp(prefix="maskface-bench-"))
     spec_path = make_tiny(work / "weights", resolution=64)
     rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "image_uri": [str(PHOTO)] * n,
@@ -222,7 +244,9 @@ def add_parser(commands) -> None:
                    help="network shapes: tiny (64 px test widths), 256, 1024 (config-f)")
     p.add_argument("--mode", choices=("local", "global"), default="local",
                    help="global adds e4e and LPIPS-VGG")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--batch", nargs="+", default=["1", "4"],
+                   help="batch sizes, or auto (GPU: the largest that fits, up to "
+                        f"{AUTO_BATCH_CAP}, as a job's actor probes)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--device")
     p.add_argument("--baseline", action="store_true",

@@ -84,10 +84,11 @@ class Runtime:
 
     def compiles(self, models: Models) -> bool:
         """Whether `prepare` compiles these networks: `compile` itself, or for "auto" a
-        CPU, a generator of at least COMPILE_FROM px (where inductor's minutes of warm-up
-        buy back their time within a few edits: about 1.5x per edit at 256 px and 1.7x at
-        1024 on our CPU) and a C++ compiler for inductor. GPUs stay eager under "auto" until a GPU bench has
-        measured compile against eager there (`maskface bench --device cuda --compile`)."""
+        CPU, a generator of at least COMPILE_FROM px and a C++ compiler for inductor.
+        There, minutes of warm-up are bought back within the first edit (about 1.5x per
+        edit at 256 px and 1.7x at 1024 on our CPU). GPUs stay eager under "auto" until
+        a GPU bench has measured compile against eager there (`maskface bench --device
+        cuda --compile` and `--no-compile`)."""
         if isinstance(self.compile, bool):
             return self.compile
         device, size = models.generator.input.input.device, models.generator.size

@@ -86,3 +86,23 @@ def test_the_batch_probe_backs_off_on_a_real_out_of_memory():
     models = bench_models("tiny", "local", "cuda")
     size = auto_batch_size(models, Runtime(), "local", cap=8, parser_size=64)
     assert 1 <= size <= 8
+
+
+@pytest.mark.compile
+def test_a_compiled_edit_on_cuda_agrees_with_eager():
+    """Inductor's Triton kernels against eager on the GPU, the numbers a GPU bench with
+    `--compile` would stand on (`compile: auto` keeps GPUs eager until one is measured)."""
+    from pipeline.config import EditConfig
+    from pipeline.engine import Editor
+    from pipeline.perf import bench_models
+    from pipeline.rows import EditRequest
+    from pipeline.runtime import Runtime
+    models = bench_models("tiny", "local", "cuda")
+    config = EditConfig.from_overrides({"steps.latent": 4, "steps.noise": 1, "parser_size": 64,
+                                        "loss.start_steps.classf": 1, "loss.start_steps.seg": 1})
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    requests = [EditRequest(("black_hair",), (1.0,), size=1.2)] * 2
+    eager = Editor(models, config, Runtime(compile=False)).edit(x, requests)
+    compiled = Editor(models, config, Runtime(compile=True)).edit(x, requests)
+    assert all(r.ok for r in compiled)
+    assert max((a.edited - b.edited).abs().max().item() for a, b in zip(compiled, eager)) < 1e-3

@@ -72,3 +72,13 @@ def test_the_bench_prints_a_complete_document(tmp_path):
     assert deviation["steps"] == 11 and deviation["edited_max_abs"] == 0
     assert deviation["latent_max_abs"] == 0 and deviation["prob_result_max_abs"] == 0
     assert "deviation from the plain path after a 11-step edit" in result.stderr
+
+
+def test_the_bench_refuses_batch_auto_without_a_gpu_before_building_anything():
+    result = subprocess.run([MASKFACE, "bench", "--device", "cpu", "--batch", "auto"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--batch auto probes GPU memory" in result.stderr
+    result = subprocess.run([MASKFACE, "bench", "--batch", "0"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "positive sizes or auto, got '0'" in result.stderr
