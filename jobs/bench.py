@@ -133,7 +133,6 @@ def parse_batches(asked: list[str], device: torch.device) -> list[int | None]:
     return sizes
 
 
-
 def print_table(report: dict) -> None:
     env = report["env"]
     best = {op: max(p[op] for p in env["peak_samples"]) / 1e9 for op in env["peak_samples"][0]}
@@ -198,9 +197,7 @@ def run_pipeline_bench(args) -> int:
     from pipeline.job import JobSettings, run_job
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    if not args.batch[-1].isdigit() or int(args.batch[-1]) < 1:
-        raise SystemExit(f"bench --pipeline: --batch takes a size, got {args.batch[-1]!r}")
-    n, batch = args.pipeline, int(args.batch[-1])
+    n, batch = args.pipeline, parse_batches(args.batch[-1:], torch.device("cpu"))[0]
     work = Path(tempfile.mkdtemp(prefix="maskface-bench-"))
     spec_path = make_tiny(work / "weights", resolution=64)
     rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "image_uri": [str(PHOTO)] * n,
