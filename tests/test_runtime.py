@@ -179,13 +179,15 @@ def test_torch_compile_agrees_with_eager_forward_and_backward():
 
 
 COMPILE_FAILS = """
-import logging, torch, torch._inductor.config as inductor
+import dataclasses, torch, torch._inductor.config as inductor
 from models.tiny import tiny_generator
 from pipeline.perf import bench_models
-from pipeline.runtime import Runtime
+from pipeline.runtime import COMPILE_FROM, Runtime
 inductor.cpp.cxx = ("/nonexistent/c++",)         # a CPU node without a C++ compiler
 inductor.fx_graph_cache = False                  # and nothing compiled before to reuse
 models = bench_models("tiny", "local", "cpu")
+large = dataclasses.replace(models, generator=tiny_generator(COMPILE_FROM).eval())
+print("AUTO-COMPILES" if Runtime().compiles(large) else "AUTO-EAGER")
 g = models.generator
 latent = models.mean_latent.view(1, 1, -1).repeat(1, g.n_latent, 1)
 noises = g.make_noise(1)
@@ -203,4 +205,5 @@ def test_a_compile_that_fails_runs_eagerly_with_a_warning():
                          cwd=str(Path(__file__).parents[1]), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-1] == "EQUAL"
+    assert run.stdout.split()[0] == "AUTO-EAGER"    # "auto" does not even try without one
     assert "nonexistent" in run.stderr              # the failure was reported, not hidden
