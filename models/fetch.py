@@ -144,52 +144,22 @@ def fetch_weights(dest: str | Path, only: list[str] | None = None,
     if generator_uri and "generator" in names:
         raise ValueError("--generator names a converted generator; do not also fetch one")
     spec_path = dest / "models.yaml"
-    previous: dict[str, WeightRef] = {}
-    mean = MeanLatent()
-    if spec_path.exists():
-        old = ModelsSpec.from_dict(yaml.safe_load(spec_path.read_text()))  # URIs kept relative
-        previous = {n: getattr(old, n) for n in NETWORKS if getattr(old, n) is not None}
-        mean = old.mean_latent
-
+    previous, mean = _previous_spec(spec_path)
     refs: dict[str, WeightRef] = {}
     licences = []
     for name in names:
-        src = SOURCES[name]
-        url = (urls or {}).get(name, src.url)
-        target = src.convert_to or src.filename          # the file the spec names
-        known = previous.get(name)
-        licences.append(f"{name}: {src.licence}")
-        if ((dest / target).exists() and known and known.sha256 and known.uri == target
-                and sha256_file(dest / target) == known.sha256):
-            log.info("%s: %s already complete (sha256 verified)", name, dest / target)
-            refs[name] = known
-            continue
-        path = dest / src.filename
-        if src.convert_to and path.exists():     # downloads land only when complete
-            log.info("%s: converting the pickle already downloaded to %s", name, path)
-            sha = sha256_file(path)
-        else:
-            log.info("%s: downloading %s", name, redact(url))
-            sha = download(url, path, progress_factory(name) if progress_factory else None)
-        if src.convert_to:
-            try:
-                done = convert_pickle(str(path), dest / target, source_sha256=sha)
-            except PickleError as e:
-                raise PickleError(f"{e}. The file stays at {path}; delete it to download "
-                                  "again, or fetch from another --url") from None
-            refs[name] = WeightRef(target, done.sha256,
-                                   f"converted by {CONVERTER_VERSION} from {src.filename} "
-                                   f"(sha256 {sha}; {RECORDED_NOTE})")
-            if done.latent_avg_norm is not None:      # the mean latent comes from the file
-                mean = MeanLatent(source="checkpoint", samples=mean.samples, seed=mean.seed)
-        else:
-            refs[name] = WeightRef(src.filename, sha, RECORDED_NOTE)
-
+        licences.append(f"{name}: {SOURCES[name].licence}")
+        progress = progress_factory(name) if progress_factory else None
+        refs[name], from_file = _fetch_one(name, dest, (urls or {}).get(name), previous.get(name),
+                                           progress)
+        if from_file:                               # the mean latent comes from the file
+            mean = MeanLatent(source="checkpoint", samples=mean.samples, seed=mean.seed)
     for name, ref in previous.items():      # keep what an earlier fetch recorded
         refs.setdefault(name, ref)
     if generator_uri:
         local = Path(generator_uri)
-        refs["generator"] = WeightRef(generator_uri, sha256_file(local) if local.is_file() else None)
+        refs["generator"] = WeightRef(generator_uri,
+                                      sha256_file(local) if local.is_file() else None)
         licences.append(f"generator: {GENERATOR_LICENCE}")
         # a file of unknown make may hold no latent_avg: average the mapping network instead
         mean = MeanLatent(source="computed", samples=mean.samples, seed=mean.seed)
@@ -199,3 +169,42 @@ def fetch_weights(dest: str | Path, only: list[str] | None = None,
     write_spec(ModelsSpec(**refs, mean_latent=mean), str(spec_path),
                header="models spec written by `maskface weights fetch`")
     return spec_path, licences
+
+
+def _previous_spec(spec_path: Path) -> tuple[dict[str, WeightRef], MeanLatent]:
+    """What an earlier fetch into the same folder recorded (URIs kept relative)."""
+    if not spec_path.exists():
+        return {}, MeanLatent()
+    old = ModelsSpec.from_dict(yaml.safe_load(spec_path.read_text()))
+    return ({n: getattr(old, n) for n in NETWORKS if getattr(old, n) is not None},
+            old.mean_latent)
+
+
+def _fetch_one(name: str, dest: Path, url: str | None, known: WeightRef | None,
+               progress: Callable[[int, int | None], None] | None) -> tuple[WeightRef, bool]:
+    """One network's file in `dest` (kept when its recorded hash matches, else downloaded
+    and, for the generator's pickle, converted): its spec entry, and whether the mean
+    latent should come from the file (a converted pickle with a dlatent_avg)."""
+    src = SOURCES[name]
+    target = src.convert_to or src.filename          # the file the spec names
+    if ((dest / target).exists() and known and known.sha256 and known.uri == target
+            and sha256_file(dest / target) == known.sha256):
+        log.info("%s: %s already complete (sha256 verified)", name, dest / target)
+        return known, False
+    path = dest / src.filename
+    if src.convert_to and path.exists():     # downloads land only when complete
+        log.info("%s: converting the pickle already downloaded to %s", name, path)
+        sha = sha256_file(path)
+    else:
+        log.info("%s: downloading %s", name, redact(url or src.url))
+        sha = download(url or src.url, path, progress)
+    if not src.convert_to:
+        return WeightRef(src.filename, sha, RECORDED_NOTE), False
+    try:
+        done = convert_pickle(str(path), dest / target, source_sha256=sha)
+    except PickleError as e:
+        raise PickleError(f"{e}. The file stays at {path}; delete it to download again, or "
+                          "fetch from another --url") from None
+    return (WeightRef(target, done.sha256, f"converted by {CONVERTER_VERSION} from "
+                                           f"{src.filename} (sha256 {sha}; {RECORDED_NOTE})"),
+            done.latent_avg_norm is not None)

@@ -1,0 +1,103 @@
+"""`maskface weights check`: load every network a models spec names and run one forward.
+
+    for result in check_networks(read_spec("weights/models.yaml")):
+        print(result.line())
+
+The generator runs first, from the mean latent; the other networks run on its image, so
+a spec whose networks load but do not fit together (a parser of another size, say)
+fails here, not in a job.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoints import CheckpointError
+from .loaders import (Loaded, load_classifier, load_e4e, load_face_parser, load_generator,
+                      load_lpips, mean_latent)
+from .spec import ModelsSpec, SpecError
+
+
+@dataclass
+class NetworkCheck:
+    name: str
+    error: str | None = None          # why it failed; None: it loaded and ran
+    sha256: str = ""
+    parameters: int = 0
+    out_shape: tuple[int, ...] = ()
+    note: str = ""                    # the mean latent, the converter, an LPIPS distance
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def line(self) -> str:
+        if not self.ok:
+            return f"{self.name:12s} FAILED  {self.error}"
+        return (f"{self.name:12s} ok  sha256 {self.sha256[:16]}  params {self.parameters:,}  "
+                f"out {list(self.out_shape)}{self.note}  ({self.seconds:.1f} s)")
+
+
+Forward = Callable[[], "tuple[Loaded, tuple[int, ...], str]"]
+
+
+def _run(name: str, forward: Forward) -> NetworkCheck:
+    start = time.perf_counter()
+    try:
+        loaded, shape, note = forward()
+    except (CheckpointError, SpecError, ValueError, RuntimeError) as e:
+        return NetworkCheck(name, error=str(e))
+    return NetworkCheck(name, sha256=loaded.sha256,
+                        parameters=sum(p.numel() for p in loaded.module.parameters()),
+                        out_shape=tuple(shape), note=note,
+                        seconds=time.perf_counter() - start)
+
+
+def _generator_note(g: Loaded, spec: ModelsSpec, w: torch.Tensor) -> str:
+    made = g.extra.get("converted_from")
+    origin = (f"  converted from {made.get('file')} (sha256 {str(made.get('sha256'))[:16]}) "
+              f"by {made.get('converter')}" if isinstance(made, dict) else "")
+    return f"  mean latent ({spec.mean_latent.source}) norm {w.norm():.3f}{origin}"
+
+
+def check_networks(spec: ModelsSpec, parser_size: int = 512) -> Iterator[NetworkCheck]:
+    """Each network of `spec`, loaded strictly and run once, in order (e4e only when the
+    spec names it)."""
+    image: list[torch.Tensor] = []
+
+    def generator():
+        g = load_generator(spec.generator)
+        w = mean_latent(g, spec.mean_latent)
+        gm = g.module
+        with torch.no_grad():
+            image.append(gm(w.view(1, 1, -1).repeat(1, gm.n_latent, 1), gm.make_noise(1)))
+        return g, image[0].shape, _generator_note(g, spec, w)
+
+    def on_image(load: Callable[[], Loaded]) -> Forward:
+        def forward():
+            if not image:
+                raise RuntimeError("needs the generator's image, which failed")
+            net = load()
+            with torch.no_grad():
+                return net, net.module(image[0]).shape, ""
+        return forward
+
+    def lpips():
+        if not image:
+            raise RuntimeError("needs the generator's image, which failed")
+        m = load_lpips(spec.lpips_trunk)
+        with torch.no_grad():
+            d = m.module(image[0], image[0].flip(-1), torch.ones_like(image[0][:, :1]))
+        return m, d.shape, f"  lpips(image, mirrored) {d.item():.4f}"
+
+    yield _run("generator", generator)
+    yield _run("face_parser", on_image(lambda: load_face_parser(spec.face_parser,
+                                                                working_size=parser_size)))
+    yield _run("classifier", on_image(lambda: load_classifier(spec.classifier)))
+    if spec.e4e is not None:
+        yield _run("e4e", on_image(lambda: load_e4e(spec.e4e)))
+    yield _run("lpips", lpips)
