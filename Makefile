@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# mypy types pipeline/; lint-imports holds the layers (pyproject.toml's contracts)
 test: install
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # On a machine with a GPU, in one short run: the GPU tests (our CUDA kernels and

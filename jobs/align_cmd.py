@@ -8,9 +8,9 @@ import sys
 import fsspec
 import numpy as np
 
-from manifests.align import LANDMARK_LICENCE, Aligner, align_photos, paste
+from manifests.align import LANDMARK_LICENCE, Aligner, align_photos
 from manifests.builders import list_images
-from pipeline.images import png_bytes, read_pil, write_bytes
+from pipeline.job.images import paste, png_bytes, read_pil, write_bytes
 
 
 def run_align(args) -> int:

@@ -21,15 +21,14 @@ import time
 
 import torch
 
-from pipeline.config import EditConfig
-from pipeline.engine import Editor
-from pipeline.config import parse_set
-from pipeline.perf import (BENCH_EDIT, PRESETS, auto_batch_size, bench_models, deviation,
-                           early_stop_steps, peak_rates, peak_memory, phase_times, step_kinds,
-                           time_kind)
-from pipeline.rows import EditRequest
-from pipeline.runtime import AUTOCAST, Runtime
-from pipeline.schedule import Schedule
+from pipeline.engine.batch_size import auto_batch_size
+from pipeline.engine.bench import (PRESETS, bench_models, bench_schedule, deviation,
+                                   early_stop_steps, peak_memory, peak_rates, phase_times,
+                                   step_kinds, time_kind)
+from pipeline.engine.editor import Editor
+from pipeline.engine.rows import EditRequest
+from pipeline.engine.runtime import AUTOCAST, Runtime
+from pipeline.engine.settings import EditConfig, parse_set
 
 AUTO_BATCH_CAP = 64         # --batch auto: the most a GPU probe tries
 
@@ -38,8 +37,7 @@ def measure(models, runtime: Runtime, mode: str, batch: int, steps: int,
             overrides: dict) -> dict:
     """One runtime at one batch size: phases, kinds, the whole edit, FLOPs (MFU is added
     once the peak is known)."""
-    settings = EditConfig.from_overrides(overrides).resolve(BENCH_EDIT[mode].attributes)
-    schedule = Schedule.for_group(settings, [settings.loss.weights.seg], [BENCH_EDIT[mode].size])
+    settings, schedule = bench_schedule(mode, overrides)
     phases = phase_times(models, settings, batch, steps, runtime)
     kinds = {}
     for kind in step_kinds(schedule):
@@ -82,6 +80,7 @@ def run_bench(args) -> int:
     runtimes = {**({"baseline": Runtime.plain()} if args.baseline else {}), "default": runtime}
     models = bench_models(args.preset, args.mode, str(device))
     overrides = {"parser_size": PRESETS[args.preset][1]}
+    runtime.apply(device)
     batches = [size or auto_batch_size(models, runtime, args.mode, AUTO_BATCH_CAP,
                                        overrides["parser_size"]) for size in asked]
     dtype = AUTOCAST.get(args.autocast or "", torch.float32)
@@ -193,8 +192,9 @@ def run_pipeline_bench(args) -> int:
     from models.loaders import load_models
     from models.spec import REQUIRED, read_spec
     from models.tiny import make_tiny
-    from pipeline.images import read_image
-    from pipeline.job import JobSettings, run_job
+    from pipeline.job.driver import run_job
+    from pipeline.job.images import read_image
+    from pipeline.job.spec import JobSpec
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     n, batch = args.pipeline, parse_batches(args.batch[-1:], torch.device("cpu"))[0]
@@ -203,11 +203,11 @@ def run_pipeline_bench(args) -> int:
     rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "image_uri": [str(PHOTO)] * n,
                          "attributes": [["smiling"]] * n, "targets": [[1.0]] * n})
     write_manifest(rows, str(work / "m.parquet"))
-    settings = JobSettings(manifest=str(work / "m.parquet"), output=str(work / "out"),
-                           models=str(spec_path), edit=PIPELINE_EDIT, batch_size=batch,
-                           actors=1, cpu_threads=torch.get_num_threads())
+    job = JobSpec(manifest=str(work / "m.parquet"), output=str(work / "out"),
+                  models=str(spec_path), edit=PIPELINE_EDIT, batch_size=batch, actors=1,
+                  cpu_threads=torch.get_num_threads())
     start = time.perf_counter()
-    run_job(validate(rows), settings)
+    run_job(validate(rows), job)
     pipe_total = time.perf_counter() - start
     written = pd.read_parquet(work / "out" / "metrics")["written_at"].sort_values().to_numpy()
     first_batch = written[batch - 1]
@@ -215,8 +215,10 @@ def run_pipeline_bench(args) -> int:
 
     config = EditConfig.from_overrides(PIPELINE_EDIT)
     start = time.perf_counter()
+    runtime = Runtime()
+    runtime.apply(torch.device("cpu"))
     editor = Editor(load_models(read_spec(str(spec_path)), parser_size=64,
-                                networks=REQUIRED), config)
+                                networks=REQUIRED), config, runtime)
     stamps = []
     for k in range(0, n, batch):
         images = torch.stack([read_image(str(PHOTO), 64) for _ in range(min(batch, n - k))])

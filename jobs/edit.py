@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from models.loaders import load_models
 from models.spec import read_spec
-from pipeline.config import EditConfig, apply_mean_latent, flatten, parse_set, required_networks
-from pipeline.engine import Editor
-from pipeline.rows import BLENDS, MODES, EditRequest, unique_stems
-from pipeline.schedule import Schedule
+from pipeline.engine.editor import Editor
+from pipeline.engine.rows import BLENDS, MODES, EditRequest, unique_stems
+from pipeline.engine.runtime import Runtime
+from pipeline.engine.schedule import Schedule
+from pipeline.engine.settings import (EditConfig, apply_mean_latent, parse_set, read_overrides,
+                                      required_networks)
 from pipeline.errors import RowError
-from pipeline.images import encode_png, read_image, write_bytes
+from pipeline.job.images import encode_png, read_image, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def parse_attribute(text: str) -> tuple[str, float]:
 def build_config(args) -> EditConfig:
     overrides: dict = {}
     if args.config:
-        overrides.update(flatten(yaml.safe_load(Path(args.config).read_text()) or {}))
+        overrides.update(read_overrides(Path(args.config).read_text()))
     overrides.update(parse_set(args.set or []))
     for key, value in (("mode", args.mode), ("smoothing", args.smoothing), ("blend", args.blend)):
         if value is not None:
@@ -64,7 +65,9 @@ def run_edit(args) -> int:
                          networks=required_networks([settings]))
     if spec.tiny:
         print("note: tiny random-weight models: the outputs are not real edits", file=sys.stderr)
-    editor = Editor(models, config)
+    runtime = Runtime()
+    runtime.apply(torch.device(device))
+    editor = Editor(models, config, runtime)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = unique_stems(args.images)

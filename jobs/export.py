@@ -2,18 +2,18 @@
 as a dataset a training loop loads directly: Parquet with an image column that Hugging
 Face `datasets` decodes, or an ImageFolder with metadata.jsonl. Rows carry the
 passthrough labels, `labels_after` (the labels with each edited attribute at its
-target; see pipeline/export.py for the rule) and the metrics."""
+target; see pipeline/results/export.py for the rule) and the metrics."""
 from __future__ import annotations
 
 import sys
 
-from jobs.status import _storage_options
+from jobs.options import add_storage_options, storage_options
 
 
 def export_command(args) -> int:
-    from pipeline.export import export_output
+    from pipeline.results.export import export_output
     result = export_output(args.output, args.format, args.dest, args.only_successful,
-                           _storage_options(args))
+                           storage_options(args))
     for rid, why in result.missing:
         print(f"  left out {rid}: {why}", file=sys.stderr)
     print(f"exported {result.rows} rows as {args.format} to {result.dest}"
@@ -26,7 +26,7 @@ def export_command(args) -> int:
 
 
 def add_parser(commands) -> None:
-    from pipeline.export import FORMATS
+    from pipeline.results.export import FORMATS
     p = commands.add_parser("export", help="export the edited images, labels and metrics as a "
                                            "training-ready dataset",
                             description=__doc__.split("\n")[0])
@@ -38,7 +38,5 @@ def add_parser(commands) -> None:
     p.add_argument("--only-successful", action="store_true",
                    help="only rows that finished and reached every target (default: every "
                         "row; failed rows have a null image in hf-parquet)")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'; '
-                        "credentials come from the environment")
+    add_storage_options(p)
     p.set_defaults(func=export_command)

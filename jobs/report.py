@@ -4,20 +4,20 @@ server (default: OUTPUT_URI/report). Works on local and S3 outputs, while the jo
 or after it ended. `maskface run` writes it at the end unless --no-report."""
 from __future__ import annotations
 
-from jobs.status import _storage_options
+from jobs.options import add_storage_options, storage_options
 
 
 def report_command(args) -> int:
-    from pipeline.report import write_report
+    from pipeline.results.report import write_report
     if args.grid < 1:
         raise ValueError("--grid takes a positive number of edits")
-    index = write_report(args.output, args.dest, _storage_options(args), grid=args.grid)
+    index = write_report(args.output, args.dest, storage_options(args), grid=args.grid)
     print(f"report: {index}")
     return 0
 
 
 def add_parser(commands) -> None:
-    from pipeline.report import GRID
+    from pipeline.results.report import GRID
     p = commands.add_parser("report", help="an HTML report of a job's output (counts, "
                                            "per-attribute table, before/after grid, failures)",
                             description=__doc__.split("\n")[0])
@@ -27,7 +27,5 @@ def add_parser(commands) -> None:
     p.add_argument("--grid", type=int, default=GRID, metavar="N",
                    help=f"edits in the before/after grid at most; a random sample beyond "
                         f"(default {GRID})")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'; '
-                        "credentials come from the environment")
+    add_storage_options(p)
     p.set_defaults(func=report_command)

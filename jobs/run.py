@@ -6,27 +6,21 @@ empty manifest); 1: a row of this manifest ended in error or is still pending; 2
 job stopped on a setup error (its message says why; a rerun resumes)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
 from manifests.schema import read_manifest
-from pipeline.access import InputPolicy
-from pipeline.config import ConfigError, EditConfig, flatten, parse_set
+from pipeline.engine.settings import flatten, parse_set
 from pipeline.errors import SetupError
-from pipeline.job import JobSettings
-from pipeline.runtime import Runtime
-from pipeline.storage import CREDENTIAL_KEYS
+from pipeline.job.spec import JobSpec, JobSpecError, mapping_keys
 
 
-
-class JobSpecError(ValueError):
-    pass
-
-
-def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
+def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
+    """The job spec at `path`, with `--set key=value` overrides applied (`edit.steps.latent=9`
+    and `inputs.allow=[...]` reach inside the mapping keys)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -35,71 +29,28 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSettings:
         raise JobSpecError(f"{path}: a job spec is a mapping of keys")
     for key, value in parse_set(overrides or []).items():
         top, _, rest = key.partition(".")
-        if top == "edit" and rest:
-            data.setdefault("edit", {})
-            data["edit"] = {**flatten(data["edit"] or {}), rest: value}
-        elif top in ("storage_options", "inputs", "runtime") and rest:
-            data[top] = {**(data.get(top) or {}), rest: value}
+        if rest and top in mapping_keys():
+            inside = flatten(data.get(top) or {}) if top == "edit" else dict(data.get(top) or {})
+            data[top] = {**inside, rest: value}
         else:
             data[key] = value
-    known = {f.name for f in fields(JobSettings)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise JobSpecError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
-    missing = [k for k in ("manifest", "output", "models") if not data.get(k)]
-    if missing:
-        raise JobSpecError(f"{path}: missing {', '.join(missing)}")
-    storage = data.get("storage_options") or {}
-    leaked = sorted(k for k in flatten(storage) if k.rsplit(".", 1)[-1].lower() in CREDENTIAL_KEYS)
-    if leaked:
-        raise JobSpecError(f"{path}: storage_options must not hold credentials ({leaked}); "
-                           "use the standard AWS chain or environment variables")
-    edit = flatten(data.get("edit") or {})
-    try:
-        EditConfig.from_overrides(edit)
-    except ConfigError as e:
-        raise JobSpecError(f"{path}: edit: {e}") from None
-    data["edit"] = edit
-    for key in ("batch_size", "cpu_threads"):
-        if key in data and (not isinstance(data[key], int) or data[key] < 1):
-            raise JobSpecError(f"{path}: {key} must be a positive integer, got {data[key]!r}")
-    stop = data.get("stop_after_failed_batches", 3)
-    if not isinstance(stop, int) or isinstance(stop, bool) or stop < 0:
-        raise JobSpecError(f"{path}: stop_after_failed_batches must be an integer >= 0 "
-                           f"(0: never stop), got {stop!r}")
-    try:
-        InputPolicy.from_spec(data.get("inputs"))
-    except ValueError as e:
-        raise JobSpecError(f"{path}: {e}") from None
-    data["inputs"] = dict(data.get("inputs") or {})
-    data["runtime"] = dict(data.get("runtime") or {})
-    try:
-        Runtime(**data["runtime"])
-    except (TypeError, ValueError) as e:
-        raise JobSpecError(f"{path}: runtime: {e}; keys: "
-                           f"{', '.join(f.name for f in fields(Runtime))}") from None
-    for key in ("auto_batch", "share_prefix"):
-        if not isinstance(data.get(key, True), bool):
-            raise JobSpecError(f"{path}: {key} must be true or false, got {data[key]!r}")
-    if data.get("actors") is not None and (not isinstance(data["actors"], int) or data["actors"] < 1):
-        raise JobSpecError(f"{path}: actors must be a positive integer, got {data['actors']!r}")
-    return JobSettings(**data)
+    return JobSpec.from_dict(data, where=path)
 
 
 def run_command(args) -> int:
-    from pipeline.job import run_job
-    settings = load_job_spec(args.spec, args.set)
+    from pipeline.job.driver import run_job
+    job = load_job_spec(args.spec, args.set)
     if args.retry_errors:
-        settings.retry_errors = True
+        job = dataclasses.replace(job, retry_errors=True)
     # the manifest is validated before any model loads or Ray starts
-    manifest = read_manifest(settings.manifest, settings.storage_options)
+    manifest = read_manifest(job.manifest, job.storage_options)
     if not len(manifest.rows):
-        print(f"manifest {settings.manifest} has no rows: nothing to do (nothing written to "
-              f"{settings.output})")
+        print(f"manifest {job.manifest} has no rows: nothing to do (nothing written to "
+              f"{job.output})")
         return 0
-    print(f"manifest: {len(manifest.rows)} rows valid; output: {settings.output}")
+    print(f"manifest: {len(manifest.rows)} rows valid; output: {job.output}")
     try:
-        summary = run_job(manifest.rows, settings, manifest.schema, address=args.address)
+        summary = run_job(manifest.rows, job, manifest.schema, address=args.address)
     except SetupError as e:
         print(f"error: the job stopped: {e}", file=sys.stderr)
         return 2
@@ -114,20 +65,20 @@ def run_command(args) -> int:
         print(f"  {attr}: on target {s['on_target']}/{s['rows']}, flipped {s['flipped']}")
     for e in summary["errors"]:
         print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
-    print(f"results: {settings.output} (metrics/, images/, latents/, masks/, summary.json)")
+    print(f"results: {job.output} (metrics/, images/, latents/, masks/, summary.json)")
     if not getattr(args, "no_report", False):
-        _write_report(settings)
+        _write_report(job)
     return 1 if mine["error"] or mine["pending"] else 0
 
 
-def _write_report(settings: JobSettings) -> None:
+def _write_report(job: JobSpec) -> None:
     """The job's report; a report that fails is said, and leaves the job's result alone."""
-    from pipeline.report import write_report
+    from pipeline.results.report import write_report
     try:
-        print(f"report: {write_report(settings.output, storage_options=settings.storage_options)}")
+        print(f"report: {write_report(job.output, storage_options=job.storage_options)}")
     except Exception as e:
         print(f"report failed ({type(e).__name__}: {e}); retry with: maskface report "
-              f"{settings.output}", file=sys.stderr)
+              f"{job.output}", file=sys.stderr)
 
 
 def add_parser(commands) -> None:

@@ -1,7 +1,7 @@
 """`maskface status OUTPUT_URI`: how far a job is, from another terminal, while it runs or
 after it ended: done, error and pending rows against the manifest, the recent and overall
 rate, an ETA, throughput per node and per actor, and the latest errors. It reads only the
-metrics rows and job.json under the output (local path or s3://...)."""
+metrics rows, job.json and summary.json under the output (local path or s3://...)."""
 from __future__ import annotations
 
 import json
@@ -9,29 +9,12 @@ import signal
 import sys
 import threading
 
-from pipeline.config import flatten
-from pipeline.storage import CREDENTIAL_KEYS
-
-
-def _storage_options(args) -> dict:
-    if not args.storage_options:
-        return {}
-    try:
-        options = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options is not JSON: {e}") from None
-    if not isinstance(options, dict):
-        raise ValueError("--storage-options must be a JSON object")
-    leaked = sorted(k for k in flatten(options) if k.rsplit(".", 1)[-1].lower() in CREDENTIAL_KEYS)
-    if leaked:
-        raise ValueError(f"--storage-options must not hold credentials ({leaked}); use the "
-                         "standard AWS chain or environment variables")
-    return options
+from jobs.options import add_storage_options, storage_options
 
 
 def status_command(args) -> int:
-    from pipeline.progress import read_status, render
-    output, manifest, options = args.output, args.manifest, _storage_options(args)
+    from pipeline.results.status import read_status, render
+    output, manifest, options = args.output, args.manifest, storage_options(args)
     if args.job:
         from jobs.run import load_job_spec       # the job's modules: only for --job
         spec = load_job_spec(args.job)
@@ -89,9 +72,7 @@ def add_parser(commands) -> None:
                         "only)")
     p.add_argument("--job", metavar="JOB.yaml",
                    help="take the output, manifest and storage_options from a job spec")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help='fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'; '
-                        "credentials come from the environment")
+    add_storage_options(p)
     p.add_argument("--window", type=float, default=10.0, metavar="MINUTES",
                    help="the recent rate is over this many minutes (default 10)")
     p.add_argument("--errors", type=int, default=5, metavar="N",

@@ -2,8 +2,9 @@
 
 The StyleGAN2 FFHQ generator only understands faces aligned the way FFHQ was: 68 dlib
 landmarks -> eye and mouth centres -> an oriented square quad around the face -> a
-warp of that quad to a square image. `paste` inverts the warp and blends the crop back
-with a feathered mask.
+warp of that quad to a square image. The way back, `paste` (an edited crop blended into
+its photo), lives with the image files in pipeline/job/images.py, where the job's
+paste-back uses it too.
 
 Needs the `align` extra (`pip install .[align]`): dlib (the `dlib-bin` wheel) and dlib's
 68-point shape predictor from `face_recognition_models` (or Debian's libdlib-data).
@@ -19,11 +20,10 @@ from typing import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from pipeline.identity import LANDMARK_MODEL, dlib_model_file
+from pipeline.engine.rows import unique_stems
 from pipeline.errors import RowError
-from pipeline.images import (ImageError, crop_to_source, paste, png_bytes,  # noqa: F401
-                             quad_to_crop, read_pil, write_bytes)           # (re-exported)
-from pipeline.rows import unique_stems
+from pipeline.job.identity import LANDMARK_MODEL, dlib_model_file
+from pipeline.job.images import crop_to_source, png_bytes, read_pil, write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import fsspec
 import pandas as pd
 
 from models.celeba import ATTRIBUTES
-from pipeline.rows import safe_stem
+from pipeline.engine.rows import safe_stem
 
 from .schema import ManifestError, validate
 

@@ -1,6 +1,6 @@
 """The manifest: one Parquet row per edit, validated before any work.
 
-The columns and the rules for their values are pipeline/rows.py's:
+The columns and the rules for their values are pipeline/engine/rows.py's:
   id          unique, 1-200 characters of [A-Za-z0-9._-], not starting with '.'; names the outputs
   image_uri   fsspec URI, or a path relative to the manifest's own location
   attributes  list of attribute names (models.celeba.ATTRIBUTES)
@@ -25,8 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.checkpoints import resolve_uri
-from pipeline.rows import (REQUIRED_COLUMNS, default_seed, id_problem, is_null,
-                           passthrough_columns, row_problems)
+from pipeline.engine.rows import REQUIRED_COLUMNS, default_seed, id_problem, is_null, row_problems
 
 SHOWN = 20
 MAX_ROWS = 1_000_000             # rows one driver takes (about 1 GB of driver memory)
@@ -45,10 +44,6 @@ class Manifest:
     whose types the passthrough columns keep in the metrics."""
     rows: pd.DataFrame
     schema: pa.Schema
-
-    @property
-    def passthrough(self) -> list[str]:
-        return passthrough_columns(self.rows.columns)
 
 
 def _problems(row: Mapping[str, Any]) -> list[str]:

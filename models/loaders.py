@@ -214,7 +214,7 @@ def check_spec_names(spec: ModelsSpec, networks: Iterable[str], spec_uri: str = 
 def load_models(spec: ModelsSpec, device: str | torch.device = "cpu", parser_size: int = 512,
                 networks: Iterable[str] = NETWORKS, storage_options: Mapping | None = None
                 ) -> Models:
-    """Load exactly `networks` (default: all five; pipeline.config.required_networks
+    """Load exactly `networks` (default: all five; pipeline.engine.settings.required_networks
     gives what a set of edits needs). The generator, parser and classifier are always
     loaded; a requested e4e the spec does not name is a SpecError."""
     networks = set(networks) | set(REQUIRED)

@@ -23,6 +23,9 @@ from .checkpoints import resolve_uri
 
 NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk")
 REQUIRED = ("generator", "face_parser", "classifier")
+# "computed": the mapping network's average over `samples` z from `seed` (the original's
+# method); "checkpoint": the generator file's latent_avg
+MEAN_LATENT_SOURCES = ("computed", "checkpoint")
 
 
 class SpecError(ValueError):
@@ -38,7 +41,7 @@ class WeightRef:
 
 @dataclass(frozen=True)
 class MeanLatent:
-    source: str = "computed"    # "computed" (mapping network average) or "checkpoint" (latent_avg)
+    source: str = "computed"    # one of MEAN_LATENT_SOURCES
     samples: int = 50_000
     seed: int = 0
 
@@ -88,8 +91,9 @@ class ModelsSpec:
         if bad:
             raise SpecError(f"mean_latent: unknown key(s) {bad}; allowed: source, samples, seed")
         mean = MeanLatent(**ml)
-        if mean.source not in ("computed", "checkpoint"):
-            raise SpecError(f"mean_latent.source must be 'computed' or 'checkpoint', got {mean.source!r}")
+        if mean.source not in MEAN_LATENT_SOURCES:
+            raise SpecError(f"mean_latent.source must be one of {', '.join(MEAN_LATENT_SOURCES)}, "
+                            f"got {mean.source!r}")
         if not isinstance(mean.samples, int) or mean.samples < 1:
             raise SpecError(f"mean_latent.samples must be a positive integer, got {mean.samples!r}")
         if not isinstance(mean.seed, int):

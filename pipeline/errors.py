@@ -1,7 +1,7 @@
 """The kinds of failure, and where each ends.
 
     RowError      this input, this edit: recorded on its row as status=error; the job goes on.
-      ImageError    the bytes are no usable image (pipeline/images.py): corrupt, too small,
+      ImageError    the bytes are no usable image (pipeline/job/images.py): corrupt, too small,
                     too large, an unsupported format
       InputRefused  the URI is outside the job's `inputs.allow`: refused before any request
       StorageError  the storage would not give or take this row's object (missing, denied,
@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 # The status of the rows an actor hands back instead of its batch's results when the job
-# must end (a SetupError): never recorded, so those rows stay pending (pipeline/stage.py).
+# must end (a SetupError): never recorded, so those rows stay pending (pipeline/job/stage.py).
 STOPPED = "stopped"
 
 
@@ -40,4 +40,4 @@ class SetupError(RuntimeError):
 
 
 class JobStopped(SetupError):
-    """The job stopped early: the same failure repeated over whole batches."""
+    """The job stopped: the same failure repeated over whole batches (a failure streak)."""

@@ -33,8 +33,8 @@ def _first_time(name: str) -> bool:
 
 
 def install() -> None:
-    from pipeline.engine import Editor
-    from pipeline.outputs import Output
+    from pipeline.engine.editor import Editor
+    from pipeline.job.outputs import Output
 
     edit, put = Editor.edit, Output.put
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from pipeline.access import InputPolicy
 from pipeline.errors import InputRefused
-from pipeline.outputs import Output
+from pipeline.job.access import InputPolicy
+from pipeline.job.outputs import Output
 
 
 def refused(policy, uri):

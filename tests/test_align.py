@@ -11,8 +11,9 @@ from PIL import Image
 pytest.importorskip("dlib", reason="the align extra (pip install '.[align]') is not installed")
 skimage_data = pytest.importorskip("skimage.data")
 
-from manifests.align import AlignError, Aligner, paste, quad_to_crop  # noqa: E402
+from manifests.align import Aligner, AlignError  # noqa: E402
 from manifests.schema import read_manifest  # noqa: E402
+from pipeline.job.images import paste, quad_to_crop  # noqa: E402
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
 

@@ -14,14 +14,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from launch_docs import REPO, readme_submits
+from ray_cluster import BIN
 
 from jobs.cli import main
-from launch_docs import REPO, readme_submits
 from manifests.schema import write_manifest
 from models.tiny import make_tiny
-from pipeline.outputs import Output
-from pipeline.progress import read_status
-from ray_cluster import BIN
+from pipeline.job.outputs import Output
+from pipeline.results.status import read_status
 
 pytestmark = pytest.mark.cluster
 

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import SCHEMA, ConfigError, EditConfig, Settings, StepSettings, parse_set
+from pipeline.engine.settings import (SCHEMA, ConfigError, EditConfig, EditSettings, StepSettings,
+                                      parse_set, read_overrides)
 
 ORIGINAL_CONFIG_YML = """
 optimizer: {lr_latent: 0.001, lr_noise: 0.1, reinit: true}
@@ -15,7 +16,7 @@ dynamic_masking_iters: 200
 
 
 def test_defaults_equal_the_originals_config_yml():
-    assert EditConfig.from_yaml(ORIGINAL_CONFIG_YML).base == EditConfig.from_overrides().base
+    assert EditConfig.from_overrides(read_overrides(ORIGINAL_CONFIG_YML)).base == EditConfig.from_overrides().base
     cfg = EditConfig.from_overrides().base
     assert cfg.smoothing == 0.05 and cfg.e4e_start_step == 300
     assert cfg.blend == "include_skin" and cfg.parser_size == 512 and cfg.mode == "auto"
@@ -24,7 +25,8 @@ def test_defaults_equal_the_originals_config_yml():
 
 
 def test_nested_and_dotted_overrides_agree():
-    nested = EditConfig.from_yaml("steps: {latent: 50}\nloss: {weights: {seg: 0.25}}").base
+    nested = EditConfig.from_overrides(
+        read_overrides("steps: {latent: 50}\nloss: {weights: {seg: 0.25}}")).base
     dotted = EditConfig.from_overrides(parse_set(["steps.latent=50", "loss.weights.seg=0.25"])).base
     assert nested == dotted
     assert nested.steps.latent == 50 and nested.loss.weights.seg == 0.25
@@ -85,7 +87,7 @@ def test_a_misspelt_or_missing_setting_fails_before_any_step():
     with pytest.raises(AttributeError):
         settings.steps.latnt                                    # noqa: B018
     with pytest.raises(TypeError):
-        Settings(steps=StepSettings(latent=5), bogus=1)         # type: ignore[call-arg]
+        EditSettings(steps=StepSettings(latent=5), bogus=1)         # type: ignore[call-arg]
     assert set(k for k, info in SCHEMA.items() if info.per_image) == {
         "loss.weights.seg", "models.update_shape"}
     hair, plain = EditConfig().resolve(["black_hair"]), settings

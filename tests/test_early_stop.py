@@ -1,10 +1,10 @@
 """The early-stop rule alone: on target by the margin, and a recon plateau over the window."""
 import torch
 
-from pipeline.config import EditConfig
-from pipeline.early_stop import EarlyStop
-from pipeline.rows import EditRequest
-from pipeline.schedule import Schedule
+from pipeline.engine.early_stop import EarlyStop
+from pipeline.engine.rows import EditRequest
+from pipeline.engine.schedule import Schedule
+from pipeline.engine.settings import EditConfig
 
 OVERRIDES = {"early_stop.enabled": True, "early_stop.margin": 0.1, "early_stop.window": 20,
              "early_stop.every": 10, "early_stop.tolerance": 0.01, "steps.latent": 100,

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.edit import parse_attribute
-from pipeline.rows import unique_stems
+from pipeline.engine.rows import unique_stems
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
 FAST = ["--set", "steps.latent=6", "--set", "steps.noise=1", "--set", "loss.start_steps.classf=2",

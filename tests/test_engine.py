@@ -4,19 +4,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers import FIDELITY
+
 from models.classifier import ATTRIBUTE_INDEX
 from models.face_parser import CLASS_INDEX, region_masks
 from models.loaders import load_models
-from models.spec import ModelsSpec, read_spec
-from pipeline.attributes import GLOBAL_ATTRIBUTES, LOCAL_ATTRIBUTES
-from pipeline.config import EditConfig
-from models.spec import REQUIRED
-from pipeline.engine import Editor, StartPoint
+from models.spec import REQUIRED, ModelsSpec, read_spec
+from pipeline.engine.attributes import LOCAL_ATTRIBUTES
+from pipeline.engine.editor import Editor, StartPoint
+from pipeline.engine.rows import EditRequest
+from pipeline.engine.schedule import Schedule, shared_prefix
+from pipeline.engine.settings import EditConfig
 from pipeline.errors import SetupError
-from pipeline.rows import EditRequest
-from pipeline.schedule import Schedule, shared_prefix
 
 FEW_STEPS = {"steps.latent": 6, "steps.noise": 2, "loss.start_steps.classf": 2,
              "loss.start_steps.seg": 2, "dynamic_masking_iters": 2, "e4e_start_step": 3,
@@ -164,7 +163,7 @@ def test_batching_is_invisible(m64, faces):
 
 # ---- coverage of attributes and schedule ---------------------------------------------------
 def test_every_attribute_runs_in_its_mode(models, faces):
-    names = sorted(LOCAL_ATTRIBUTES) + list(GLOBAL_ATTRIBUTES) + ["eyeglasses"]
+    names = sorted(LOCAL_ATTRIBUTES) + ["male", "young", "pale_skin", "eyeglasses"]
     requests = [EditRequest((a,), (1.0,)) for a in names]
     images = faces[torch.arange(len(names)) % 3]
     results, steps = run(models, images, requests, {"steps.noise": 1})

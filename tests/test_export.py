@@ -1,8 +1,8 @@
-"""The export's label rule alone (pipeline/export.py); the files themselves, loaded by
+"""The export's label rule alone (pipeline/results/export.py); the files themselves, loaded by
 pandas, pyarrow and `datasets`, are tests/test_report.py's."""
 import pandas as pd
 
-from pipeline.export import label_names, labels_after
+from pipeline.results.export import label_names, labels_after
 
 
 def row(**kw):

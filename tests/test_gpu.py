@@ -63,11 +63,11 @@ def test_our_cuda_ops_match_the_reference_forward_and_backward(no_tf32):
 
 
 def test_an_edit_runs_on_cuda_in_every_precision():
-    from pipeline.config import EditConfig
-    from pipeline.engine import Editor
-    from pipeline.perf import bench_models
-    from pipeline.rows import EditRequest
-    from pipeline.runtime import Runtime
+    from pipeline.engine.bench import bench_models
+    from pipeline.engine.editor import Editor
+    from pipeline.engine.rows import EditRequest
+    from pipeline.engine.runtime import Runtime
+    from pipeline.engine.settings import EditConfig
     models = bench_models("tiny", "local", "cuda")
     config = EditConfig.from_overrides({"steps.latent": 4, "steps.noise": 1, "parser_size": 64,
                                         "loss.start_steps.classf": 1, "loss.start_steps.seg": 1})
@@ -81,8 +81,9 @@ def test_an_edit_runs_on_cuda_in_every_precision():
 
 
 def test_the_batch_probe_backs_off_on_a_real_out_of_memory():
-    from pipeline.perf import auto_batch_size, bench_models
-    from pipeline.runtime import Runtime
+    from pipeline.engine.batch_size import auto_batch_size
+    from pipeline.engine.bench import bench_models
+    from pipeline.engine.runtime import Runtime
     models = bench_models("tiny", "local", "cuda")
     size = auto_batch_size(models, Runtime(), "local", cap=8, parser_size=64)
     assert 1 <= size <= 8
@@ -92,11 +93,11 @@ def test_the_batch_probe_backs_off_on_a_real_out_of_memory():
 def test_a_compiled_edit_on_cuda_agrees_with_eager():
     """Inductor's Triton kernels against eager on the GPU, the numbers a GPU bench with
     `--compile` would stand on (`compile: auto` keeps GPUs eager until one is measured)."""
-    from pipeline.config import EditConfig
-    from pipeline.engine import Editor
-    from pipeline.perf import bench_models
-    from pipeline.rows import EditRequest
-    from pipeline.runtime import Runtime
+    from pipeline.engine.bench import bench_models
+    from pipeline.engine.editor import Editor
+    from pipeline.engine.rows import EditRequest
+    from pipeline.engine.runtime import Runtime
+    from pipeline.engine.settings import EditConfig
     models = bench_models("tiny", "local", "cuda")
     config = EditConfig.from_overrides({"steps.latent": 4, "steps.noise": 1, "parser_size": 64,
                                         "loss.start_steps.classf": 1, "loss.start_steps.seg": 1})

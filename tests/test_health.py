@@ -1,7 +1,7 @@
 """The on-device health record: a blow-up fails its own image, in words, and no other."""
 import torch
 
-from pipeline.health import Health
+from pipeline.engine.health import Health
 
 
 def test_a_blow_up_is_recorded_once_for_its_image_and_worded():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.identity import SAME_PERSON_THRESHOLD, load_identity
+from pipeline.job.identity import SAME_PERSON_THRESHOLD, load_identity
 
 pytest.importorskip("dlib", reason="the identity metric needs the align extra (dlib)")
 skimage_data = pytest.importorskip("skimage.data")
@@ -53,7 +53,7 @@ def test_a_mildly_altered_copy_stays_the_same_person(identity, astronaut, alter)
 
 def test_no_face_is_reported_as_no_face_not_a_number(identity, astronaut):
     coffee = np.asarray(Image.fromarray(skimage_data.coffee()).resize((512, 512)))
-    [out] = identity.compare(astronaut[None][:1], coffee[None][:1])
+    out = identity.compare_one(astronaut, coffee)
     assert out["identity_status"] == "no face in the result"
     assert out["identity_distance"] is None and out["same_person"] is None
     small = np.asarray(Image.open(DEMO_PHOTO).convert("RGB"))      # 64 px: too small for dlib

@@ -10,10 +10,11 @@ import torch
 from corpus import BIG_LIMIT, PHOTO, bad_files, encoded, odd_images, photo, png_bomb
 from PIL import Image
 
-from pipeline.access import InputPolicy
+from pipeline.engine.resize import resize
 from pipeline.errors import RowError
-from pipeline.images import (ImageError, crop_to_source, decode_image, encode_png, paste,
-                             quad_to_crop, read_image, resize, to_uint8)
+from pipeline.job.access import InputPolicy
+from pipeline.job.images import (ImageError, crop_to_source, decode_image, encode_png, paste,
+                                 quad_to_crop, read_image, to_uint8)
 
 
 def png(image: Image.Image) -> bytes:
@@ -110,7 +111,7 @@ def test_a_decompression_bomb_is_refused_with_memory_bounded(tmp_path):
     (tmp_path / "big.png").write_bytes(png_bomb(7000, 7000))   # 49 MP: over 40 MP, under PIL's limit
     script = f"""
 import resource, sys
-from pipeline.images import ImageError, read_image
+from pipeline.job.images import ImageError, read_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for name in ("bomb.png", "big.png"):
     try:

@@ -13,12 +13,12 @@ import yaml
 from helpers import SHORT, write_photos
 from PIL import Image
 
-from jobs.run import JobSpecError, load_job_spec, run_command
+from jobs.run import load_job_spec, run_command
 from manifests.schema import ManifestError, read_manifest, validate, write_manifest
-from pipeline.job import image_groups
-from pipeline.outputs import Output
-from pipeline.stage import unpack
-
+from pipeline.job.outputs import Output
+from pipeline.job.plan import image_groups
+from pipeline.job.spec import JobSpecError
+from pipeline.job.stage import unpack
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +338,7 @@ def rclone_s3(tmp_path):
 def test_a_job_against_a_separate_signature_checking_s3_server(ray_cluster, rclone_s3, tiny32,
                                                                photos, tmp_path):
     import s3fs
+
     # S3-compatible servers other than AWS often lack botocore's newer checksums
     opts = {"client_kwargs": {"endpoint_url": rclone_s3["endpoint"]},
             "config_kwargs": {"response_checksum_validation": "when_required",

@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from pipeline.losses import (bernoulli_kl, masked_mse, noise_normalize_, noise_regularize,
-                             portion, shape_mse, size_kl)
+from pipeline.engine.losses import (bernoulli_kl, masked_mse, noise_normalize_, noise_regularize,
+                                    portion, shape_mse, size_kl)
 
 
 def test_masked_mse_is_per_image_and_ignores_what_the_mask_hides():

@@ -3,9 +3,9 @@ probabilities where each class owns a known block of the image."""
 import torch
 
 from models.face_parser import CLASSES
-from pipeline.config import EditConfig
-from pipeline.masks import blend, grow_masks, initial_masks, mask_regions
-from pipeline.rows import EditRequest
+from pipeline.engine.masks import blend, grow_masks, initial_masks, mask_regions
+from pipeline.engine.rows import EditRequest
+from pipeline.engine.settings import EditConfig
 
 S = 8
 

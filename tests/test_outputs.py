@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import pending_rows
-from pipeline.outputs import METRICS_SCHEMA, Output, passthrough_schema
+from pipeline.job.ledger import pending_rows
+from pipeline.job.outputs import METRICS_SCHEMA, Output, passthrough_schema
 
 
 def rows(ids, status="ok", at=1.0, **extra):
@@ -53,8 +53,8 @@ def test_outputs_written_before_the_rename_are_read_and_resumed(tmp_path):
     assert "image_uri" not in read.columns
     assert read.loc["a", "edited_uri"] == "o/images/a.png" and pd.isna(read.loc["b", "edited_uri"])
     manifest = pd.DataFrame({"id": ["a", "b", "c"]})
-    assert pending_rows(manifest, out, retry_errors=False)["id"].tolist() == ["c"]
-    assert pending_rows(manifest, out, retry_errors=True)["id"].tolist() == ["b", "c"]
+    assert pending_rows(manifest, out.read_metrics(), retry_errors=False)["id"].tolist() == ["c"]
+    assert pending_rows(manifest, out.read_metrics(), retry_errors=True)["id"].tolist() == ["b", "c"]
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
@@ -86,7 +86,7 @@ import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
 from pipeline.errors import StorageError
-from pipeline.outputs import Output
+from pipeline.job.outputs import Output
 out = Output({str(out)!r})
 for name in ("a.png", "b.png"):
     try:

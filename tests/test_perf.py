@@ -8,17 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import EditConfig
-from pipeline.engine import Editor, StartPoint
-from pipeline.perf import BENCH_EDIT, bench_models, kind_config, step_kinds
-from pipeline.schedule import Schedule
+from pipeline.engine.bench import BENCH_EDIT, bench_models, bench_schedule, kind_config, step_kinds
+from pipeline.engine.editor import Editor, StartPoint
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
 
 
 def paper_schedule(mode):
-    settings = EditConfig().resolve(BENCH_EDIT[mode].attributes)
-    return Schedule.for_group(settings, [settings.loss.weights.seg], [BENCH_EDIT[mode].size])
+    return bench_schedule(mode, {})[1]
 
 
 def test_an_edit_at_paper_defaults_is_counted_by_kind():

@@ -1,7 +1,7 @@
-"""The report's plots (pipeline/plots.py): when each is drawn."""
+"""The report's plots (pipeline/results/plots.py): when each is drawn."""
 import pandas as pd
 
-from pipeline.plots import identity_histogram, steps_vary
+from pipeline.results.plots import identity_histogram, steps_vary
 
 
 def test_steps_vary_only_between_rows_with_the_same_settings():

@@ -28,8 +28,8 @@ from s3_faults import FaultProxy
 
 from jobs.run import run_command
 from manifests.schema import write_manifest
-from pipeline.outputs import Output
-from pipeline.storage import S3_ATTEMPTS, S3FS_RETRIES
+from pipeline.job.outputs import Output
+from pipeline.job.storage import S3_ATTEMPTS, S3FS_RETRIES
 
 BUCKET = "reliability"
 # Recognisable fake credentials: every worker has them; no output or log may.
@@ -226,7 +226,7 @@ def test_s3_faults_are_retried_a_bounded_number_of_times_then_end_their_rows(
     assert proxy.attempts("PUT", "/out/latents/s1") == 3
     assert 2 <= proxy.attempts("PUT", "/out/masks/s2") <= 3
     # persistent faults: the rows end in error with the storage's reason, after a bounded
-    # number of attempts (pipeline/storage.py): S3_ATTEMPTS on 5xx; on dropped connections
+    # number of attempts (pipeline/job/storage.py): S3_ATTEMPTS on 5xx; on dropped connections
     # S3_ATTEMPTS x S3FS_RETRIES^2 for a read (s3fs wraps it twice), each sent up to twice
     assert "storage error while reading" in rows.loc["p0", "error"]
     assert "internal error" in rows.loc["p0", "error"]
@@ -266,7 +266,7 @@ def test_an_output_that_cannot_be_written_stops_the_job_as_a_setup_error(
     proxy.clear()
 
 
-# ---- the early stop: K whole batches failing alike ---------------------------------------
+# ---- the failure streak: K whole batches failing alike ----------------------------------
 def test_k_batches_failing_alike_stop_the_job_and_a_rerun_resumes(cluster, tiny32, tmp_path,
                                                                   capfd):
     ids = [f"a{k}" for k in range(4)] + [f"f{k}" for k in range(6)]

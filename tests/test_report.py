@@ -23,12 +23,15 @@ from PIL import Image
 from jobs.cli import main
 from jobs.run import run_command
 from manifests.schema import read_manifest, write_manifest
-from pipeline.identity import COLUMNS as IDENTITY_COLUMNS
-from pipeline.job import JobSettings, plan_job
-from pipeline.outputs import Output, passthrough_schema
-from pipeline.report import write_report
-from pipeline.rows import passthrough_columns
-from pipeline.stage import EditStage
+from pipeline.engine.rows import passthrough_columns
+from pipeline.job.outputs import Output, passthrough_schema
+from pipeline.job.plan import plan_job
+from pipeline.job.spec import JobSpec
+from pipeline.job.stage import EditStage
+from pipeline.results.report import write_report
+
+# the metrics columns pipeline/job/identity.py fills, which older outputs lack
+IDENTITY_COLUMNS = ["identity_distance", "same_person", "identity_status", "identity_seconds"]
 
 BUCKET = "reportjob"
 OUTPUT = f"s3://{BUCKET}/out"
@@ -63,14 +66,11 @@ def earlier_run(rows: pd.DataFrame, spec: dict) -> None:
     """Rows done by an earlier run: EditStage called directly, as a Ray actor calls it.
     (The aligned row goes this way: Ray Data 2.60 turns a block's align_quad lists into
     a tensor column, which fails on nulls and reaches the stage as TensorArrayElement.)"""
-    job = JobSettings(manifest=spec["manifest"], output=spec["output"], models=spec["models"],
-                      edit=spec["edit"], storage_options=spec["storage_options"],
-                      paste_back=True)
-    plan = plan_job(rows, job)
+    job = JobSpec(manifest=spec["manifest"], output=spec["output"], models=spec["models"],
+                  edit=spec["edit"], storage_options=spec["storage_options"], paste_back=True)
     schema = passthrough_schema(pa.Schema.from_pandas(rows, preserve_index=False),
                                 passthrough_columns(rows.columns))
-    stage = EditStage(plan.spec, plan.networks, plan.settings, plan.parser_size, job.output,
-                      job.storage_options, schema, paste_back=True)
+    stage = EditStage(job, plan_job(rows, job, schema))
     assert (stage(rows)["status"] == "ok").all()
 
 
@@ -200,7 +200,7 @@ def test_a_partial_output_with_old_metrics_reports_exports_and_resumes(job, tmp_
     for f in files:
         if f != gone:
             t = pq.read_table(f)
-            pq.write_table(t.drop_columns(list(IDENTITY_COLUMNS)), f)
+            pq.write_table(t.drop_columns(IDENTITY_COLUMNS), f)
     before = Output(str(out)).read_metrics().set_index("id")["written_at"]
 
     opts = job["opts"]                          # the images the rows name are still on S3

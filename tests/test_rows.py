@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from models.classifier import ATTRIBUTES
-from pipeline.rows import (EditRequest, MANIFEST_COLUMNS, default_seed, is_null,
-                           passthrough_columns, row_problems, safe_stem, unique_stems)
+from pipeline.engine.rows import (MANIFEST_COLUMNS, EditRequest, default_seed, is_null,
+                                  passthrough_columns, row_problems, safe_stem, unique_stems)
 
 
 @pytest.mark.parametrize("row", [

@@ -7,11 +7,12 @@ import torch
 
 from models.stylegan2 import compute_mean_latent
 from models.tiny import tiny_generator
-from pipeline.config import EditConfig
-from pipeline.engine import Editor
-from pipeline.perf import bench_models
-from pipeline.rows import EditRequest
-from pipeline.runtime import Runtime, largest_batch
+from pipeline.engine.batch_size import largest_batch
+from pipeline.engine.bench import bench_models
+from pipeline.engine.editor import Editor
+from pipeline.engine.rows import EditRequest
+from pipeline.engine.runtime import Runtime
+from pipeline.engine.settings import EditConfig
 
 CONFIG = EditConfig.from_overrides({"steps.latent": 4, "steps.noise": 1,
                                     "loss.start_steps.classf": 1, "loss.start_steps.seg": 1,
@@ -64,7 +65,7 @@ def test_bf16_autocast_keeps_the_optimised_tensors_float32(models, images, eager
 
 FAULT_PROBE = """
 import resource, sys, torch
-from pipeline.runtime import reuse_freed_memory
+from pipeline.engine.runtime import reuse_freed_memory
 
 def faults_per_cycle():
     for _ in range(4):                      # the heap grows to its peak layout first
@@ -104,7 +105,7 @@ def test_compile_auto_compiles_real_sizes_on_cpu_and_leaves_test_sizes_eager(mod
     true and false are obeyed as given, and the plain path never compiles."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    from pipeline.runtime import COMPILE_FROM, RECOMPILE_LIMIT, _has_cpp_compiler
+    from pipeline.engine.runtime import COMPILE_FROM, _has_cpp_compiler
     large = dataclasses.replace(models, generator=tiny_generator(COMPILE_FROM).eval())
     assert Runtime().compile == "auto"
     assert not Runtime().compiles(models) and Runtime(compile=True).compiles(models)
@@ -114,12 +115,60 @@ def test_compile_auto_compiles_real_sizes_on_cpu_and_leaves_test_sizes_eager(mod
     assert prepared.generator is models.generator
     prepared = Runtime(compile=True).prepare(models)
     assert isinstance(prepared.generator, OptimizedModule)
-    # a network is more graphs than dynamo's default limit of 8 (grad modes, phases,
-    # batch sizes); past the limit it would run eagerly without a word in the results
-    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
     assert prepared.e4e is models.e4e                 # e4e runs once per image: not compiled
     with pytest.raises(ValueError, match="compile must be true, false or auto"):
         Runtime(compile="yes")
+
+
+def process_wide() -> dict:
+    """Every setting Runtime.apply may change, as this process has it now."""
+    import torch._dynamo
+
+    from models import ops
+    from pipeline.engine import runtime
+    return {"ops": ops._default_impl, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "suppress_errors": torch._dynamo.config.suppress_errors,
+            "recompile_limit": torch._dynamo.config.recompile_limit,
+            "reusing_memory": runtime._reusing}
+
+
+@pytest.fixture
+def restored():
+    """The process-wide settings as they were before the test (apply() changes them)."""
+    import torch._dynamo
+
+    from models.ops import set_default_impl
+    from pipeline.engine.runtime import reuse_freed_memory
+    before = process_wide()
+    yield before
+    set_default_impl(before["ops"])
+    torch.backends.cuda.matmul.allow_tf32 = before["tf32_matmul"]
+    torch.backends.cudnn.allow_tf32 = before["tf32_cudnn"]
+    torch._dynamo.config.suppress_errors = before["suppress_errors"]
+    torch._dynamo.config.recompile_limit = before["recompile_limit"]
+    reuse_freed_memory(before["reusing_memory"])
+
+
+def test_building_an_editor_changes_nothing_process_wide_and_apply_does(models, restored):
+    """An Editor, whatever its runtime, leaves the process as it found it; apply() sets what
+    the runtime asks, and says what stays set until the process exits."""
+    from pipeline.engine.runtime import RECOMPILE_LIMIT
+    other_ops = "cuda" if restored["ops"] != "cuda" else "ref"
+    wants = Runtime(compile=True, ops=other_ops, tf32=True, channels_last=True,
+                    reuse_memory=not restored["reusing_memory"])
+    Editor(models, CONFIG, wants)
+    assert process_wide() == restored
+    permanent = wants.apply(torch.device("cpu"))
+    now = process_wide()
+    assert now["ops"] == other_ops and now["reusing_memory"] == wants.reuse_memory
+    # a network is more graphs than dynamo's default limit of 8 (grad modes, phases,
+    # batch sizes); past the limit it would run eagerly without a word in the results
+    assert now["recompile_limit"] >= RECOMPILE_LIMIT and now["suppress_errors"] is True
+    assert (now["tf32_matmul"], now["tf32_cudnn"]) == (restored["tf32_matmul"],
+                                                       restored["tf32_cudnn"])  # CUDA only
+    if wants.reuse_memory and now["reusing_memory"]:
+        assert any("glibc" in p for p in permanent)          # said: cannot be undone
 
 
 def test_unknown_options_are_refused():
@@ -157,7 +206,9 @@ def test_torch_compile_agrees_with_eager_forward_and_backward():
     torch.manual_seed(0)
     g = tiny_generator(32).eval().requires_grad_(False)
     models = bench_models("tiny", "local", "cpu")
-    compiled = Runtime(compile=True).prepare(dataclasses.replace(models, generator=g)).generator
+    runtime = Runtime(compile=True)
+    runtime.apply(torch.device("cpu"))                # dynamo's limits, as an actor sets them
+    compiled = runtime.prepare(dataclasses.replace(models, generator=g)).generator
 
     def image_and_grad(net, batch):
         gen = torch.Generator().manual_seed(batch)
@@ -181,8 +232,8 @@ def test_torch_compile_agrees_with_eager_forward_and_backward():
 COMPILE_FAILS = """
 import dataclasses, torch, torch._inductor.config as inductor
 from models.tiny import tiny_generator
-from pipeline.perf import bench_models
-from pipeline.runtime import COMPILE_FROM, Runtime
+from pipeline.engine.bench import bench_models
+from pipeline.engine.runtime import COMPILE_FROM, Runtime
 inductor.cpp.cxx = ("/nonexistent/c++",)         # a CPU node without a C++ compiler
 inductor.fx_graph_cache = False                  # and nothing compiled before to reuse
 models = bench_models("tiny", "local", "cpu")
@@ -192,7 +243,9 @@ g = models.generator
 latent = models.mean_latent.view(1, 1, -1).repeat(1, g.n_latent, 1)
 noises = g.make_noise(1)
 want = g(latent, noises)
-got = Runtime(compile=True).prepare(models).generator(latent, noises)
+runtime = Runtime(compile=True)
+runtime.apply(torch.device("cpu"))
+got = runtime.prepare(models).generator(latent, noises)
 print("EQUAL" if torch.equal(got, want) else "DIFFERENT")
 """
 

@@ -11,12 +11,12 @@ from PIL import Image
 
 from manifests.schema import validate
 from models.spec import REQUIRED, SpecError
-from pipeline.access import InputPolicy
 from pipeline.errors import STOPPED, JobStopped, StorageError
-from pipeline.images import ImageError
-from pipeline.job import JobSettings, image_groups, plan_job
-from pipeline.outputs import Output, passthrough_schema
-from pipeline.stage import EditStage, FailureStreak
+from pipeline.job.images import ImageError
+from pipeline.job.outputs import Output, passthrough_schema
+from pipeline.job.plan import image_groups, plan_job
+from pipeline.job.spec import JobSpec
+from pipeline.job.stage import EditStage, FailureStreak
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,19 @@ def rows(photos, attrs, ids=None, **extra):
         "attributes": [[a] for a in attrs], "targets": [[1.0]] * n, **extra}))
 
 
-def stage_for(todo, models, tmp_path, edit=SHORT, output="out", **kwargs):
-    settings = JobSettings(manifest="m", output=str(tmp_path / output), models=models, edit=edit)
-    plan = plan_job(todo, settings)
-    schema = passthrough_schema(pa.Schema.from_pandas(todo), ["label"])
-    stage = EditStage(plan.spec, plan.networks, plan.settings, plan.parser_size,
-                      settings.output, {}, schema, **kwargs)
-    return stage, plan
+def job_for(models, out, edit=SHORT, **keys):
+    return JobSpec(manifest="m", output=str(out), models=models, edit=edit, **keys)
+
+
+def plan_for(todo, job, passthrough=("label",)):
+    return plan_job(todo, job, passthrough_schema(pa.Schema.from_pandas(todo), passthrough))
+
+
+def stage_for(todo, models, tmp_path, edit=SHORT, output="out", **keys):
+    """A stage as a job's actor builds it (`keys`: job spec keys)."""
+    job = job_for(models, tmp_path / output, edit, **keys)
+    plan = plan_for(todo, job)
+    return EditStage(job, plan), plan
 
 
 def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path, monkeypatch):
@@ -88,25 +94,23 @@ def test_a_network_the_spec_lacks_is_a_setup_error_before_any_row(tiny_dir, phot
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     spec = partial_spec(tiny_dir, tmp_path, "e4e", "lpips_trunk")
     todo = rows(photos, ["smiling", "male"])
-    settings = JobSettings(manifest="m", output=str(tmp_path / "out"), models=spec, edit=SHORT)
     with pytest.raises(SpecError, match=r"models.yaml names no e4e and lpips_trunk.*"
                                         r"maskface weights fetch --only e4e --only lpips_trunk"):
-        plan_job(todo, settings)
+        plan_for(todo, job_for(spec, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_each_distinct_edit_is_resolved_once(tiny_dir, photos, tmp_path):
     todo = rows(photos, ["smiling", "smiling", "male", "black_hair"],
                 mode=["auto", "auto", "local", "auto"])
-    plan = plan_job(todo, JobSettings(manifest="m", output="o", models=str(tiny_dir / "models.yaml"),
-                                      edit=SHORT))
-    assert sorted(plan.settings) == [(("black_hair",), "auto"), (("male",), "local"),
+    plan = plan_for(todo, job_for(str(tiny_dir / "models.yaml"), "o"))
+    assert sorted(plan.resolved) == [(("black_hair",), "auto"), (("male",), "local"),
                                      (("smiling",), "auto")]
-    assert plan.settings[(("male",), "local")].local and plan.networks == REQUIRED
-    assert plan.settings[(("black_hair",), "auto")].loss.weights.seg == 0.5
+    assert plan.settings_of(("male",), "local").local and plan.networks == REQUIRED
+    assert plan.settings_of(("black_hair",), "auto").loss.weights.seg == 0.5
 
 
-# ---- failures: a write that fails mid-row, an output that takes nothing, the early stop ---
+# ---- failures: a write that fails mid-row, an output that takes nothing, the streak ---
 def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path):
     """r1's latent cannot be written (its path is a folder): its image is there, but the
     row ends in error, not ok; a paste-back source outside inputs.allow is refused; and
@@ -114,13 +118,9 @@ def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path
     todo = rows(photos, ["smiling"] * 3, source_uri=[None, None, "/etc/hostname"],
                 align_quad=[None, None, [0.0, 0, 0, 40, 40, 40, 40, 0]])
     (tmp_path / "out" / "latents" / "r1.npy").mkdir(parents=True)
-    settings = JobSettings(manifest="m", output=str(tmp_path / "out"),
-                           models=str(tiny_dir / "models.yaml"), edit=SHORT)
-    plan = plan_job(todo, settings)
-    schema = passthrough_schema(pa.Schema.from_pandas(todo), ["align_quad"])
-    stage = EditStage(plan.spec, plan.networks, plan.settings, plan.parser_size,
-                      settings.output, {}, schema, paste_back=True,
-                      inputs=InputPolicy(allow=(str(photos),)))
+    job = job_for(str(tiny_dir / "models.yaml"), tmp_path / "out", paste_back=True,
+                  inputs={"allow": [str(photos)]})
+    stage = EditStage(job, plan_for(todo, job, ["align_quad"]))
     out = stage(todo).set_index("id")
     assert out.loc["r0", "status"] == "ok"
     assert out.loc["r1", "status"] == "error"
@@ -144,7 +144,7 @@ def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path
     assert (tmp_path / "out" / "metrics").read_text().startswith("a file")
 
 
-def test_the_early_stop_rule_counts_whole_batches_failing_alike():
+def test_the_failure_streak_counts_whole_batches_failing_alike():
     engine = RuntimeError("CUDA error: device-side assert triggered")
     outage = StorageError("s3://b/x.png: storage error while reading (...)",
                           "ConnectionClosedError")

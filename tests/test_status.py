@@ -16,8 +16,9 @@ import pytest
 
 from jobs.cli import main
 from manifests.schema import write_manifest
-from pipeline.outputs import METRICS_SCHEMA, Output
-from pipeline.progress import DriverProgress, Figures, compute_status, rates, read_status, render
+from pipeline.job.outputs import METRICS_SCHEMA, Output
+from pipeline.job.progress import DriverProgress, Figures, rates
+from pipeline.results.status import compute_status, read_status, render
 
 NOW = 1_800_000_000.0          # a fixed clock: every figure below is exact
 
@@ -229,7 +230,7 @@ def test_status_starts_without_loading_torch(tmp_path):
 
 
 def test_driver_progress_lines_without_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.job.progress")
     with DriverProgress(total=10, before=2, interval_s=0.2, tty=False) as progress:
         progress.update(["ok", "error"])
         progress.update(["ok"])
@@ -252,7 +253,7 @@ def test_driver_progress_bar_in_a_terminal():
 
 
 def test_ray_data_progress_bars_only_with_verbose():
-    from pipeline.progress import ray_data_progress_wanted
+    from pipeline.job.progress import ray_data_progress_wanted
     root = logging.getLogger()
     level = root.level
     try:
@@ -265,7 +266,7 @@ def test_ray_data_progress_bars_only_with_verbose():
 
 
 def test_progress_interval_from_the_environment(monkeypatch):
-    from pipeline.progress import interval_from_env
+    from pipeline.job.progress import interval_from_env
     monkeypatch.setenv("MASKFACE_PROGRESS_INTERVAL_S", "5")
     assert interval_from_env() == 5
     monkeypatch.setenv("MASKFACE_PROGRESS_INTERVAL_S", "soon")

@@ -29,19 +29,19 @@ from models.lpips_masked import MaskedLPIPS
 from models.stylegan2 import Generator, compute_mean_latent
 from models.tiny import tiny_classifier, tiny_generator
 
-from .config import EditConfig, Settings
-from .engine import Editor, StartPoint
+from .batch_size import EVERY_TERM
+from .editor import Editor, EditResult, StartPoint
 from .rows import EditRequest
-from .runtime import Runtime, largest_batch
+from .runtime import Runtime
 from .schedule import Schedule
+from .settings import EditConfig, EditSettings
 
 log = logging.getLogger(__name__)
 
 # preset: (generator px, parser working size, tiny widths)
 PRESETS = {"tiny": (64, 64, True), "256": (256, 512, False), "1024": (1024, 512, False)}
 # What each mode edits in the bench: every loss term on (hair: seg; size > 0).
-BENCH_EDIT = {"local": EditRequest(("black_hair",), (1.0,), size=1.2),
-              "global": EditRequest(("male",), (1.0,), size=1.2)}
+BENCH_EDIT = EVERY_TERM
 
 
 def bench_models(preset: str, mode: str, device: str, seed: int = 0) -> Models:
@@ -104,9 +104,10 @@ def peak_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> dict
     return {"matmul": 2 * n ** 3 / matmul, "conv3x3": 2 * batch * 512 * 512 * 9 * 64 * 64 / conv}
 
 
-def phase_times(models: Models, settings: Settings, batch: int, repeats: int,
+def phase_times(models: Models, settings: EditSettings, batch: int, repeats: int,
                 runtime: Runtime) -> dict[str, float]:
     """Seconds per step of each network's forward and backward, measured alone."""
+    runtime.apply(models.generator.input.input.device)
     m = runtime.prepare(models)
     g = m.generator
     device = g.input.input.device
@@ -151,6 +152,13 @@ class StepKind:
     first: int           # a latent step of this kind (-1: the noise phase)
 
 
+def bench_schedule(mode: str, overrides: dict) -> tuple[EditSettings, Schedule]:
+    """The settings and schedule of the bench's edit (BENCH_EDIT) in this mode."""
+    edit = BENCH_EDIT[mode]
+    settings = EditConfig.from_overrides(overrides).resolve(edit.attributes)
+    return settings, Schedule.for_group(settings, [settings.loss.weights.seg], [edit.size])
+
+
 def step_kinds(schedule: Schedule) -> list[StepKind]:
     """The kinds of steps of an edit, how many of each, and where each first occurs."""
     def kind(i):
@@ -169,7 +177,7 @@ def step_kinds(schedule: Schedule) -> list[StepKind]:
 
 
 def kind_config(overrides: dict, kind: StepKind, steps: int) -> tuple[EditConfig, int]:
-    """Settings and a start step that run exactly `steps` steps of one kind."""
+    """EditSettings and a start step that run exactly `steps` steps of one kind."""
     latent_steps = EditConfig.from_overrides(overrides).base.steps.latent
     if kind.first < 0:          # the noise phase alone: start past the latent phase
         return (EditConfig.from_overrides({**overrides, "steps.noise": steps - 1}),
@@ -203,6 +211,7 @@ def time_kind(models: Models, runtime: Runtime, overrides: dict, kind: StepKind,
     """Median seconds per step of one kind, its FLOPs per step (torch.utils.flop_counter:
     matmuls and convolutions, forward and backward, of the second step of a counted run)
     and the first step's extra time (input masks, compilation)."""
+    runtime.apply(models.generator.input.input.device)
     times = _marks(models, runtime, overrides, kind, mode, batch, steps + 1, time.perf_counter)
     gaps = [b - a for a, b in zip(times[1:], times[2:])]
     counter = FlopCounterMode(display=False)
@@ -219,19 +228,6 @@ def peak_memory(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def auto_batch_size(models: Models, runtime: Runtime, mode: str, cap: int,
-                    parser_size: int) -> int:
-    """The largest batch (up to `cap`) whose heaviest step fits in this GPU's memory:
-    two steps with every term on (classifier, parser with gradients; LPIPS if global)."""
-    settings = EditConfig.from_overrides({"parser_size": parser_size}).resolve(
-        BENCH_EDIT[mode].attributes)
-    schedule = Schedule.for_group(settings, [settings.loss.weights.seg], [BENCH_EDIT[mode].size])
-    heaviest = max((k for k in step_kinds(schedule) if k.first >= 0),
-                   key=lambda k: len(k.name.split("+")))
-    return largest_batch(lambda n: _marks(models, runtime, {"parser_size": parser_size},
-                                          heaviest, mode, n, 2, time.perf_counter), cap)
 
 
 # A short edit that passes through every kind of step (prefix, classifier, parser with
@@ -251,8 +247,11 @@ def deviation(models: Models, runtime: Runtime, mode: str, overrides: dict,
     images = torch.rand(batch, 3, g.size, g.size, device=g.input.input.device,
                         generator=torch.Generator(g.input.input.device).manual_seed(2))
     requests = [BENCH_EDIT[mode]] * batch
-    plain = Editor(models, config, Runtime.plain()).edit(images, requests)
-    other = Editor(models, config, runtime).edit(images, requests)
+    plain: list[EditResult] = []
+    other: list[EditResult] = []
+    for rt, into in ((Runtime.plain(), plain), (runtime, other)):
+        rt.apply(g.input.input.device)
+        into += Editor(models, config, rt).edit(images, requests)
     if not all(r.ok for r in plain + other):
         return {"error": next(r.error for r in plain + other if not r.ok)}
 
@@ -279,12 +278,11 @@ def early_stop_steps(models: Models, runtime: Runtime, mode: str, batch: int,
     config = EditConfig.from_overrides({**overrides, "early_stop.enabled": True})
     images = torch.rand(batch, 3, g.size, g.size, device=device,
                         generator=torch.Generator(device).manual_seed(1))
+    runtime.apply(device)
     began = time.perf_counter()
     results = Editor(models, config, runtime).edit(images, [BENCH_EDIT[mode]] * batch)
     seconds = time.perf_counter() - began
-    settings = config.resolve(BENCH_EDIT[mode].attributes)
-    full = Schedule.for_group(settings, [settings.loss.weights.seg],
-                              [BENCH_EDIT[mode].size]).total_iterations
+    full = bench_schedule(mode, {**overrides, "early_stop.enabled": True})[1].total_iterations
     steps = [r.metrics.get("steps", full) for r in results]
     return {"steps_per_image": steps, "schedule_steps": full,
             "steps_saved": 1 - sum(steps) / (full * len(steps)), "seconds": seconds,

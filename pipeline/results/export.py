@@ -41,7 +41,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .outputs import METRICS_SCHEMA, Output
+from pipeline.engine.rows import on_target, target_side
+from pipeline.job.ledger import OK
+from pipeline.job.outputs import METRICS_SCHEMA, Output
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def label_names(metrics: pd.DataFrame) -> list[str]:
 
 def labels_after(row: Mapping[str, Any], names: list[str]) -> tuple[dict | None, bool | None]:
     """(labels_after, reached_target) of one metrics row, by the rule in the module doc."""
-    if row["status"] != "ok":
+    if row["status"] != OK:
         return None, None
     labels: dict[str, int | None] = {}
     for name in names:
@@ -78,9 +80,9 @@ def labels_after(row: Mapping[str, Any], names: list[str]) -> tuple[dict | None,
         labels[name] = None if value is None or pd.isna(value) else int(value)
     reached = True
     for a, t, p in zip(row["attributes"], row["targets"], row["prob_result"]):
-        on_target = (p >= 0.5) == (t >= 0.5)
-        labels[a] = (1 if t >= 0.5 else 0) if on_target else None
-        reached = reached and bool(on_target)
+        hit = on_target(p, t)
+        labels[a] = int(target_side(t)) if hit else None
+        reached = reached and bool(hit)
     return labels, reached
 
 
@@ -91,9 +93,9 @@ def export_rows(metrics: pd.DataFrame, fmt: str, only_successful: bool) -> pd.Da
     pairs = [labels_after(r, names) for r in rows.to_dict("records")]
     rows["labels_after"] = [p[0] for p in pairs]
     rows["reached_target"] = pd.array([p[1] for p in pairs], dtype="boolean")
-    keep = rows["status"] == "ok" if fmt == "imagefolder" else pd.Series(True, index=rows.index)
+    keep = rows["status"] == OK if fmt == "imagefolder" else pd.Series(True, index=rows.index)
     if only_successful:
-        keep &= (rows["status"] == "ok") & rows["reached_target"].fillna(False).astype(bool)
+        keep &= (rows["status"] == OK) & rows["reached_target"].fillna(False).astype(bool)
     return rows[keep].reset_index(drop=True)
 
 
@@ -146,7 +148,7 @@ def _write_parquet(site: Output, rows: pd.DataFrame, schema: pa.Schema,
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=100)
         rel = f"data/{SPLIT}-{k:05d}-of-{shards:05d}.parquet"
-        site.put_atomic(rel, buf.getvalue())
+        site.put(rel, buf.getvalue())
         result.files.append(f"{site.uri}/{rel}")
         result.rows += len(part)
 
@@ -178,7 +180,7 @@ def _write_imagefolder(site: Output, rows: pd.DataFrame, storage_options: Mappin
             site.put(f"{SPLIT}/{row['id']}.png", data)
             lines.append(json.dumps({"file_name": f"{row['id']}.png",
                                      **{k: _json_value(v) for k, v in row.items()}}))
-    site.put_atomic(f"{SPLIT}/metadata.jsonl", ("\n".join(lines) + "\n").encode())
+    site.put(f"{SPLIT}/metadata.jsonl", ("\n".join(lines) + "\n").encode())
     result.files.append(f"{site.uri}/{SPLIT}/metadata.jsonl")
     result.rows = len(lines)
 

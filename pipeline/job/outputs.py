@@ -3,9 +3,13 @@
     images/<id>.png      edited image            latents/<id>.npy   W+ latent, float32
     masks/<id>.png       blend mask, 8-bit       noises/<id>.npz    noise maps (optional)
     pasted/<id>.png      the edit pasted back into the full photo (paste_back, aligned rows)
+    prefixes/<key>.npy   shared inversion prefixes (pipeline/job/prefix.py)
     metrics/*.parquet    one row per manifest row (written last: a row with a metrics
                          row is complete)
     job.json, summary.json
+
+The per-row files are ROW_FILES: `Output.put_row_file(kind, id, data)` writes one and
+returns the URI the metrics row records.
 
 Every write is whole or absent: on local disk a file is written under a hidden temporary
 name and renamed; on object stores one PUT is atomic already. A failed write raises
@@ -48,7 +52,7 @@ METRICS_SCHEMA = pa.schema([
     ("steps", pa.int64()), ("seconds", pa.float64()),
     # the shared inversion prefix the edit branched from: computed, cached, or null (none)
     ("prefix", pa.string()),
-    # identity preservation (pipeline/identity.py): null on error rows and when not measured
+    # identity preservation (pipeline/job/identity.py): null on error rows and when not measured
     ("identity_distance", pa.float64()), ("same_person", pa.bool_()),
     ("identity_status", pa.string()), ("identity_seconds", pa.float64()),
     ("node", pa.string()), ("actor", pa.string()), ("gpu_ids", pa.string()),
@@ -60,6 +64,22 @@ METRICS_SCHEMA = pa.schema([
 ])
 
 
+# Each row's files: folder -> extension (images/<id>.png, ...).
+ROW_FILES = {"images": "png", "latents": "npy", "masks": "png", "noises": "npz", "pasted": "png"}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stubs: **kwds
+    return buf.getvalue()
+
+
 class Output:
     def __init__(self, uri: str, storage_options: Mapping | None = None):
         self.uri = uri.rstrip("/")
@@ -67,9 +87,13 @@ class Output:
         self.local = "file" in _protocols(self.fs)
 
     def uri_of(self, kind: str, row_id: str) -> str:
-        ext = {"images": "png", "latents": "npy", "masks": "png", "noises": "npz",
-               "pasted": "png"}[kind]
-        return f"{self.uri}/{under(kind, f'{row_id}.{ext}')}"
+        """The URI of one row's file of a kind (ROW_FILES)."""
+        return f"{self.uri}/{_row_key(kind, row_id)}"
+
+    def put_row_file(self, kind: str, row_id: str, data: bytes) -> str:
+        """Write one row's file of a kind (ROW_FILES); returns its URI."""
+        self.put(_row_key(kind, row_id), data)
+        return self.uri_of(kind, row_id)
 
     def _path(self, rel: str) -> str:
         return under(self.root, rel)         # never outside the output folder
@@ -97,10 +121,6 @@ class Output:
                 self.fs.rm(tmp)
             raise
 
-    def put_atomic(self, rel: str, data: bytes) -> None:
-        """Every `put` is atomic (see the module doc); kept for its callers."""
-        self.put(rel, data)
-
     def put_json(self, rel: str, obj) -> None:
         self.put(rel, json.dumps(obj, indent=2, default=str).encode())
 
@@ -113,9 +133,7 @@ class Output:
             return None
 
     def put_npy(self, rel: str, array: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, array)
-        self.put(rel, buf.getvalue())
+        self.put(rel, npy_bytes(array))
 
     def get_npy(self, rel: str) -> np.ndarray | None:
         """A .npy file under the output, or None when there is none (or it is unreadable:
@@ -129,11 +147,6 @@ class Output:
         except (ValueError, EOFError, *STORAGE_ERRORS) as e:  # type: ignore[misc]
             log.warning("ignoring %s/%s: %s", self.uri, rel, e)
             return None
-
-    def put_npz(self, rel: str, arrays: dict) -> None:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        self.put(rel, buf.getvalue())
 
     # -- metrics ---------------------------------------------------------------------------
     def metrics_files(self) -> list[str]:
@@ -195,6 +208,10 @@ class Output:
         return dropped
 
 
+def _row_key(kind: str, row_id: str) -> str:
+    return under(kind, f"{row_id}.{ROW_FILES[kind]}")
+
+
 def _protocols(fs) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
@@ -207,29 +224,6 @@ def _current_columns(df: pd.DataFrame) -> pd.DataFrame:
         df = df.rename(columns={"image_uri": "edited_uri"})
         df.loc[df["status"] != "ok", "edited_uri"] = None
     return df
-
-
-def attribute_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per (ok row, edited attribute): id, attribute, target, prob_input,
-    prob_result, p_target_before/after (the probability of the target's side),
-    on_target (the result is on the target's side of 0.5) and flipped (on target now,
-    not before)."""
-    columns = ["id", "attribute", "target", "prob_input", "prob_result", "p_target_before",
-               "p_target_after", "on_target", "flipped"]
-    ok = metrics[metrics["status"] == "ok"] if len(metrics) else metrics
-    if not len(ok):
-        return pd.DataFrame(columns=columns)
-    long = ok[["id", "attributes", "targets", "prob_input", "prob_result"]].explode(
-        ["attributes", "targets", "prob_input", "prob_result"], ignore_index=True)
-    long = long.rename(columns={"attributes": "attribute", "targets": "target"})
-    for col in ("target", "prob_input", "prob_result"):
-        long[col] = long[col].astype(float)
-    side = long["target"] >= 0.5
-    before, after = (long["prob_input"] >= 0.5) == side, (long["prob_result"] >= 0.5) == side
-    long["p_target_before"] = long["prob_input"].where(side, 1 - long["prob_input"])
-    long["p_target_after"] = long["prob_result"].where(side, 1 - long["prob_result"])
-    long["on_target"], long["flipped"] = after, after & ~before
-    return long[columns]
 
 
 def passthrough_schema(manifest: pa.Schema | None, columns: Iterable[str]) -> pa.Schema:

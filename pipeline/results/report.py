@@ -11,7 +11,7 @@ embedded, the mask overlay toggles with CSS alone.
 Sections: the job (state, counts, time, rate, models by hash, the resolved config,
 a banner for tiny weights), a table per attribute, identity preservation, plots, a
 before/after grid (a sample of at most `grid` edits on large jobs) and the failures.
-The counts and rates are `maskface status`'s (pipeline/progress.py); the on-target
+The counts and rates are `maskface status`'s (pipeline/results/status.py); the on-target
 rule is summary.json's (outputs.attribute_outcomes).
 """
 from __future__ import annotations
@@ -29,11 +29,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from pipeline.engine.rows import on_target
+from pipeline.job import identity
+from pipeline.job.images import png_bytes, read_pil
+from pipeline.job.ledger import ERROR, OK, attribute_outcomes, of_manifest, this_runs_summary
+from pipeline.job.outputs import Output
+from pipeline.job.progress import fmt_duration
+from pipeline.results.status import (JobFiles, JobStatus, compute_status, manifest_ids,
+                                     read_job_files)
+
 from . import plots
-from .identity import NO_FACE, OK, SAME_PERSON_THRESHOLD
-from .images import png_bytes, read_pil
-from .outputs import Output, attribute_outcomes
-from .progress import JobStatus, compute_status, fmt_duration, manifest_ids
 
 log = logging.getLogger(__name__)
 
@@ -42,48 +47,34 @@ THUMB = 160              # thumbnail side, px
 FAILURES_SHOWN = 1000    # failure rows on the page at most (failures.csv holds all)
 
 
-@dataclass
-class JobFiles:
-    """What the report reads from an output."""
-    output: str
-    job: dict | None            # job.json: the latest run's settings and start
-    summary: dict | None        # summary.json: written when a run ends
-    metrics: pd.DataFrame       # one row per id (Output.read_metrics)
-    manifest_rows: int | None   # the job's manifest's rows, when known
-    ids: set[str] | None        # the manifest's ids, when it could be read
-
-
-def read_job(output_uri: str, storage_options: Mapping | None = None) -> JobFiles:
-    out = Output(output_uri, storage_options)
-    job, summary = out.get_json("job.json"), out.get_json("summary.json")
-    metrics = out.read_metrics()
-    if job is None and not len(metrics):
-        raise FileNotFoundError(f"no job output at {output_uri}: neither job.json nor metrics/")
-    ids, rows = None, (job or {}).get("rows")
-    settings = (job or {}).get("settings") or {}
-    manifest = settings.get("manifest")
-    if manifest:
-        try:
-            ids = manifest_ids(manifest, storage_options or settings.get("storage_options"))
-            rows = len(ids)
-        except Exception as e:       # moved or unreadable: job.json's row count stands in
-            log.warning("report: manifest %s not readable (%s); using job.json's row count",
-                        manifest, e)
-    return JobFiles(output_uri, job, summary, metrics, rows, ids)
+def job_manifest_ids(files: JobFiles, storage_options: Mapping | None) -> set[str] | None:
+    """The ids of the manifest job.json names, or None when it is gone or unreadable (the
+    report then counts against job.json's row count)."""
+    manifest = files.job_manifest
+    if not manifest:
+        return None
+    options = storage_options or ((files.job or {}).get("settings") or {}).get("storage_options")
+    try:
+        return manifest_ids(manifest, options)
+    except Exception as e:
+        log.warning("report: manifest %s not readable (%s); using job.json's row count",
+                    manifest, e)
+        return None
 
 
 def write_report(output_uri: str, dest: str | None = None,
                  storage_options: Mapping | None = None, grid: int = GRID,
                  now: float | None = None) -> str:
     """Write the report folder; returns the URI of its index.html."""
-    files = read_job(output_uri, storage_options)
+    files = read_job_files(output_uri, storage_options)
+    ids = job_manifest_ids(files, storage_options)
     site = Output(dest or f"{output_uri.rstrip('/')}/report", storage_options)
-    metrics = files.metrics
-    mine = metrics[metrics["id"].isin(files.ids)] if files.ids is not None else metrics
-    status = compute_status(metrics, output=output_uri, manifest_ids=files.ids,
-                            started_at=(files.job or {}).get("started_at"), now=now)
-    ok = mine[mine["status"] == "ok"].sort_values("id")
-    errors = mine[mine["status"] == "error"].sort_values("id")
+    mine = of_manifest(files.metrics, ids)
+    status = compute_status(files.metrics, output=output_uri, manifest_ids=ids,
+                            total=(files.job or {}).get("rows"), started_at=files.started_at,
+                            now=now)
+    ok = mine[mine["status"] == OK].sort_values("id")
+    errors = mine[mine["status"] == ERROR].sort_values("id")
     shown = ok if len(ok) <= grid else ok.sample(grid, random_state=0)
     shown = shown.assign(_first=[a[0] for a in shown["attributes"]]).sort_values(["_first", "id"])
     thumbs = _write_thumbnails(site, shown, storage_options)
@@ -99,7 +90,7 @@ def write_report(output_uri: str, dest: str | None = None,
         _failures_section(errors),
         _config_section(files.job, ok),
     ])
-    site.put_atomic("index.html", _page(f"maskface report: {output_uri}", body).encode())
+    site.put("index.html", _page(f"maskface report: {output_uri}", body).encode())
     return f"{site.uri}/index.html"
 
 
@@ -197,10 +188,11 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "", tid: str = "")
 
 def _run_figures(files: JobFiles, status: JobStatus) -> dict[str, Any]:
     """This run's wall time, rows per hour and counts: summary.json's when the run
-    ended (its start matches job.json's), else from the metrics rows so far."""
-    started = (files.job or {}).get("started_at")
-    run = (files.summary or {}).get("this_run") or {}
-    if started is not None and run.get("started_at") == started:
+    ended, else from the metrics rows so far."""
+    started = files.started_at
+    summary = this_runs_summary(files.summary, started)
+    if summary is not None:
+        run = summary["this_run"]
         return {"finished": True, "seconds": run.get("seconds"), "ok": run.get("ok"),
                 "error": run.get("error"), "skipped": run.get("skipped_already_done"),
                 "per_hour": run.get("images_per_hour")}
@@ -211,10 +203,10 @@ def _run_figures(files: JobFiles, status: JobStatus) -> dict[str, Any]:
             "per_hour": None if f.overall_rate is None else f.overall_rate * 3600}
 
 
-def _state_banner(files: JobFiles, status: JobStatus) -> str:
-    f, total = status.figures, files.manifest_rows
+def _state_banner(status: JobStatus) -> str:
+    f, total = status.figures, status.figures.total
     done = f.ok + f.error
-    if total is not None and done >= total:
+    if f.pending == 0:
         return f'<p class="state done">Complete: all {total} rows of the manifest have a result.</p>'
     if status.state in ("running", "waiting"):
         how = "the job is still running"
@@ -235,9 +227,9 @@ def _job_section(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> str:
         parts.append('<div class="tiny">TINY RANDOM WEIGHTS: these results come from tiny '
                      'random-weight test models (<code>maskface weights make-tiny</code>). They '
                      'are NOT face edits; the figures only show the pipeline ran.</div>')
-    parts.append(_state_banner(files, status))
-    total = files.manifest_rows
-    pending = "–" if total is None else str(max(total - f.ok - f.error, 0))
+    parts.append(_state_banner(status))
+    total = f.total
+    pending = "–" if f.pending is None else str(f.pending)
     rows = [["manifest rows", _e("unknown" if total is None else total)],
             ["ok", str(f.ok)], ["error", str(f.error)], ["pending", pending],
             ["this run", f"{_e('–' if run['ok'] is None else run['ok'])} ok, "
@@ -302,7 +294,8 @@ def _identity_section(ok: pd.DataFrame) -> str:
     measured = pd.to_numeric(ok["identity_distance"], errors="coerce").dropna()
     parts = ["<h2>Identity preservation</h2>",
              "<p class=note>dlib's face descriptor distance between input and result "
-             f"(<code>dlib_face_recognition_resnet_model_v1</code>); below {SAME_PERSON_THRESHOLD} "
+             "(<code>dlib_face_recognition_resnet_model_v1</code>); below "
+             f"{identity.SAME_PERSON_THRESHOLD} "
              "counts as the same person.</p>"]
     if len(measured):
         same = ok["same_person"].dropna().astype(bool)
@@ -310,9 +303,9 @@ def _identity_section(ok: pd.DataFrame) -> str:
                      f"same person in {_num(same.mean() * 100, 1, ' %')}; the metric took "
                      f"{_num(_mean(ok['identity_seconds']) * 1000, 0, ' ms')} per image.</p>")
     for status, n in counts.items():
-        if status == OK:
+        if status == identity.OK:
             continue
-        if status.startswith(NO_FACE):
+        if status.startswith(identity.NO_FACE):
             why = ("dlib found no face there, so there is no distance to show (its detector "
                    "needs a face of about 80 px or more: tiny 64 px models never have one)")
         elif status.startswith("unavailable"):
@@ -361,11 +354,11 @@ def _caption(row: dict) -> str:
     lines = [f"<b>{_e(row['id'])}</b>"]
     for a, t, p0, p1 in zip(row["attributes"], row["targets"], row["prob_input"],
                             row["prob_result"]):
-        hit = (p1 >= 0.5) == (t >= 0.5)
+        hit = on_target(p1, t)
         lines.append(f"{_e(a)} → {_num(t, 2)}: p {_num(p0, 2)} → {_num(p1, 2)} "
                      f"<span class={'hit' if hit else 'miss'}>{'✓' if hit else '✗'}</span>")
     status = row.get("identity_status")
-    if status == OK:
+    if status == identity.OK:
         same = "same person" if row.get("same_person") else "DIFFERENT person"
         lines.append(f"identity {_num(row['identity_distance'])} ({same})")
     elif isinstance(status, str):
@@ -412,7 +405,7 @@ def _failures_section(errors: pd.DataFrame) -> str:
 def _config_section(job: dict | None, ok: pd.DataFrame) -> str:
     if job is None:
         return "<h2>Configuration</h2><p>No job.json under this output.</p>"
-    from .config import ConfigError, EditConfig
+    from pipeline.engine.settings import ConfigError, EditConfig
     settings = dict(job.get("settings") or {})
     edit = settings.pop("edit", {}) or {}
     spec = _table(["key", "value"], [[_e(k), f"<code>{_e(json.dumps(v))}</code>"]

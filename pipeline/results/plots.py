@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from .identity import SAME_PERSON_THRESHOLD
+from pipeline.job.identity import SAME_PERSON_THRESHOLD
 
 
 def _pyplot():

@@ -6,7 +6,7 @@ the input and of the result. Below 0.6, dlib's own threshold, the two count as t
 same person (99.38% on LFW at that threshold).
 
     identity = load_identity()               # once per actor: dlib's models, or why not
-    identity.compare(inputs, results)        # HxWx3 uint8 lists -> one dict per image
+    identity.compare_one(before, after)      # HxWx3 uint8 images -> the metrics columns
 
 The face is found in each image with dlib's HOG detector. Input and result are
 pixel-aligned, so the result's face must overlap the input's; a side without one is
@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +36,6 @@ DESCRIPTOR_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
 NO_FACE = "no face"
 OK = "ok"
-# the metrics columns this module fills (pipeline/outputs.py METRICS_SCHEMA)
-COLUMNS = ("identity_distance", "same_person", "identity_status", "identity_seconds")
 
 
 def dlib_model_file(name: str, env: str = "MASKFACE_DLIB_MODELS") -> Path | None:
@@ -112,10 +110,6 @@ class FaceIdentity:
             distance, status = None, f"failed: {type(e).__name__}: {e}"
         return _columns(distance, status, time.perf_counter() - started)
 
-    def compare(self, before: Sequence[np.ndarray], after: Sequence[np.ndarray]
-                ) -> list[dict[str, Any]]:
-        """Per pair (input, result), the identity columns (COLUMNS)."""
-        return [self.compare_one(b, a) for b, a in zip(before, after)]
 
 
 def load_identity() -> FaceIdentity:

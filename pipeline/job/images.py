@@ -8,11 +8,13 @@ from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .access import InputPolicy, safe_uri
-from .errors import RowError
+from models.checkpoints import redact
+from pipeline.engine.resize import resize
+from pipeline.errors import RowError
+
+from .access import InputPolicy
 from .storage import STORAGE_ERRORS, filesystem, storage_error
 
 log = logging.getLogger(__name__)
@@ -137,22 +139,11 @@ def decode_image(data: bytes, resolution: int, name: str = "image",
     return resize(x, resolution)[0]
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, size, size] as the original resizes: area when shrinking,
-    bilinear when enlarging (or when only one side shrinks)."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    if min(h, w) > size:
-        return F.interpolate(x, size=(size, size), mode="area")
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
 def read_bytes(uri: str, max_bytes: int, storage_options: Mapping | None = None) -> bytes:
     """A file's bytes, refused when over `max_bytes`: its size is asked first, and the read
     itself stops one byte past the limit (a size the storage does not report, or a file
     that grew, cannot make it read more)."""
-    name = safe_uri(uri)
+    name = redact(uri)
     fs, path = filesystem(uri, storage_options)
     try:
         info = fs.info(path)
@@ -183,7 +174,7 @@ def read_image(uri: str, resolution: int, storage_options: Mapping | None = None
     if check_access:
         policy.check(uri)
     return decode_image(read_bytes(uri, policy.max_bytes, storage_options), resolution,
-                        safe_uri(uri), policy)
+                        redact(uri), policy)
 
 
 def read_pil(uri: str, storage_options: Mapping | None = None,
@@ -193,7 +184,7 @@ def read_pil(uri: str, storage_options: Mapping | None = None,
     if check_access:
         policy.check(uri)
     data = read_bytes(uri, policy.max_bytes, storage_options)
-    return to_rgb(open_image(data, safe_uri(uri), policy), safe_uri(uri))
+    return to_rgb(open_image(data, redact(uri), policy), redact(uri))
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from models.face_parser import region_masks
 
 from . import attributes as attr_table
-from .config import Settings
-from .images import resize
+from .resize import resize
 from .rows import EditRequest
+from .settings import EditSettings
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class MaskRegions:
     shape: tuple[str, ...]
 
 
-def mask_regions(request: EditRequest, settings: Settings) -> MaskRegions:
+def mask_regions(request: EditRequest, settings: EditSettings) -> MaskRegions:
     edit = attr_table.regions(request.attributes)
     ears = ("ears",) if attr_table.has_hair_shape(request.attributes) else ()
     if not settings.local:

@@ -1,7 +1,7 @@
 """The attribute table: which face regions an edit may touch, and how it is optimised.
 
 Every classifier attribute (models.celeba.ATTRIBUTES) can be edited; the names are
-checked in pipeline/rows.py. The 14 local ones run the local schedule (mean-latent
+checked in pipeline/engine/rows.py. The 14 local ones run the local schedule (mean-latent
 start, masked MSE); every other attribute runs the global schedule (e4e start, masked
 LPIPS), as in the original.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
+# The original edits these locally; it lists male, young and pale_skin as global, and
+# every attribute not listed here is global too.
 LOCAL_ATTRIBUTES = frozenset({
     "wearing_lipstick", "mouth_slightly_open", "smiling", "bushy_eyebrows", "arched_eyebrows",
     "narrow_eyes", "pointy_nose", "big_nose", "black_hair", "brown_hair", "blond_hair",
     "gray_hair", "wavy_hair", "straight_hair"})
-# The three the original lists as global; any other attribute is global too.
-GLOBAL_ATTRIBUTES = ("male", "young", "pale_skin")
 HAIR_COLOURS = frozenset({"black_hair", "brown_hair", "blond_hair", "gray_hair"})
 HAIR_SHAPES = frozenset({"wavy_hair", "straight_hair"})
 

@@ -4,7 +4,7 @@ Keys keep the original's names (`steps.latent`, `loss.weights.classf`, ...) so i
 users can carry settings over; the new keys are `mode`, `e4e_init`, `e4e_start_step`,
 `smoothing`, `blend`, `parser_size` and `mean_latent.*`. Users give them as nested
 mappings (YAML) or dotted keys (`--set steps.latent=200`); the code reads them as
-attributes of a frozen `Settings` (`settings.loss.weights.classf`), so a misspelt
+attributes of a frozen `EditSettings` (`settings.loss.weights.classf`), so a misspelt
 setting fails when the settings are built, not at step 500.
 
 Settings resolve in three layers, the later winning:
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import yaml
 
-from models.spec import REQUIRED
+from models.spec import MEAN_LATENT_SOURCES, REQUIRED
 
 from . import attributes as attr_table
 from . import rows
@@ -97,7 +97,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class MeanLatentOverride:
     source: str | None = setting(None, "override the models spec's mean latent source",
-                                 lambda v: v in ("computed", "checkpoint"))
+                                 lambda v: v in MEAN_LATENT_SOURCES)
     samples: int | None = setting(None, "override the mean latent sample count", lambda v: v >= 1)
     seed: int | None = setting(None, "override the mean latent seed")
 
@@ -117,7 +117,7 @@ class EarlyStopSettings:
 
 
 @dataclass(frozen=True)
-class Settings:
+class EditSettings:
     """Every edit setting, typed. `EditConfig.resolve` builds the one a group of rows runs
     with; there `mode` is always 'local' or 'global'."""
     steps: StepSettings = _group(StepSettings)
@@ -175,7 +175,7 @@ def _walk(cls, prefix: str = "") -> Iterable[tuple[str, SettingInfo]]:
 
 
 # Every setting by dotted key, in the README's order.
-SCHEMA: dict[str, SettingInfo] = dict(_walk(Settings))
+SCHEMA: dict[str, SettingInfo] = dict(_walk(EditSettings))
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -243,7 +243,7 @@ def _coerce_number(key: str, value: Any, kind: type) -> Any:
 @dataclass(frozen=True)
 class EditConfig:
     """The user's layer: validated values for the keys they set. `resolve` turns it into
-    the `Settings` of a group of rows; `base` is the settings before any derivation."""
+    the `EditSettings` of a group of rows; `base` is the settings before any derivation."""
     user: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
@@ -258,23 +258,16 @@ class EditConfig:
         config.base                                    # the keys must also work together
         return config
 
-    @classmethod
-    def from_yaml(cls, text: str) -> "EditConfig":
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError("an edit config file must hold a mapping of settings")
-        return cls.from_overrides(data)
-
     @property
     def overrides(self) -> dict[str, Any]:
         return dict(self.user)
 
     @property
-    def base(self) -> Settings:
+    def base(self) -> EditSettings:
         """Defaults plus the user's keys, before the attributes derive anything."""
         return _settings({k: info.default for k, info in SCHEMA.items()} | self.overrides)
 
-    def resolve(self, attributes: Iterable[str], mode: str | None = None) -> Settings:
+    def resolve(self, attributes: Iterable[str], mode: str | None = None) -> EditSettings:
         """The effective settings for rows with these attributes (see the module doc)."""
         attributes = list(attributes)
         problem = rows.attributes_problem(attributes)
@@ -289,11 +282,11 @@ class EditConfig:
         return _settings(values)
 
 
-def _settings(values: Mapping[str, Any]) -> Settings:
+def _settings(values: Mapping[str, Any]) -> EditSettings:
     if values["e4e_init"] and values["e4e_start_step"] >= values["steps.latent"]:
         raise ConfigError(f"e4e_start_step ({values['e4e_start_step']}) must be below "
                           f"steps.latent ({values['steps.latent']})")
-    return _build(Settings, values)
+    return _build(EditSettings, values)
 
 
 def derived_settings(attributes: list[str], local: bool) -> dict[str, Any]:
@@ -308,7 +301,7 @@ def derived_settings(attributes: list[str], local: bool) -> dict[str, Any]:
     return out
 
 
-def required_networks(settings: Iterable[Settings]) -> tuple[str, ...]:
+def required_networks(settings: Iterable[EditSettings]) -> tuple[str, ...]:
     """The networks that rows with these settings need: the generator, parser and
     classifier always; e4e where a row starts from it; the LPIPS trunk where a row is
     global (its recon loss is masked LPIPS)."""
@@ -327,12 +320,21 @@ def settings_key(attributes: Iterable[str], mode: str | None) -> tuple:
     return (tuple(attributes), mode or "auto")
 
 
-def apply_mean_latent(spec, settings: Settings):
+def apply_mean_latent(spec, settings: EditSettings):
     """The models spec with the settings' `mean_latent.*` overrides applied."""
     changes = {k: v for k, v in dataclasses.asdict(settings.mean_latent).items() if v is not None}
     if not changes:
         return spec
     return dataclasses.replace(spec, mean_latent=dataclasses.replace(spec.mean_latent, **changes))
+
+
+def read_overrides(text: str) -> dict[str, Any]:
+    """An edit settings file (YAML, nested or dotted keys, e.g. the original's config.yml)
+    as dotted keys; EditConfig.from_overrides checks them."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("an edit config file must hold a mapping of settings")
+    return flatten(data)
 
 
 def parse_set(items: Iterable[str]) -> dict[str, str]:

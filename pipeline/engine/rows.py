@@ -2,7 +2,7 @@
 
 A row names an image, the attributes to push and their targets, and optional per-row
 options. `EditRequest` (what the engine takes), the manifest validator
-(`manifests/schema.py`), the edit settings (`pipeline/config.py`) and the command line
+(`manifests/schema.py`), the edit settings (`pipeline/engine/settings.py`) and the command line
 all check values with the rules below, so a value means the same thing everywhere.
 
     attributes   names from models.celeba.ATTRIBUTES (the 40 CelebA attributes),
@@ -14,6 +14,10 @@ all check values with the rules below, so a value means the same thing everywher
     seed         an integer; draws the image's noise maps; default: a stable hash of the id
     mode         auto (from the attributes), local or global
     blend        include_skin or no_skin, or null for the edit settings' value
+
+An edit is on target for an attribute when the classifier's probability of it ends on
+the target's side of 0.5 (`on_target`): the rule early stopping, summary.json, the
+report and the export all use.
 """
 from __future__ import annotations
 
@@ -29,8 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from models.celeba import ATTRIBUTE_INDEX, ATTRIBUTES
-
-from .errors import RowError
+from pipeline.errors import RowError
 
 TARGET_RANGE = (0.0, 1.0)
 MODES = ("auto", "local", "global")
@@ -75,6 +78,17 @@ def unique_stems(paths: Iterable[str]) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
+
+
+def target_side(target):
+    """True where a target asks for the attribute (>= 0.5), False where it asks for its
+    absence. Works on numbers, arrays, tensors and pandas Series alike."""
+    return target >= 0.5
+
+
+def on_target(prob, target):
+    """The result's probability is on the target's side of 0.5 (element-wise)."""
+    return (prob >= 0.5) == target_side(target)
 
 
 # -- one rule per value: each returns what is wrong, or None ------------------------------

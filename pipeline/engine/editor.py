@@ -11,7 +11,7 @@ loss is per image and the batch loss is their sum, so an image's result does not
 depend on what else is in its batch.
 
 One group, in the paper's order (`Editor._run_group`):
-  1. masks from the parser on the input (pipeline/masks.py);
+  1. masks from the parser on the input (pipeline/engine/masks.py);
   2. the start point: the mean latent (local) or the e4e encoder's (global);
   3. the latent phase: Adam on W+, the loss terms and events the `Schedule` turns on;
   4. the noise phase: Adam on the noise maps;
@@ -32,10 +32,9 @@ import torch
 from models.classifier import ATTRIBUTE_INDEX
 from models.face_parser import region_masks
 from models.loaders import Models
+from pipeline.errors import SetupError
 
-from .config import EditConfig, Settings, required_networks
 from .early_stop import EarlyStop
-from .errors import SetupError
 from .health import Health
 from .losses import (bernoulli_kl, masked_mse, noise_normalize_, noise_regularize, portion,
                      shape_mse, size_kl)
@@ -44,6 +43,7 @@ from .masks import (MaskRegions, Masks, blend, edit_region, grow_masks, initial_
 from .rows import EditRequest
 from .runtime import Runtime
 from .schedule import ADAM_REINIT, DYNAMIC_UPDATE, NOISE_REDRAW, Schedule, shared_prefix
+from .settings import EditConfig, EditSettings, required_networks
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class StepInfo:
     step: int
     rows: list[int]                  # the group's positions in the call's batch
     losses: dict[str, torch.Tensor]  # term -> [n]
-    events: tuple[str, ...] = ()     # see pipeline/schedule.py
+    events: tuple[str, ...] = ()     # see pipeline/engine/schedule.py
 
 
 class StartPoint(NamedTuple):
@@ -100,7 +100,7 @@ class Targets:
     sizes: torch.Tensor         # [n, 1] size factors (0: no size loss)
 
     @classmethod
-    def build(cls, requests: Sequence[EditRequest], settings: Sequence[Settings],
+    def build(cls, requests: Sequence[EditRequest], settings: Sequence[EditSettings],
               device: torch.device, dtype: torch.dtype) -> "Targets":
         n, width = len(requests), max(len(r.attributes) for r in requests)
         attr_idx = torch.zeros(n, width, dtype=torch.long, device=device)
@@ -129,7 +129,7 @@ class Group:
     from the inputs, plus which rows are still healthy."""
     x: torch.Tensor                          # [n, 3, S, S] inputs
     requests: list[EditRequest]
-    settings: Settings                       # per-image values live in `targets`
+    settings: EditSettings                       # per-image values live in `targets`
     rows: list[int]                          # positions in the call's batch
     schedule: Schedule
     regions: list[MaskRegions]
@@ -201,7 +201,7 @@ class Editor:
         return self.models.generator.size
 
     def edit(self, images: torch.Tensor, requests: Sequence[EditRequest], *,
-             settings: Sequence[Settings] | None = None, start: StartPoint = StartPoint(),
+             settings: Sequence[EditSettings] | None = None, start: StartPoint = StartPoint(),
              callback: Callable[[StepInfo], None] | None = None) -> list[EditResult]:
         """Edit a batch. `settings`: each row's resolved settings, when the caller has
         them (a job resolves each row once); by default they are resolved here."""
@@ -222,7 +222,7 @@ class Editor:
         return results
 
     def invert(self, images: torch.Tensor, requests: Sequence[EditRequest], *,
-               settings: Sequence[Settings] | None = None,
+               settings: Sequence[EditSettings] | None = None,
                callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
         """The latents [N, n_latent, style_dim] after the steps every local edit of each
         image shares (`schedule.shared_prefix`). An edit started there,
@@ -252,14 +252,14 @@ class Editor:
         return out
 
     @staticmethod
-    def _groups(settings: Sequence[Settings]) -> list[list[int]]:
+    def _groups(settings: Sequence[EditSettings]) -> list[list[int]]:
         """Positions of the rows that can share a batch (same settings but per-image ones)."""
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(settings):
             groups.setdefault(s.group_key(), []).append(i)
         return list(groups.values())
 
-    def check_models(self, settings: Sequence[Settings], given_latent: bool = False) -> None:
+    def check_models(self, settings: Sequence[EditSettings], given_latent: bool = False) -> None:
         """A setup error, before any step, when the rows need a network that is not loaded."""
         loaded = {"e4e": self.models.e4e is not None or given_latent,
                   "lpips_trunk": self.models.lpips is not None}
@@ -270,7 +270,7 @@ class Editor:
                              "(load_models(..., networks=required_networks(settings)))")
 
     # -- one group: one schedule ------------------------------------------------------------
-    def _run_group(self, x: torch.Tensor, requests: list[EditRequest], settings: list[Settings],
+    def _run_group(self, x: torch.Tensor, requests: list[EditRequest], settings: list[EditSettings],
                    rows: list[int], start: StartPoint, callback) -> list[EditResult]:
         started = time.perf_counter()
         with self.runtime.autocast_context(self.models.generator.input.input.device):
@@ -309,7 +309,7 @@ class Editor:
                      region_before=region_before, size_target=size_target, lpips_y=lpips_y,
                      health=Health(len(requests), device))
 
-    def _parse(self, images: torch.Tensor, s: Settings) -> torch.Tensor:
+    def _parse(self, images: torch.Tensor, s: EditSettings) -> torch.Tensor:
         """Parser probabilities at its working size."""
         return self.models.face_parser(images, out_size=s.parser_size,
                                        working_size=s.parser_size).to(images.dtype)
@@ -378,7 +378,7 @@ class Editor:
         return outcome
 
     @staticmethod
-    def _adam(params: list[torch.Tensor], s: Settings) -> torch.optim.Optimizer:
+    def _adam(params: list[torch.Tensor], s: EditSettings) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=s.optimizer.lr_latent)
 
     def _retire(self, group: Group, work: Working, done: torch.Tensor, outcome: LatentOutcome,

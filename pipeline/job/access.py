@@ -18,7 +18,7 @@ hidden files, hidden folders of a home directory (`~/.aws`, `~/.ray`, `~/.ssh`, 
 the system's folders (SYSTEM_DIRS); no other protocol, and so no `http(s)://` host, is
 ever allowed unless listed. List `inputs.allow` for any manifest you did not build.
 
-The same section holds the limits every image read obeys (pipeline/images.py):
+The same section holds the limits every image read obeys (pipeline/job/images.py):
 `max_bytes`, `max_pixels`, `min_side`, and `square` (how a non-square image is made
 square: `crop` its centre, or `stretch` it as the original MaskFaceGAN does).
 """
@@ -31,8 +31,7 @@ from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
 from models.checkpoints import redact
-
-from .errors import InputRefused
+from pipeline.errors import InputRefused
 
 DEFAULT_RULE = ("local files but hidden ones, those in a home's hidden folders and in system "
                 "folders, and s3:// objects")
@@ -84,21 +83,16 @@ class InputPolicy:
         try:
             where = _location(uri)
         except ValueError as e:
-            raise InputRefused(f"{safe_uri(uri)}: refused: {e}") from None
+            raise InputRefused(f"{redact(uri)}: refused: {e}") from None
         if self.allow is None:
             problem = _default_problem(where)
             if problem:
-                raise InputRefused(f"{safe_uri(uri)}: refused: {problem} (the default rule "
+                raise InputRefused(f"{redact(uri)}: refused: {problem} (the default rule "
                                    f"allows {DEFAULT_RULE}; list it in inputs.allow)")
             return
         if not any(_inside(where, _location(entry)) for entry in self.allow):
-            raise InputRefused(f"{safe_uri(uri)}: refused: not under any inputs.allow "
+            raise InputRefused(f"{redact(uri)}: refused: not under any inputs.allow "
                                f"prefix ({', '.join(self.allow)})")
-
-
-def safe_uri(uri: str) -> str:
-    """A URI fit for messages and metrics: credentials and query strings replaced by ***."""
-    return redact(uri)
 
 
 # -- a URI as (protocol, host, path segments) --------------------------------------------

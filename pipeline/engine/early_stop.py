@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import EarlyStopSettings
-from .rows import EditRequest
+from .rows import EditRequest, target_side
 from .schedule import Schedule
+from .settings import EarlyStopSettings
 
 
 class EarlyStop:
@@ -29,7 +29,7 @@ class EarlyStop:
         self.real = torch.zeros(len(requests), width, dtype=torch.bool, device=device)
         for k, r in enumerate(requests):
             for j, t in enumerate(r.targets):
-                self.side[k, j], self.real[k, j] = t >= 0.5, True
+                self.side[k, j], self.real[k, j] = target_side(t), True
         self.history: dict[int, torch.Tensor] = {}      # step -> recon of every image
 
     def due(self, step: int) -> bool:

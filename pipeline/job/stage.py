@@ -2,20 +2,21 @@
 
 Ray Data creates an actor pool of `EditStage`; each actor loads the networks the job
 needs once, in `__init__`, and edits manifest rows in `__call__`. The job hands it
-image groups (all the edit rows of one input image: see `job.image_groups`),
+image groups (all the edit rows of one input image: see `plan.image_groups`),
 which it edits `batch_size` rows at a time (on a GPU, the largest size up to that which
 fits, probed once). Rows carry URIs, not pixels: the actor reads each image once,
-branches its local edits from the image's shared inversion prefix (pipeline/prefix.py),
+branches its local edits from the image's shared inversion prefix (pipeline/job/prefix.py),
 writes the image, latent, mask (and noise) files, then each batch's metrics file, and
 returns the metrics rows.
 
 Failures (pipeline/errors.py): a RowError (a refused URI, an unusable image, a storage
 error on one object, a numeric blow-up) becomes that row's `status=error` row. An
-exception of the engine fails its whole batch's rows the same way; `stop_after` such
-batches in a row that fail with the same exception type (or every row on the same
-storage outage) raise JobStopped, which ends the job: a bug or a broken GPU stops it
-early instead of turning every row into an error. A SetupError ends the job at once, as
-does a metrics file that cannot be written (nothing could be recorded).
+exception of the engine fails its whole batch's rows the same way; the failure streak
+(`stop_after_failed_batches` such batches in a row that fail with the same exception
+type, or every row on the same storage outage) raises JobStopped, which ends the job: a
+bug or a broken GPU stops it instead of turning every row into an error. A SetupError
+ends the job at once, as does a metrics file that cannot be written (nothing could be
+recorded).
 """
 from __future__ import annotations
 
@@ -25,29 +26,30 @@ import pickle
 import socket
 import time
 import traceback
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from PIL import Image
 
+from models.checkpoints import redact
 from models.loaders import load_models
-from models.spec import ModelsSpec
+from pipeline.engine.batch_size import auto_batch_size
+from pipeline.engine.editor import Editor, EditResult, StartPoint
+from pipeline.engine.rows import EditRequest, is_null
+from pipeline.engine.runtime import Runtime
+from pipeline.engine.schedule import shared_prefix
+from pipeline.errors import STOPPED, JobStopped, RowError, SetupError, StorageError
 
-from .access import InputPolicy, safe_uri
-from .config import Settings, settings_key
-from .engine import Editor, EditResult, StartPoint
-from .errors import STOPPED, JobStopped, RowError, SetupError, StorageError
+from .access import InputPolicy
 from .identity import load_identity
 from .images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
-from .outputs import Output
-from .perf import auto_batch_size
+from .ledger import OK
+from .outputs import Output, npy_bytes, npz_bytes
+from .plan import JobPlan
 from .prefix import PrefixCache, branch_points, start_for
-from .rows import EditRequest, is_null
-from .runtime import Runtime
-from .schedule import shared_prefix
+from .spec import JobSpec
 from .storage import is_outage
 
 log = logging.getLogger(__name__)
@@ -59,65 +61,46 @@ METRIC_COLUMNS = ("preservation_l1", "outside_pixels", "outside_mse", "outside_p
 
 
 class EditStage:
-    """Args:
-        spec: the models spec, mean-latent overrides applied (the driver reads it).
-        networks: the networks to load (pipeline.config.required_networks).
-        settings: each row's resolved settings, by `settings_key(attributes, mode)`.
-        parser_size: the face parser's working size.
-        output_uri, storage_options: where results go, and how to reach it.
-        schema: the metrics schema, passthrough columns included.
-        save_noises, paste_back: the optional outputs.
-        cpu_threads: torch threads (CPU actors).
-        inputs: where inputs may come from and the limits on each image.
-        stop_after: whole batches in a row failing the same way that stop the job (0: never).
-        runtime: how the engine runs (pipeline.runtime.Runtime's fields).
-        batch_size: rows per engine call; on a GPU with auto_batch, the cap of the probe.
-        share_prefix: run each image's shared inversion prefix once, cached in the output.
-    """
+    """One actor of the job: `job` is the job spec, `plan` what the driver decided
+    (pipeline/job/plan.py), `cpu_threads` the torch threads of a CPU actor (None on GPUs:
+    torch's own choice)."""
 
-    def __init__(self, spec: ModelsSpec, networks: Sequence[str],
-                 settings: Mapping[tuple, Settings], parser_size: int, output_uri: str,
-                 storage_options: Mapping | None, schema: pa.Schema, save_noises: bool = False,
-                 paste_back: bool = False, cpu_threads: int | None = None,
-                 inputs: InputPolicy | None = None, stop_after: int = 3,
-                 runtime: Mapping | None = None, batch_size: int = 4, auto_batch: bool = True,
-                 share_prefix: bool = True):
+    def __init__(self, job: JobSpec, plan: JobPlan, cpu_threads: int | None = None):
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self.storage_options = dict(storage_options or {})
-        self.settings = dict(settings)
+        self.job, self.plan = job, plan
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.runtime = Runtime(**dict(runtime or {}))
-        self.editor = Editor(load_models(spec, device=self.device, parser_size=parser_size,
-                                         networks=networks, storage_options=self.storage_options),
+        self.runtime = Runtime(**job.runtime)
+        self.runtime.apply(torch.device(self.device))       # this actor's process
+        self.editor = Editor(load_models(plan.models, device=self.device,
+                                         parser_size=plan.parser_size, networks=plan.networks,
+                                         storage_options=job.storage_options),
                              runtime=self.runtime)
         self.models = self.editor.models  # the networks as the runtime prepared them, held once
         self.model_loads = 1          # reported per row: more would mean a reloading actor
-        self.chunk = self._batch_size(batch_size, auto_batch, parser_size)
-        self.output = Output(output_uri, self.storage_options)
-        self.prefixes = PrefixCache(self.output) if share_prefix else None
+        self.chunk = self._batch_size(job.batch_size, job.auto_batch, plan.parser_size)
+        self.output = Output(job.output, job.storage_options)
+        self.prefixes = PrefixCache(self.output) if job.share_prefix else None
         self._images: dict[str, torch.Tensor] = {}     # this call's decoded inputs, by URI
-        self.schema = schema
-        self.save_noises = save_noises
-        self.paste_back = paste_back
-        self.inputs = inputs or InputPolicy()
-        self.identity = self._identity()
+        self.inputs = InputPolicy.from_spec(job.inputs)
+        self.placement = self._placement()
         self.face_identity = load_identity()      # dlib's face descriptors (the align extra)
-        self.streak = FailureStreak(stop_after, self.identity["node"])
-        log.info("edit actor ready on %s (%s)", self.identity["node"], self.device)
+        self.streak = FailureStreak(job.stop_after_failed_batches, self.placement["node"])
+        log.info("edit actor ready on %s (%s)", self.placement["node"], self.device)
 
     def _batch_size(self, cap: int, auto: bool, parser_size: int) -> int:
         """`cap`, or on a GPU the largest batch up to it whose heaviest step fits (on a CPU
         running out of memory kills the process rather than raising: no probe there)."""
         if not auto or self.device != "cuda":
             return cap
-        mode = "global" if any(not s.local for s in self.settings.values()) else "local"
+        mode = "global" if any(not s.local for s in self.plan.resolved.values()) else "local"
         size = auto_batch_size(self.models, self.runtime, mode, cap, parser_size)
         log.info("batch size %d (probed; the job's cap %d)", size, cap)
         return size
 
     @staticmethod
-    def _identity() -> dict:
+    def _placement() -> dict:
+        """Where this actor runs: its node, its Ray actor id and its GPUs."""
         try:
             import ray
             if not ray.is_initialized():   # asking would start a local Ray instance
@@ -144,10 +127,11 @@ class EditStage:
                 parts.append(self._run(rows[start:start + self.chunk]))
             except SetupError as e:
                 log.error("stopping the job: %s", e)
-                stopped = pd.DataFrame({n: [None] * (len(rows) - start) for n in self.schema.names})
+                stopped = pd.DataFrame({n: [None] * (len(rows) - start)
+                                        for n in self.plan.schema.names})
                 stopped["id"] = [r["id"] for r in rows[start:]]
                 stopped["status"] = STOPPED
-                stopped["error"] = safe_uri(str(e))
+                stopped["error"] = redact(str(e))
                 parts.append(stopped)
                 break
         return pd.concat(parts, ignore_index=True)
@@ -163,16 +147,16 @@ class EditStage:
         for r in records:
             r["written_at"] = now
         out = pd.DataFrame.from_records(records)
-        for name in self.schema.names:
+        for name in self.plan.schema.names:
             if name not in out.columns:
                 out[name] = None
         try:
-            self.output.write_metrics(out, self.schema)    # last: the rows are now complete
+            self.output.write_metrics(out, self.plan.schema)    # last: the rows are now complete
         except StorageError as e:
             raise SetupError(f"cannot write the metrics of {len(out)} row(s) under "
-                             f"{safe_uri(self.output.uri)}: {e}. Nothing can be recorded, so "
+                             f"{redact(self.output.uri)}: {e}. Nothing can be recorded, so "
                              "the job stops; rerun it once the output is writable") from None
-        return out[self.schema.names]
+        return out[self.plan.schema.names]
 
     @staticmethod
     def _fail(records: list[dict], errors: list, k: int, error: Exception,
@@ -181,7 +165,7 @@ class EditStage:
         text = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, RowError):               # an engine exception
             text = f"{type(error).__name__}: {text}"
-        records[k].update(status="error", error=safe_uri(f"{prefix}: {text}" if prefix else text))
+        records[k].update(status="error", error=redact(f"{prefix}: {text}" if prefix else text))
 
     def _read_inputs(self, rows: list[dict], records: list[dict], errors: list) -> list[tuple]:
         """(position, image, request, settings) of each row whose input is usable; the
@@ -192,14 +176,14 @@ class EditStage:
                 image = self._images.get(row["image_uri"])
                 if image is None:
                     image = read_image(row["image_uri"], self.editor.resolution,
-                                       self.storage_options, self.inputs, check_access=True)
+                                       self.job.storage_options, self.inputs, check_access=True)
                     self._images[row["image_uri"]] = image
                 request = EditRequest.from_row(row)
             except RowError as e:
                 self._fail(records, errors, k, e)
                 continue
             inputs.append((k, image, request,
-                           self.settings[settings_key(request.attributes, row.get("mode"))]))
+                           self.plan.settings_of(request.attributes, row.get("mode"))))
         return inputs
 
     def _edit(self, rows: list[dict], records: list[dict], errors: list,
@@ -249,15 +233,15 @@ class EditStage:
                 self._fail(records, errors, k, e, "writing outputs")
 
     def _base_record(self, row: dict) -> dict[str, Any]:
-        record = {k: v for k, v in row.items() if k in self.schema.names}
+        record = {k: v for k, v in row.items() if k in self.plan.schema.names}
         hashes = self.models.hashes
         source = row.get("source_uri")
         record.update({
-            "status": "ok", "error": None, "input_uri": safe_uri(row["image_uri"]),
-            "source_uri": safe_uri(row["image_uri"] if is_null(source) else str(source)),
+            "status": OK, "error": None, "input_uri": redact(row["image_uri"]),
+            "source_uri": redact(row["image_uri"] if is_null(source) else str(source)),
             "attributes": list(row["attributes"]), "targets": [float(t) for t in row["targets"]],
             "size": float(row["size"]), "seed": int(row["seed"]),
-            "mode": None, **self.identity, "actor_model_loads": self.model_loads,
+            "mode": None, **self.placement, "actor_model_loads": self.model_loads,
             "tiny_models": self.models.tiny,
             **{f"{name}_sha256": hashes.get(name) for name in NETWORK_HASH_COLUMNS}})
         return record
@@ -266,20 +250,18 @@ class EditStage:
         """The row's files, then its metric values for the record (`image`: the input)."""
         out, row_id = self.output, row["id"]
         assert result.edited is not None and result.latent is not None
-        out.put(f"images/{row_id}.png", encode_png(result.edited))
-        out.put_npy(f"latents/{row_id}.npy", result.latent.float().numpy())
-        out.put(f"masks/{row_id}.png", encode_png(result.masks["blend"]))
-        record: dict[str, Any] = {"edited_uri": out.uri_of("images", row_id),
-                  "latent_uri": out.uri_of("latents", row_id),
-                  "mask_uri": out.uri_of("masks", row_id)}
-        if self.save_noises and result.noises is not None:
-            out.put_npz(f"noises/{row_id}.npz",
-                        {f"noise_{i}": n.float().numpy() for i, n in enumerate(result.noises)})
-            record["noises_uri"] = out.uri_of("noises", row_id)
+        record: dict[str, Any] = {
+            "edited_uri": out.put_row_file("images", row_id, encode_png(result.edited)),
+            "latent_uri": out.put_row_file("latents", row_id,
+                                           npy_bytes(result.latent.float().numpy())),
+            "mask_uri": out.put_row_file("masks", row_id, encode_png(result.masks["blend"]))}
+        if self.job.save_noises and result.noises is not None:
+            record["noises_uri"] = out.put_row_file("noises", row_id, npz_bytes(
+                {f"noise_{i}": n.float().numpy() for i, n in enumerate(result.noises)}))
         quad = row.get("align_quad")
-        if (self.paste_back and not is_null(row.get("source_uri")) and quad is not None
+        if (self.job.paste_back and not is_null(row.get("source_uri")) and quad is not None
                 and len(quad) == 8):
-            photo = read_pil(row["source_uri"], self.storage_options, self.inputs,
+            photo = read_pil(row["source_uri"], self.job.storage_options, self.inputs,
                              check_access=True)
             edited = Image.fromarray(to_uint8(result.edited))
             try:
@@ -287,8 +269,7 @@ class EditStage:
             except np.linalg.LinAlgError:
                 raise RowError(f"paste-back: align_quad {[float(v) for v in quad]} is "
                                "degenerate") from None
-            out.put(f"pasted/{row_id}.png", png_bytes(pasted))
-            record["pasted_uri"] = out.uri_of("pasted", row_id)
+            record["pasted_uri"] = out.put_row_file("pasted", row_id, png_bytes(pasted))
         m = result.metrics
         attrs = list(m["prob_input"])
         record.update({k: m[k] for k in METRIC_COLUMNS})
@@ -299,7 +280,7 @@ class EditStage:
 
 
 class FailureStreak:
-    """The early-stop rule, on one actor: `limit` whole batches in a row that failed the
+    """The failure streak, on one actor: `limit` whole batches in a row that failed the
     same way raise JobStopped. A batch failed whole when every row of it failed with the
     same engine exception type, or on a storage outage of the same kind (pipeline/
     storage.py: not a missing or denied object); a bad input is the row's own business
@@ -321,7 +302,7 @@ class FailureStreak:
         if kind != self.kind:
             self.kind, self.count, self.error_rows = kind, 0, 0
         self.count += 1
-        self.last = safe_uri(" ".join(str(errors[0]).split()))[:500]
+        self.last = redact(" ".join(str(errors[0]).split()))[:500]
         if self.limit and self.count >= self.limit:
             raise JobStopped(
                 f"{self.count} batches in a row failed with {kind} on {self.node} (the "
@@ -346,7 +327,7 @@ def _failure_kind(error: Exception | None) -> str | None:
 
 
 def unpack(batch: pd.DataFrame) -> list[dict]:
-    """The edit rows of a batch: image groups unpacked (as `job.image_groups` packs them:
+    """The edit rows of a batch: image groups unpacked (as `plan.image_groups` packs them:
     pickled by this job's driver), or a batch of edit rows as it is (the stage called
     directly)."""
     if "rows" in batch.columns and "id" not in batch.columns:

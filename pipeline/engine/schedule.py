@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import Settings
+from .settings import EditSettings
 
 # Events, in the order they happen within a step.
 E4E_INIT = "e4e_init"                # the latent came from the e4e encoder (first step)
@@ -43,7 +43,7 @@ class Schedule:
     from_e4e: bool              # the start point is the e4e encoder's latent
 
     @classmethod
-    def for_group(cls, settings: Settings, seg_weights: Sequence[float] = (),
+    def for_group(cls, settings: EditSettings, seg_weights: Sequence[float] = (),
                   sizes: Sequence[float] = (), *, start_step: int | None = None,
                   given_latent: bool = False) -> "Schedule":
         """`seg_weights` and `sizes`: the group's per-image values. `start_step` and
@@ -99,10 +99,6 @@ class Schedule:
                    (DYNAMIC_UPDATE, self.dynamic_on(step)))
         return tuple(name for name, yes in happens if yes)
 
-    @property
-    def redraws_in_latent_phase(self) -> bool:
-        return self.noise_iterations > 0 and self.dynamic_end in self.latent_range
-
     # -- totals ----------------------------------------------------------------------------
     @property
     def latent_iterations(self) -> int:
@@ -114,7 +110,7 @@ class Schedule:
         return self.latent_iterations + self.noise_iterations
 
 
-def shared_prefix(settings: Settings) -> int:
+def shared_prefix(settings: EditSettings) -> int:
     """How many first steps every local edit of an image shares, so that they can run once
     per image and each edit branch from there (0: none).
 

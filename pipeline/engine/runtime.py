@@ -25,6 +25,11 @@ README's measured figures say it wins and the numbers stay within their toleranc
     reuse_memory   CPU on glibc (on by default, bit-identical): freed activations stay in
                    the process heap and are reused, instead of being unmapped and
                    page-faulted in again at every step (`reuse_freed_memory`)
+
+Some of these are process-wide in torch (the default op implementation, TF32, dynamo's
+settings) or in the C library (glibc's malloc thresholds). `Runtime.apply(device)` sets
+them, once, where a process or an actor starts (the job's actor, `maskface edit`, the
+bench); building an `Editor` changes nothing outside it.
 """
 from __future__ import annotations
 
@@ -36,7 +41,6 @@ import logging
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -103,19 +107,18 @@ class Runtime:
         log.info("compile: auto -> %s", "on" if why is None else f"off: {why}")
         return why is None
 
-    def prepare(self, models: Models) -> Models:
-        """The networks in this runtime's memory format, compiled if asked. Modules are
-        shared with `models`, except that channels_last works on a copy (the caller's
-        networks keep their layout)."""
-        device = models.generator.input.input.device
+    def apply(self, device: torch.device) -> list[str]:
+        """Set this runtime's process-wide settings for work on `device`: the default op
+        implementation, TF32 on CUDA, dynamo's settings when compiling may happen, and
+        glibc's memory handling on a CPU. Call it where a process or actor starts, before
+        its first edit. Returns what cannot be undone within this process: once glibc's
+        thresholds are set (reuse_memory on a CPU), its own adaptive ones never come back
+        (`reuse_freed_memory`)."""
         set_default_impl(self.ops)
-        if device.type == "cpu":
-            reuse_freed_memory(self.reuse_memory)
         if self.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        compiles = self.compiles(models)
-        if compiles:
+        if self.compile is not False:
             # a compile that fails (no C++ compiler on a CPU node, an inductor bug) runs
             # that code eagerly with a logged warning, instead of failing every row
             import torch._dynamo
@@ -125,6 +128,19 @@ class Runtime:
             # function ran the generator eagerly after the third batch size of a job
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                        RECOMPILE_LIMIT)
+        permanent = []
+        if device.type == "cpu" and reuse_freed_memory(self.reuse_memory) and _reusing:
+            permanent.append("reuse_memory: glibc's malloc thresholds stay fixed until the "
+                             "process exits")
+        log.info("runtime applied for %s%s", device.type,
+                 "".join(f"; {p}" for p in permanent))
+        return permanent
+
+    def prepare(self, models: Models) -> Models:
+        """The networks in this runtime's memory format, compiled if asked: no process-wide
+        state changes here (`apply` does that). Modules are shared with `models`, except
+        that channels_last works on a copy (the caller's networks keep their layout)."""
+        compiles = self.compiles(models)
         nets = {name: getattr(models, name) for name in
                 ("generator", "face_parser", "classifier", "e4e", "lpips")}
         for name, net in nets.items():
@@ -203,26 +219,3 @@ def reuse_freed_memory(on: bool) -> bool:
         libc.malloc_trim(0)
     _reusing = on
     return bool(ok)
-
-
-def largest_batch(fits: Callable[[int], object], cap: int) -> int:
-    """The largest batch size up to `cap` for which `fits(size)` runs without CUDA running
-    out of memory: doubling from 1, then the step between the last fit and the first
-    failure. On a CPU an out-of-memory kills the process instead of raising, so callers
-    probe only on GPUs and use the job's batch size as given elsewhere."""
-    good, bad, size = 0, cap + 1, 1
-    while size < bad:
-        try:
-            fits(size)
-            good = size
-        except torch.cuda.OutOfMemoryError:
-            bad = size
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        size = min(size * 2, cap) if bad > cap and size < cap else (good + bad) // 2
-        if size <= good:
-            break
-    if good == 0:
-        raise RuntimeError("not even one image fits in GPU memory")
-    return good

@@ -19,13 +19,14 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .config import Settings
-from .engine import Editor, StartPoint
-from .errors import StorageError
-from .masks import mask_regions
+from pipeline.engine.editor import Editor, StartPoint
+from pipeline.engine.masks import mask_regions
+from pipeline.engine.rows import EditRequest
+from pipeline.engine.schedule import shared_prefix
+from pipeline.engine.settings import EditSettings
+from pipeline.errors import StorageError
+
 from .outputs import Output
-from .rows import EditRequest
-from .schedule import shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ VERSION = 1            # bump when what a prefix computes changes
 MEMORY_ENTRIES = 4096  # prefixes an actor keeps in memory (~37 KB each at 1024 px)
 
 
-def prefix_key(image: torch.Tensor, request: EditRequest, settings: Settings, editor: Editor,
+def prefix_key(image: torch.Tensor, request: EditRequest, settings: EditSettings, editor: Editor,
                autocast: str | None) -> str:
     """What a prefix depends on, hashed."""
     m = editor.models
@@ -81,7 +82,7 @@ class PrefixCache:
 
 
 def branch_points(editor: Editor, cache: PrefixCache, images: list[torch.Tensor],
-                  requests: list[EditRequest], settings: list[Settings], chunk: int,
+                  requests: list[EditRequest], settings: list[EditSettings], chunk: int,
                   autocast: str | None) -> tuple[list[torch.Tensor], list[str]]:
     """The prefix latent of each row (all rows must share a prefix) and where it came
     from ('cached' or 'computed'); each missing prefix runs once, `chunk` at a time."""
@@ -101,7 +102,7 @@ def branch_points(editor: Editor, cache: PrefixCache, images: list[torch.Tensor]
     return [found[k] for k in keys], [source[k] for k in keys]  # type: ignore[misc]
 
 
-def start_for(latents: list[torch.Tensor], settings: list[Settings]) -> StartPoint:
+def start_for(latents: list[torch.Tensor], settings: list[EditSettings]) -> StartPoint:
     """The StartPoint of rows branching from these prefixes (one step count for all)."""
     (steps,) = {shared_prefix(s) for s in settings}
     return StartPoint(latent=torch.stack(latents), step=steps)

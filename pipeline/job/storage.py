@@ -27,13 +27,31 @@ from typing import Any, Mapping
 
 import fsspec
 
-from .access import safe_uri
-from .errors import StorageError
+from models.checkpoints import redact
+from pipeline.engine.settings import flatten
+from pipeline.errors import StorageError
 
 # Keys that would put credentials in a job spec or a command line (and so in job.json or
 # a shell history); they come from the standard AWS chain or the environment instead.
 CREDENTIAL_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
                    "aws_secret_access_key", "aws_session_token", "session_token"}
+
+
+
+def credentials_in(storage_options: Mapping | None) -> list[str]:
+    """The (dotted) keys of storage options that would hold credentials."""
+    return sorted(k for k in flatten(dict(storage_options or {}))
+                  if k.rsplit(".", 1)[-1].lower() in CREDENTIAL_KEYS)
+
+
+def refuse_credentials(storage_options: Mapping | None, where: str) -> None:
+    """ValueError when storage options hold credentials: they would reach job.json, a
+    log or a shell history. They come from the standard AWS chain or the environment."""
+    leaked = credentials_in(storage_options)
+    if leaked:
+        raise ValueError(f"{where} must not hold credentials ({leaked}); use the standard "
+                         "AWS chain or environment variables")
+
 
 S3_ATTEMPTS = 4            # botocore total_max_attempts, per request
 S3FS_RETRIES = 2           # s3fs tries per call (its own default of 5 multiplies too much)
@@ -93,10 +111,10 @@ def storage_error(error: BaseException, uri: str, action: str) -> StorageError:
     else:
         what = f"storage error while {action}"
     detail = " ".join(str(error).split()) or kind
-    return StorageError(f"{safe_uri(uri)}: {what} ({kind}: {safe_uri(detail)})", kind)
+    return StorageError(f"{redact(uri)}: {what} ({kind}: {redact(detail)})", kind)
 
 
 def is_outage(error: StorageError) -> bool:
     """A failure of the storage as a whole (unreachable, 5xx after retries), not of one
-    object (missing, denied): those are what may stop a job early."""
+    object (missing, denied): those are what a failure streak counts (pipeline/job/stage.py)."""
     return error.kind not in OBJECT_KINDS

@@ -1,0 +1,19 @@
+"""The editing engine: MaskFaceGAN's batched masked latent optimisation.
+
+    editor.py       Editor: one group's edit as six calls in the paper's order
+    settings.py     edit settings: dotted keys in, a frozen typed EditSettings out
+    schedule.py     which loss terms and events each step runs
+    rows.py         what one edit row may ask (EditRequest), and the on-target rule
+    attributes.py   regions and modes per attribute
+    masks.py        the four masks, their growth and the blend
+    losses.py       each loss term, per image
+    health.py       which images are still finite, tracked on the device
+    early_stop.py   an image leaving the latent phase once done (opt-in)
+    resize.py       the original's image resize rule
+    runtime.py      how the engine runs (compile, precision, memory), applied per process
+    batch_size.py   the largest batch that fits a GPU, probed
+    bench.py        measuring the engine (`maskface bench` only; the job never imports it)
+
+May import: torch, numpy, `models`, `pipeline.errors`. Never fsspec, PIL, pandas, pyarrow
+or Ray: an edit is tensors in, tensors out.
+"""

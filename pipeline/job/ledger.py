@@ -1,0 +1,139 @@
+"""What an output's metrics rows say about a job's rows: each rule written once.
+
+    complete   a row is complete once its metrics row exists, ok or error (an actor
+               writes it last); a rerun skips complete rows, error rows too unless
+               retry_errors
+    pending    a manifest row without a metrics row
+    counts     ok and error: the two statuses a metrics row has
+    on target  per edited attribute, the result's probability on the target's side of 0.5
+               (pipeline.engine.rows.on_target); flipped: on target now, not before
+    this run   summary.json describes the run job.json describes only when its
+               `this_run.started_at` equals job.json's `started_at`
+
+The driver (resume, summary.json), `maskface status`, the report and the export all ask
+here; none of them restates a rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pandas as pd
+
+from pipeline.engine.rows import on_target, target_side
+
+OK, ERROR = "ok", "error"          # a metrics row's status
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Ok and error rows, and against a manifest of `total` rows, the pending ones."""
+    ok: int = 0
+    error: int = 0
+    total: int | None = None
+
+    @classmethod
+    def of(cls, statuses: Iterable[str], total: int | None = None) -> "Counts":
+        statuses = list(statuses)
+        return cls(ok=statuses.count(OK), error=statuses.count(ERROR), total=total)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.error
+
+    @property
+    def pending(self) -> int | None:
+        return pending(self.total, self.done)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"ok": self.ok, "error": self.error}
+
+
+def pending(total: int | None, done: int) -> int | None:
+    """A manifest's rows without a metrics row, from its size and the rows done (None
+    when the manifest's size is not known)."""
+    return None if total is None else max(total - done, 0)
+
+
+def complete_ids(metrics: pd.DataFrame, retry_errors: bool = False) -> set[str]:
+    """The ids a run does not redo: every metrics row's, but with `retry_errors` the
+    error rows'."""
+    if not len(metrics):
+        return set()
+    done = metrics if not retry_errors else metrics[metrics["status"] != ERROR]
+    return set(done["id"])
+
+
+def pending_rows(rows: pd.DataFrame, metrics: pd.DataFrame, retry_errors: bool) -> pd.DataFrame:
+    """The manifest rows a run still has to do."""
+    return rows[~rows["id"].isin(complete_ids(metrics, retry_errors))].copy()
+
+
+def of_manifest(metrics: pd.DataFrame, ids: set[str] | None) -> pd.DataFrame:
+    """The metrics rows of a manifest's ids (every row when the ids are not known): an
+    output may hold the rows of several manifests."""
+    if ids is None or not len(metrics):
+        return metrics
+    return metrics[metrics["id"].isin(ids)]
+
+
+def attribute_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (ok row, edited attribute): id, attribute, target, prob_input,
+    prob_result, p_target_before/after (the probability of the target's side),
+    on_target and flipped (on target now, not before)."""
+    columns = ["id", "attribute", "target", "prob_input", "prob_result", "p_target_before",
+               "p_target_after", "on_target", "flipped"]
+    ok = metrics[metrics["status"] == OK] if len(metrics) else metrics
+    if not len(ok):
+        return pd.DataFrame(columns=columns)
+    long = ok[["id", "attributes", "targets", "prob_input", "prob_result"]].explode(
+        ["attributes", "targets", "prob_input", "prob_result"], ignore_index=True)
+    long = long.rename(columns={"attributes": "attribute", "targets": "target"})
+    for col in ("target", "prob_input", "prob_result"):
+        long[col] = long[col].astype(float)
+    side = target_side(long["target"])
+    before = on_target(long["prob_input"], long["target"])
+    after = on_target(long["prob_result"], long["target"])
+    long["p_target_before"] = long["prob_input"].where(side, 1 - long["prob_input"])
+    long["p_target_after"] = long["prob_result"].where(side, 1 - long["prob_result"])
+    long["on_target"], long["flipped"] = after, after & ~before
+    return long[columns]
+
+
+def per_attribute(metrics: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per edited attribute: rows, on target and flipped, as counts and rates."""
+    out: dict[str, dict[str, Any]] = {}
+    for attr, g in attribute_outcomes(metrics).groupby("attribute", sort=True):
+        rows, hit, flipped = len(g), int(g["on_target"].sum()), int(g["flipped"].sum())
+        out[str(attr)] = {"rows": rows, "on_target": hit, "flipped": flipped,
+                          "on_target_rate": hit / rows, "flipped_rate": flipped / rows}
+    return out
+
+
+def this_runs_summary(summary: dict | None, started_at: float | None) -> dict | None:
+    """summary.json when it is the run's that started at `started_at` (job.json's), else
+    None: an earlier run's summary says nothing about this one."""
+    if not summary or started_at is None:
+        return None
+    return summary if (summary.get("this_run") or {}).get("started_at") == started_at else None
+
+
+def summarize(metrics: pd.DataFrame, manifest_ids: set[str], this_run: pd.DataFrame,
+              skipped: int, seconds: float, output: str) -> dict[str, Any]:
+    """summary.json: counts for this run, for this manifest's rows (the job's state) and
+    for everything under the output (other manifests may share it); per-attribute rates
+    and errors are over this manifest's rows."""
+    mine = of_manifest(metrics, manifest_ids)
+    run = Counts.of(this_run["status"])
+    manifest = Counts.of(mine["status"], total=len(manifest_ids))
+    errors = mine[mine["status"] == ERROR].head(20) if len(mine) else mine
+    return {
+        "output": output,
+        "this_run": {**run.as_dict(), "skipped_already_done": skipped,
+                     "seconds": round(seconds, 2),
+                     "images_per_hour": round(run.ok / seconds * 3600, 1) if seconds else None},
+        "manifest": {"rows": len(manifest_ids), **manifest.as_dict(), "pending": manifest.pending},
+        "whole_output": Counts.of(metrics["status"]).as_dict(),
+        "per_attribute": per_attribute(mine),
+        "errors": [{"id": r["id"], "error": r["error"]} for r in errors.to_dict("records")],
+    }

@@ -1,0 +1,11 @@
+"""After (or during) a job: what its output says, for people and for training loops.
+
+    status.py   `maskface status`: counts, rates, ETA, per node and actor, latest errors
+    report.py   `maskface report`: the HTML report
+    plots.py    the report's plots (matplotlib, embedded)
+    export.py   `maskface export`: the output as a `datasets` Parquet or an ImageFolder
+
+Reads only what a job leaves under its output (job.json, summary.json, metrics/ and the
+files the metrics rows name), through `pipeline.job`'s reader. May import `pipeline.job`,
+`pipeline.engine`, `pipeline.errors` and `models`; never `manifests` or `jobs`.
+"""
