@@ -1,6 +1,6 @@
 # The maskface image: Ray's GPU image with this project and its extras installed, run as
 # the image's own non-root user. It cannot be built in this repo's CI (no registry for
-# the base image there); build and push it where you run clusters (README, "On a cluster"):
+# the base image there); build and push it where you run clusters (docs/cluster.md):
 #   docker build -t registry.example.com/maskface:0.1.0 .
 #   docker push registry.example.com/maskface:0.1.0
 # The Ray version here must be pyproject.toml's pin (tests/test_launch_configs.py checks).

@@ -5,20 +5,29 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 
-.PHONY: install test demo gpu-check clean
+.PHONY: install test docs demo gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,align]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,align,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# mypy types pipeline/; lint-imports holds the layers (pyproject.toml's contracts)
+# mypy types pipeline/; lint-imports holds the layers (pyproject.toml's contracts); the
+# docs build strictly; then the suite
 test: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(MAKE) --no-print-directory docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The docs site into site/ (open site/index.html): the tables made from the code's
+# schemas must be current (docs/generate.py rewrites them), and a broken link, a missing
+# page or an API reference that names nothing fails the build.
+docs: install
+	$(BIN)/python docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # On a machine with a GPU, in one short run: the GPU tests (our CUDA kernels and
 # inductor against their references), then `bench` at 1024 px paper defaults at the
@@ -60,4 +69,4 @@ else
 endif
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache site

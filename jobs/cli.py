@@ -21,6 +21,8 @@ import importlib
 import logging
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from models.checkpoints import CheckpointError
 from models.spec import SpecError
 
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        # every command's log records pass through tqdm, so a line never breaks a bar
+        with logging_redirect_tqdm():
+            return args.func(args)
     except (CheckpointError, SpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -112,6 +112,8 @@ class ModelsSpec:
 
 
 def read_spec(uri: str, storage_options: Mapping | None = None) -> ModelsSpec:
+    """The models spec at `uri` (any fsspec URI), checked; SpecError names the file and
+    the problem. Relative checkpoint URIs resolve against the spec's own folder."""
     try:
         with fsspec.open(uri, "r", **dict(storage_options or {})) as f:
             data = yaml.safe_load(f)

@@ -27,7 +27,7 @@ def _alpha(size: tuple[int, int]) -> Image.Image:
 
 
 def odd_images(folder: Path) -> dict[str, Path]:
-    """Valid images in every odd form the inputs section of the README names."""
+    """Valid images in every odd form docs/reliability.md's inputs section names."""
     folder.mkdir(parents=True, exist_ok=True)
     p = photo()
     out: dict[str, Path] = {}

@@ -1,5 +1,5 @@
-"""What the README's cluster section, the Dockerfile, cluster.yaml and the KubeRay RayJob
-say, parsed, so tests can hold them to each other and run the README's own commands."""
+"""What the docs' cluster page, the Dockerfile, cluster.yaml and the KubeRay RayJob say,
+parsed, so tests can hold them to each other and run the page's own commands."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def readme_cluster_section() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("### On a cluster\n")
-    end = text.index("\n## ", start)
-    return text[start:end]
+def cluster_page() -> str:
+    return (REPO / "docs" / "cluster.md").read_text()
 
 
 def shell_commands(section: str) -> list[str]:
@@ -40,10 +37,10 @@ class Submit:
     entrypoint: list[str]
 
 
-def readme_submits() -> list[Submit]:
-    """Every `ray job submit` of the README's cluster section, in order."""
+def page_submits() -> list[Submit]:
+    """Every `ray job submit` of the cluster page, in order."""
     out = []
-    for cmd in shell_commands(readme_cluster_section()):
+    for cmd in shell_commands(cluster_page()):
         words = shlex.split(cmd)
         if words[:3] != ["ray", "job", "submit"]:
             continue
@@ -55,13 +52,13 @@ def readme_submits() -> list[Submit]:
     return out
 
 
-def readme_image() -> str:
-    """The tag of the README's `docker build -t TAG .`."""
-    for cmd in shell_commands(readme_cluster_section()):
+def page_image() -> str:
+    """The tag of the cluster page's `docker build -t TAG .`."""
+    for cmd in shell_commands(cluster_page()):
         words = shlex.split(cmd)
         if words[:2] == ["docker", "build"]:
             return words[words.index("-t") + 1]
-    raise AssertionError("the README's cluster section has no `docker build -t`")
+    raise AssertionError("the cluster page has no `docker build -t`")
 
 
 def dockerfile() -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """Cluster jobs as users run them: `ray job submit` of `maskface run` to a real local
 multi-node Ray cluster (a head and two worker raylets with one logical GPU each, token
-auth on), with the README's own runtime env; `maskface status` while it runs; a second
+auth on), with the cluster page's own runtime env; `maskface status` while it runs; a second
 submission that resumes; a client without the token refused; a worker node lost mid-job."""
 import io
 import json
@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from launch_docs import REPO, readme_submits
+from launch_docs import REPO, page_submits
 from ray_cluster import BIN
 
 from jobs.cli import main
@@ -58,14 +58,14 @@ def job_files(tmp_path_factory):
 
 
 def submit_command(cluster, env_vars=None):
-    """The README's `ray job submit`, against this cluster, with this job's spec."""
-    readme = readme_submits()[0]
-    runtime_env = dict(readme.runtime_env)
+    """The cluster page's `ray job submit`, against this cluster, with this job's spec."""
+    documented = page_submits()[0]
+    runtime_env = dict(documented.runtime_env)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
             "--runtime-env-json", json.dumps(runtime_env), "--",
-            *readme.entrypoint[:2], "jobs/cluster-test.yaml"]
+            *documented.entrypoint[:2], "jobs/cluster-test.yaml"]
 
 
 def status_text(*argv):

@@ -69,19 +69,6 @@ def test_derived_settings_per_mode_and_the_users_keys_win():
         EditConfig.from_overrides({"steps.latent": 100}).resolve(["male"])
 
 
-def test_the_readme_settings_table_is_true():
-    """Every key, in order, with its default (settings the spec decides say so)."""
-    import re
-    from pathlib import Path
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    table = re.findall(r"^\| `([a-z_.0-9]+)` \| ([^|]+) \|", readme.split("### Edit settings")[1],
-                       re.M)
-    assert [key for key, _ in table] == list(SCHEMA)
-    for key, default in table:
-        want = SCHEMA[key].default
-        assert default.strip() == ("from the spec" if want is None else str(want)), key
-
-
 def test_a_misspelt_or_missing_setting_fails_before_any_step():
     settings = EditConfig().resolve(["smiling"])
     with pytest.raises(AttributeError):

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,47 @@ def test_attribute_and_name_parsing():
     assert parse_attribute("smiling") == ("smiling", 1.0)
     assert parse_attribute("male=0") == ("male", 0.0)
     assert unique_stems(["a/x.png", "b/x.jpg", "s3://b/y z.png"]) == ["x", "x-1", "y_z"]
+
+
+def run_in_a_terminal(argv: list[str], timeout: float = 600) -> str:
+    """What a terminal would show: the command's stdout and stderr on one pseudo-terminal
+    of 120 columns (with no size set, tqdm draws nothing)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import time
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(argv, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:                      # the command closed the terminal: it is done
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=max(deadline - time.time(), 1))
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_log_lines_in_a_terminal_never_break_the_progress_bar(tmp_path, tiny_dir):
+    """In a terminal each log line stands on its own line above the bar: where a record
+    printed into the bar, the line would start with the bar's text, not the record's."""
+    photo = Path(__file__).parents[1] / "jobs" / "demo" / "astronaut-64.png"
+    screen = run_in_a_terminal(
+        [MASKFACE, "edit", str(photo), "--attribute", "smiling", "--models",
+         str(tiny_dir / "models.yaml"), "--out", str(tmp_path / "out"), *FAST,
+         "--set", "steps.latent=12", "--set", "steps.log=2"])
+    assert "ok ->" in screen, screen[-2000:]
+    records = [line.rstrip("\r").split("\r")[-1] for line in screen.split("\n")
+               if " INFO " in line]
+    assert len(records) >= 5, screen[-2000:]             # the steps' log lines, and others
+    assert "%|" in screen                                 # the bar was drawn
+    glued = [r for r in records if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r)]
+    assert glued == [], glued

@@ -1,5 +1,5 @@
 """The launch configs held to Ray's own schema and to each other: cluster.yaml, the
-Dockerfile, the KubeRay RayJob, pyproject.toml's Ray pin and the README's commands.
+Dockerfile, the KubeRay RayJob, pyproject.toml's Ray pin and the cluster page's commands (docs/cluster.md).
 The image cannot be built here; what can be checked without building it is checked."""
 import copy
 import json
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch_docs import (REPO, cluster_yaml, dockerfile, pinned_ray, rayjob, readme_cluster_section,
-                         readme_image, readme_submits, shell_commands)
+from launch_docs import (REPO, cluster_yaml, dockerfile, pinned_ray, rayjob, cluster_page,
+                         page_image, page_submits, shell_commands)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -191,11 +191,11 @@ def test_hadolint_passes_on_the_dockerfile():
 
 
 # ---- the KubeRay RayJob ----------------------------------------------------------------------------
-def test_the_rayjob_runs_the_readme_job_from_the_dockerfile_image_with_token_auth():
+def test_the_rayjob_runs_the_documented_job_from_the_dockerfile_image_with_token_auth():
     job = rayjob()
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
-    submit = readme_submits()[0]
+    submit = page_submits()[0]
     assert shlex.split(spec["entrypoint"]) == submit.entrypoint
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["excludes"] == submit.runtime_env["excludes"]
@@ -203,7 +203,7 @@ def test_the_rayjob_runs_the_readme_job_from_the_dockerfile_image_with_token_aut
     assert spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
-    image = readme_image()
+    image = page_image()
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert image.rsplit(":", 1)[1] == version
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
@@ -223,11 +223,11 @@ def test_the_rayjob_runs_the_readme_job_from_the_dockerfile_image_with_token_aut
     assert host in LOOPBACK or cluster["authOptions"]["mode"] == "token"
 
 
-# ---- the README ------------------------------------------------------------------------------------
-def test_the_readme_gives_the_literal_cluster_commands():
-    section = readme_cluster_section()
+# ---- the cluster page (docs/cluster.md) ------------------------------------------------------------
+def test_the_cluster_page_gives_the_literal_cluster_commands():
+    section = cluster_page()
     commands = shell_commands(section)
-    submits = readme_submits()
+    submits = page_submits()
     assert submits and all(s.entrypoint[:2] == ["maskface", "run"] for s in submits)
     for s in submits:
         assert s.runtime_env["working_dir"] == "."
@@ -237,6 +237,6 @@ def test_the_readme_gives_the_literal_cluster_commands():
     path = token.split("RAY_AUTH_TOKEN_PATH=")[1]
     assert cluster_yaml()["file_mounts"]["/home/ray/.ray/maskface-cluster-token"] == path
     assert any(c.startswith("maskface status ") for c in commands)
-    assert any(c.startswith("docker push " + readme_image()) for c in commands)
+    assert any(c.startswith("docker push " + page_image()) for c in commands)
     assert "cannot be built" in section
     assert "Missing authentication token" in section

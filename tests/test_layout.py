@@ -10,9 +10,9 @@ def modules(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py")
 
 
-def test_the_readme_layout_names_every_module():
-    text = (ROOT / "README.md").read_text()
-    layout = text[text.index("## Layout"):]
+def test_the_architecture_page_names_every_module():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    layout = text[text.index("## The packages"):]
     layout = layout[:layout.index("\n## ", 1)]
     missing = [f"{folder.relative_to(ROOT)}/{name}" for pkg in PACKAGES
                for folder in [ROOT / pkg, *sorted((ROOT / pkg).glob("*/"))]

@@ -53,7 +53,7 @@ def test_channels_last_agrees_with_nchw_and_leaves_the_callers_networks_alone(mo
 
 
 def test_bf16_autocast_keeps_the_optimised_tensors_float32(models, images, eager):
-    """CPU autocast casts other ops than CUDA's: this deviation is a proxy, see the README."""
+    """CPU autocast casts other ops than CUDA's: this deviation is a proxy, see docs/speed.md."""
     seen = []
     editor = Editor(models, CONFIG, Runtime(autocast="bf16"))
     out = editor.edit(images, REQUESTS, callback=seen.append)

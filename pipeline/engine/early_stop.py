@@ -6,7 +6,7 @@ from the end of the dynamic-masking window (so the masks have finished growing) 
 each one reads the device. The engine then freezes the images that are done and goes
 on with a smaller batch; the noise phase runs for every image as usual.
 
-The paper's schedule has no such rule, so this changes the numbers: the README says
+The paper's schedule has no such rule, so this changes the numbers: docs/editing.md says
 how to measure the quality-for-steps trade on your own weights.
 """
 from __future__ import annotations

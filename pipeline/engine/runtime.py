@@ -2,7 +2,7 @@
 precision, and how often the loop reads the device.
 
 Every option here changes only float rounding, and each is off by default unless the
-README's measured figures say it wins and the numbers stay within their tolerance:
+measured figures (docs/speed.md) say it wins and the numbers stay within their tolerance:
 
     channels_last  NHWC convolutions (oneDNN on CPU, cuDNN tensor cores on GPU)
     compile        torch.compile (inductor) the generator, parser, classifier and LPIPS:
@@ -10,11 +10,11 @@ README's measured figures say it wins and the numbers stay within their toleranc
                    one dynamic-batch graph that serves every other size, then faster
                    steps; a failed compile falls back to eager with a warning. "auto"
                    (the default) compiles on CPUs for generators of 256 px and more,
-                   where the README's figures show it winning, when a C++ compiler is
+                   where the measured figures show it winning, when a C++ compiler is
                    found; tiny test-size networks and GPUs (not measured yet) run eager
     autocast       "bf16": the networks run under bfloat16 autocast while the latent,
                    the noise maps and Adam's state stay float32 (opt-in: measured
-                   deviation in the README)
+                   deviation in docs/speed.md)
     tf32           CUDA only: TF32 matmuls and convolutions (opt-in; a process-wide
                    switch, as torch has it)
     ops            StyleGAN2's upfirdn2d and bias + leaky ReLU: "auto" (our CUDA kernels
@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,15 +54,26 @@ COMPILE_FROM = 256          # px: compile "auto" compiles generators at least th
 RECOMPILE_LIMIT = 64        # graphs per compiled function before dynamo falls back to eager
 
 
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Runtime:
-    channels_last: bool = False
-    compile: bool | str = "auto"
-    autocast: str | None = None
-    tf32: bool = False
-    ops: str = "auto"
-    check_every: int = 0
-    reuse_memory: bool = True
+    """How the engine runs (the module doc says what each option does)."""
+    channels_last: bool = _option(False, "NHWC convolutions")
+    compile: bool | str = _option("auto", "torch.compile the networks: true, false, or auto "
+                                          "(CPU generators of 256 px and more, with a C++ "
+                                          "compiler)")
+    autocast: str | None = _option(None, "`bf16`: the networks in bfloat16, the latent, noise "
+                                         "maps and Adam in float32 (opt-in)")
+    tf32: bool = _option(False, "CUDA: TF32 matmuls and convolutions (opt-in)")
+    ops: str = _option("auto", "upfirdn2d and bias + leaky ReLU: `auto` (our CUDA kernels for "
+                               "CUDA tensors when they build), `ref` or `cuda`")
+    check_every: int = _option(0, "read the per-image health record every N steps (0: at log "
+                                  "steps and at the end)")
+    reuse_memory: bool = _option(True, "CPU on glibc: keep freed activations in the heap "
+                                       "(bit-identical; the process keeps its peak memory)")
 
     def __post_init__(self):
         for name in ("channels_last", "tf32", "reuse_memory"):

@@ -29,6 +29,8 @@ DYNAMIC_UPDATE = "dynamic_update"    # masks grown after this step's update
 
 @dataclass(frozen=True)
 class Schedule:
+    """One group's optimisation, step by step: build it with `for_group`, then ask it per
+    step (`terms`, `events`, `classifier_on`, ...) and for totals (`total_iterations`)."""
     start: int                  # first latent step run (0, e4e_start_step, or as given)
     latent_steps: int           # the latent loop runs start .. latent_steps - 1
     classf_start: int           # classifier term from this step (when `classf` is on)

@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 def setting(default: Any, help: str, check: Callable[[Any], bool] | None = None, *,
             per_image: bool = False) -> Any:
-    """One setting: its default, its README line, its range check. `per_image` settings
+    """One setting: its default, its docs line, its range check. `per_image` settings
     may differ between the rows of one batch (they are tensors in the engine); rows
     that differ in any other setting run as separate groups."""
     return field(default=default, metadata={"help": help, "check": check,
@@ -145,7 +145,7 @@ class EditSettings:
         return self.mode == "local"
 
     def as_dict(self) -> dict[str, Any]:
-        """The flat dotted view: {'steps.latent': 1000, ...} in the README's order."""
+        """The flat dotted view: {'steps.latent': 1000, ...} in the docs' order."""
         return {key: _get(self, key) for key in SCHEMA}
 
     def group_key(self) -> tuple:
@@ -174,7 +174,7 @@ def _walk(cls, prefix: str = "") -> Iterable[tuple[str, SettingInfo]]:
                                                f.metadata["help"], f.metadata["per_image"])
 
 
-# Every setting by dotted key, in the README's order.
+# Every setting by dotted key, in the docs' order.
 SCHEMA: dict[str, SettingInfo] = dict(_walk(EditSettings))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
@@ -44,11 +44,19 @@ LOCAL = ("file", "local")
 @dataclass(frozen=True)
 class InputPolicy:
     """Where inputs may come from, and the limits on each image (see the module doc)."""
-    allow: tuple[str, ...] | None = None      # None: DEFAULT_RULE
-    max_bytes: int = 64 * 2**20               # a file over this is refused before it is read
-    max_pixels: int = 40_000_000              # declared width x height, checked before decoding
-    min_side: int = 32                        # the shorter side, in pixels
-    square: str = "crop"                      # crop | stretch
+    allow: tuple[str, ...] | None = field(default=None, metadata={"help": (
+        "the URI prefixes (local folders, `s3://bucket/prefix/`, `http(s)://host:port/path/`) "
+        "the job may read images from; anything else is a row error before any request. "
+        "Unset: " + DEFAULT_RULE)})
+    max_bytes: int = field(default=64 * 2**20, metadata={"help": (
+        "an image file over this many bytes is refused before it is read")})
+    max_pixels: int = field(default=40_000_000, metadata={"help": (
+        "an image declaring more pixels (width x height) is refused before it is decoded")})
+    min_side: int = field(default=32, metadata={"help": (
+        "an image smaller than this on its shorter side, in pixels, is refused")})
+    square: str = field(default="crop", metadata={"help": (
+        "how a non-square image is made square: `crop` its centre, or `stretch` it (the "
+        "original's way)")})
 
     @classmethod
     def from_spec(cls, data: Mapping[str, Any] | None) -> "InputPolicy":

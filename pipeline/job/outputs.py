@@ -35,33 +35,66 @@ from .storage import STORAGE_ERRORS, filesystem, storage_error
 
 log = logging.getLogger(__name__)
 
-# The metrics columns every row has; passthrough columns from the manifest follow them.
-# source_uri: the photo (an aligned row's full photo); input_uri: the image edited (the
-# manifest's image_uri); edited_uri: the result, null on error rows.
-METRICS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("source_uri", pa.string()), ("input_uri", pa.string()), ("edited_uri", pa.string()),
-    ("latent_uri", pa.string()), ("mask_uri", pa.string()), ("noises_uri", pa.string()),
-    ("pasted_uri", pa.string()),
-    ("attributes", pa.list_(pa.string())), ("targets", pa.list_(pa.float64())),
-    ("size", pa.float64()), ("seed", pa.int64()), ("mode", pa.string()),
-    ("prob_input", pa.list_(pa.float64())), ("prob_result", pa.list_(pa.float64())),
-    ("preservation_l1", pa.float64()), ("outside_pixels", pa.int64()),
-    ("outside_mse", pa.float64()), ("outside_psnr", pa.float64()), ("recon_mse", pa.float64()),
-    ("region_portion_before", pa.float64()), ("region_portion_after", pa.float64()),
-    ("steps", pa.int64()), ("seconds", pa.float64()),
-    # the shared inversion prefix the edit branched from: computed, cached, or null (none)
-    ("prefix", pa.string()),
-    # identity preservation (pipeline/job/identity.py): null on error rows and when not measured
-    ("identity_distance", pa.float64()), ("same_person", pa.bool_()),
-    ("identity_status", pa.string()), ("identity_seconds", pa.float64()),
-    ("node", pa.string()), ("actor", pa.string()), ("gpu_ids", pa.string()),
-    ("actor_model_loads", pa.int64()),
-    ("generator_sha256", pa.string()), ("face_parser_sha256", pa.string()),
-    ("classifier_sha256", pa.string()), ("e4e_sha256", pa.string()),
-    ("lpips_trunk_sha256", pa.string()), ("tiny_models", pa.bool_()),
-    ("written_at", pa.float64()),
-])
+# The metrics columns every row has, with what each holds; the manifest's passthrough
+# columns follow them (`passthrough_schema`). The docs' column table is made from this.
+METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("id", pa.string(), "the manifest row's id"),
+    ("status", pa.string(), "`ok` or `error`"),
+    ("error", pa.string(), "why the row failed (null when ok)"),
+    ("source_uri", pa.string(), "the original photo: the manifest's `source_uri` for aligned "
+                                "rows, else its `image_uri`"),
+    ("input_uri", pa.string(), "the image edited: the manifest's `image_uri`"),
+    ("edited_uri", pa.string(), "the edited image, `images/<id>.png` (null on error rows; "
+                                "outputs written before this name call it `image_uri`)"),
+    ("latent_uri", pa.string(), "the W+ latent, `latents/<id>.npy`"),
+    ("mask_uri", pa.string(), "the blend mask, `masks/<id>.png`"),
+    ("noises_uri", pa.string(), "the noise maps, `noises/<id>.npz` (`save_noises: true`)"),
+    ("pasted_uri", pa.string(), "the edit pasted back into the full photo, `pasted/<id>.png` "
+                                "(`paste_back: true`, aligned rows)"),
+    ("attributes", pa.list_(pa.string()), "the edited attributes"),
+    ("targets", pa.list_(pa.float64()), "their targets, in [0, 1]"),
+    ("size", pa.float64(), "the edit-region size factor (0: off)"),
+    ("seed", pa.int64(), "the seed of the row's redrawn noise"),
+    ("mode", pa.string(), "`local` or `global`, as the edit ran"),
+    ("prob_input", pa.list_(pa.float64()), "the classifier's probability of each edited "
+                                           "attribute on the input (aligned with `attributes`)"),
+    ("prob_result", pa.list_(pa.float64()), "the same on the (clamped) result"),
+    ("preservation_l1", pa.float64(), "mean abs(result - input) weighted by (1 - blend mask)"),
+    ("outside_pixels", pa.int64(), "pixels where the blend mask is below 0.01"),
+    ("outside_mse", pa.float64(), "MSE of result against input there (null when there are "
+                                  "none)"),
+    ("outside_psnr", pa.float64(), "PSNR there, dB (inf when identical)"),
+    ("recon_mse", pa.float64(), "MSE of the generated image against the input inside the "
+                                "final recon mask"),
+    ("region_portion_before", pa.float64(), "share of the image the edit regions cover on the "
+                                            "input, by the face parser"),
+    ("region_portion_after", pa.float64(), "the same on the result"),
+    ("steps", pa.int64(), "optimisation steps the edit ran, latent and noise (a branched "
+                          "edit counts its share of the prefix)"),
+    ("seconds", pa.float64(), "wall seconds per image (its group's time over its size)"),
+    ("prefix", pa.string(), "`computed` or `cached` when the edit branched from a shared "
+                            "inversion prefix, else null"),
+    ("identity_distance", pa.float64(), "dlib face-descriptor distance, input against result "
+                                        "(null when not measured)"),
+    ("same_person", pa.bool_(), "`identity_distance` below 0.6"),
+    ("identity_status", pa.string(), "`ok`, `no face in the input`, `no face in the result`, "
+                                     "`unavailable: ...` or `failed: ...`"),
+    ("identity_seconds", pa.float64(), "the identity metric's time for this row"),
+    ("node", pa.string(), "the node the row ran on"),
+    ("actor", pa.string(), "the Ray actor that ran it"),
+    ("gpu_ids", pa.string(), "the GPUs that actor held"),
+    ("actor_model_loads", pa.int64(), "how often that actor loaded the models (1)"),
+    ("generator_sha256", pa.string(), "sha256 of the generator checkpoint"),
+    ("face_parser_sha256", pa.string(), "sha256 of the face parser checkpoint"),
+    ("classifier_sha256", pa.string(), "sha256 of the classifier checkpoint"),
+    ("e4e_sha256", pa.string(), "sha256 of the e4e checkpoint (null when not loaded)"),
+    ("lpips_trunk_sha256", pa.string(), "sha256 of the LPIPS trunk (null when not loaded)"),
+    ("tiny_models", pa.bool_(), "the row was made by tiny random-weight models: not a real "
+                                "edit"),
+    ("written_at", pa.float64(), "when the row was written (seconds since the epoch); the "
+                                 "newest row of an id counts"),
+]
+METRICS_SCHEMA = pa.schema([(name, kind) for name, kind, _ in METRICS_COLUMNS])
 
 
 # Each row's files: folder -> extension (images/<id>.png, ...).
@@ -81,6 +114,9 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 class Output:
+    """One job's output folder (local or any fsspec URI): whole-or-absent writes, the
+    per-row files, JSON files and the metrics dataset (`read_metrics`)."""
+
     def __init__(self, uri: str, storage_options: Mapping | None = None):
         self.uri = uri.rstrip("/")
         self.fs, self.root = filesystem(self.uri, storage_options)

@@ -86,36 +86,44 @@ _POSITIVE = _at_least(1, "a positive integer")
 
 @dataclass(frozen=True)
 class JobSpec:
-    manifest: str = key(MISSING, "manifest URI (Parquet; see Manifests)")
+    """A job spec, every key checked (`from_dict`); frozen, so the driver and each actor
+    see the same one. The keys, their defaults and meanings: docs/job-spec.md."""
+    manifest: str = key(MISSING, "manifest URI (Parquet)")
     output: str = key(MISSING, "output URI (local path, `s3://...`)")
     models: str = key(MISSING, "models spec URI")
-    edit: dict = key({}, "edit settings, same keys as `maskface edit --set` (nested or "
-                         "dotted)", _edit)
+    edit: dict = key({}, "edit settings, same keys as `maskface edit --set`, nested or "
+                         "dotted (Editing settings)", _edit)
     batch_size: int = key(4, "rows per engine call; on a GPU with `auto_batch`, the most it "
                              "may use", _POSITIVE)
     auto_batch: bool = key(True, "a GPU actor probes, once, the largest batch up to "
-                                 "`batch_size` whose heaviest step fits in memory; on a CPU "
-                                 "`batch_size` is used as given")
+                                 "`batch_size` whose heaviest step fits in memory (doubling, "
+                                 "then bisecting, backing off on CUDA out-of-memory); on a CPU "
+                                 "`batch_size` is used as given (running out of memory there "
+                                 "kills the process instead of raising)")
     share_prefix: bool = key(True, "each image's shared inversion prefix runs once and every "
                                    "local edit of it branches from there; kept under "
                                    "`prefixes/` for later jobs")
-    runtime: dict = key({}, "how the engine runs: `channels_last`, `compile`, `autocast`, "
-                            "`tf32`, `ops`, `check_every`, `reuse_memory`", _runtime)
-    actors: int | None = key(None, "actor count (default: one per GPU; 1 CPU actor on a "
-                                   "cluster without GPUs)", _POSITIVE)
+    runtime: dict = key({}, "how the engine runs (the `runtime.*` keys below)", _runtime)
+    actors: int | None = key(None, "actor count; unset: one per GPU, or 1 CPU actor on a "
+                                   "cluster without GPUs", _POSITIVE)
     cpu_threads: int = key(2, "torch threads of a CPU actor", _POSITIVE)
     actor_cpus: float = key(0.25, "CPUs reserved by each GPU actor; capped so actors never "
-                                  "hold every CPU", _above_zero)
+                                  "hold every CPU (the read tasks would starve and the job "
+                                  "hang)", _above_zero)
     storage_options: dict = key({}, "fsspec options, e.g. `{client_kwargs: {endpoint_url: "
-                                    "...}}`; credentials are refused here", _storage)
+                                    "...}}`; credentials are refused here: they come from the "
+                                    "standard AWS chain or the environment", _storage)
     save_noises: bool = key(False, "also write `noises/<id>.npz`")
-    paste_back: bool = key(False, "for rows with `source_uri` and `align_quad`, also write "
-                                  "`pasted/<id>.png`: the edit blended into the full photo")
-    no_progress_timeout_s: float = key(7200.0, "Ray Data's no-progress timeout; must exceed "
-                                               "the time of one batch", _above_zero)
-    retry_errors: bool = key(False, "recompute rows that ended in error (as `--retry-errors`)")
-    inputs: dict = key({}, "what the job may read (`allow`) and the limits on each image "
-                           "(`max_bytes`, `max_pixels`, `min_side`, `square`)", _inputs)
+    paste_back: bool = key(False, "for rows with `source_uri` and `align_quad` (from "
+                                  "`--align`), also write `pasted/<id>.png`: the edit "
+                                  "blended back into the full photo")
+    no_progress_timeout_s: float = key(7200.0, "Ray Data's no-progress timeout, seconds; must "
+                                               "exceed the time of one batch (Ray's default "
+                                               "of 1800 s kills slow batches)", _above_zero)
+    retry_errors: bool = key(False, "recompute the rows that ended in error, as "
+                                    "`--retry-errors`")
+    inputs: dict = key({}, "what the job may read and the limits on each image (the "
+                           "`inputs.*` keys below)", _inputs)
     stop_after_failed_batches: int = key(3, "stop the job when this many whole batches in a "
                                             "row fail the same way (0: never)",
                                          _at_least(0, "an integer >= 0 (0: never stop)"))
