@@ -15,8 +15,8 @@ measured figures (docs/speed.md) say it wins and the numbers stay within their t
     autocast       "bf16": the networks run under bfloat16 autocast while the latent,
                    the noise maps and Adam's state stay float32 (opt-in: measured
                    deviation in docs/speed.md)
-    tf32           CUDA only: TF32 matmuls and convolutions (opt-in; a process-wide
-                   switch, as torch has it)
+    tf32           CUDA only: TF32 matmuls and convolutions (opt-in); without it both run
+                   in IEEE float32 (set explicitly: cuDNN's convolutions default to TF32)
     ops            StyleGAN2's upfirdn2d and bias + leaky ReLU: "auto" (our CUDA kernels
                    for CUDA tensors when they build and pass their check, else the PyTorch
                    reference), "ref" or "cuda" (models/ops.py)
@@ -120,15 +120,16 @@ class Runtime:
 
     def apply(self, device: torch.device) -> list[str]:
         """Set this runtime's process-wide settings for work on `device`: the default op
-        implementation, TF32 on CUDA, dynamo's settings when compiling may happen, and
+        implementation, on CUDA the float32 precision of matmuls and convolutions (IEEE, or
+        TF32 with `tf32`: both set, both ways, since cuDNN's convolutions default to TF32
+        in PyTorch), dynamo's settings when compiling may happen, and
         glibc's memory handling on a CPU. Call it where a process or actor starts, before
         its first edit. Returns what cannot be undone within this process: once glibc's
         thresholds are set (reuse_memory on a CPU), its own adaptive ones never come back
         (`reuse_freed_memory`)."""
         set_default_impl(self.ops)
-        if self.tf32 and device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if device.type == "cuda":
+            set_fp32_precision("tf32" if self.tf32 else "ieee")
         if self.compile is not False:
             # a compile that fails (no C++ compiler on a CPU node, an inductor bug) runs
             # that code eagerly with a logged warning, instead of failing every row
@@ -173,6 +174,36 @@ class Runtime:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=AUTOCAST[self.autocast])
+
+
+def set_fp32_precision(mode: str) -> None:
+    """float32 matmuls and cuDNN convolutions in `mode`: "ieee" (true float32) or "tf32".
+    PyTorch >= 2.9 has one setting per backend op (`fp32_precision`); before it, the
+    `allow_tf32` flags (mixing the two APIs raises in torch, so only one is used)."""
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"fp32 precision must be ieee or tf32, got {mode!r}")
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        conv.fp32_precision = mode                                # type: ignore[union-attr]
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+        torch.backends.cudnn.allow_tf32 = mode == "tf32"
+
+
+def fp32_precision() -> dict[str, str]:
+    """The float32 precision in effect on CUDA for matmuls and cuDNN convolutions: "ieee"
+    or "tf32" (what the bench records beside its figures)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul, convs = torch.backends.cuda.matmul.fp32_precision, conv.fp32_precision  # type: ignore[union-attr]
+        if matmul == "none":            # not set: torch's global float32 matmul precision
+            matmul = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        if convs == "none":             # not set: cuDNN's default, TF32
+            convs = "tf32"
+        return {"matmul": matmul, "conv": convs}
+    return {"matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+            "conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"}
 
 
 def _has_cpp_compiler() -> bool:
