@@ -29,16 +29,19 @@ docs: install
 	$(BIN)/python docs/generate.py --check
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-# On a machine with a GPU, in one short run: the GPU tests (our CUDA kernels and
-# inductor against their references), then `bench` at 1024 px paper defaults at the
-# automatic batch size in fp32, TF32 and bf16, and compiled. JSON documents land in
-# $(GPU_OUT); compare the compiled run with fp32 before changing `compile: auto` for GPUs.
-# GPU_PY: a Python with this project's dependencies (default: the venv `install` builds;
-# on a machine that cannot install, e.g. GPU_PY=python3 with PYTHONPATH set).
+# On a machine with a GPU, in one short run: a preflight (every import and tool the run
+# needs, in a second or two, before any model is built), the GPU tests (our CUDA kernels
+# and inductor against their references, a real out-of-memory backed off), then `bench`
+# at 1024 px paper defaults at the automatic batch size in fp32 (IEEE matmuls and
+# convolutions), TF32 and bf16, and compiled, and after how many edits compiling pays
+# back its warm-up. JSON documents land in $(GPU_OUT).
+# GPU_PY: a Python with this project's dependencies: the venv `install` builds when there
+# is one, else python3 (a lent GPU machine has torch but not our venv).
 GPU_OUT ?= gpu-check
-GPU_PY ?= $(BIN)/python
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_BENCH = $(GPU_PY) -m jobs.cli bench --preset 1024 --device cuda --batch auto --steps 3
 gpu-check:
+	$(GPU_PY) -m jobs.gpu_preflight
 	mkdir -p $(GPU_OUT)
 	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} $(GPU_PY) -m pytest -q \
 	    -p no:cacheprovider tests/test_gpu.py tests/test_extension.py
@@ -46,6 +49,7 @@ gpu-check:
 	$(GPU_BENCH) --no-compile --tf32 --json $(GPU_OUT)/tf32.json
 	$(GPU_BENCH) --no-compile --autocast bf16 --json $(GPU_OUT)/bf16.json
 	$(GPU_BENCH) --compile --json $(GPU_OUT)/fp32-compiled.json
+	$(GPU_PY) -m jobs.cli bench --payback $(GPU_OUT)/fp32.json $(GPU_OUT)/fp32-compiled.json
 
 # The demo: a manifest of four edits of the photo the repo ships (jobs/demo/), run by
 # the main job on a local Ray with local storage. With MODELS=spec.yaml (or

@@ -4,39 +4,61 @@ and whole at paper defaults; FLOPs and MFU; our default path against the plain o
     maskface bench --preset 1024 --batch 1 4 [--mode local|global] [--baseline]
         [--channels-last] [--compile | --no-compile] [--autocast bf16] [--tf32]
         [--json out.json]
+    maskface bench --payback EAGER.json COMPILED.json
 
 Networks have the real shapes (config-f StyleGAN2, DeepLabV3-ResNet50 at 512,
 BranchedTiny; global adds e4e and LPIPS-VGG) with random weights: nothing to download.
 A figure, not a test: compare ratios measured in one run on an idle machine. With
 --baseline it also runs one short edit under both paths and reports how far the
 default path's image, latent and probabilities are from the plain path's.
+
+The whole-edit figures are extrapolated from timed steps of each kind (no image I/O,
+no identity metric, no Ray): `extrapolated_seconds_per_edit`. `--pipeline` measures a
+real job end to end instead. The warm-up is measured whole: from process start, the
+batch probe included, to a first short edit through every kind of step, less what that
+edit costs warm; `--payback` says after how many edits a compiled run's longer warm-up
+is bought back.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from pipeline.engine.batch_size import auto_batch_size
 from pipeline.engine.bench import (PRESETS, bench_models, bench_schedule, deviation,
                                    early_stop_steps, peak_memory, peak_rates, phase_times,
-                                   step_kinds, time_kind)
+                                   step_kinds, time_kind, warm_up)
 from pipeline.engine.editor import Editor
 from pipeline.engine.rows import EditRequest
-from pipeline.engine.runtime import AUTOCAST, Runtime
+from pipeline.engine.runtime import AUTOCAST, Runtime, fp32_precision
 from pipeline.engine.settings import EditConfig, parse_set
 
 AUTO_BATCH_CAP = 64         # --batch auto: the most a GPU probe tries
+IMPORTED = time.perf_counter()
+
+
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux: /proc; elsewhere since this module
+    was imported)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")    # starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - IMPORTED
 
 
 def measure(models, runtime: Runtime, mode: str, batch: int, steps: int,
             overrides: dict) -> dict:
-    """One runtime at one batch size: phases, kinds, the whole edit, FLOPs (MFU is added
-    once the peak is known)."""
+    """One runtime at one batch size: phases, kinds, the whole edit extrapolated from them,
+    FLOPs (MFU is added once the peak is known)."""
     settings, schedule = bench_schedule(mode, overrides)
     phases = phase_times(models, settings, batch, steps, runtime)
     kinds = {}
@@ -48,7 +70,8 @@ def measure(models, runtime: Runtime, mode: str, batch: int, steps: int,
     return {
         "batch": batch, "phases_ms_per_step": {k: round(v * 1e3, 2) for k, v in phases.items()},
         "kinds": kinds, "steps_per_edit": schedule.total_iterations,
-        "seconds_per_edit": edit_s / batch, "images_per_hour": 3600 * batch / edit_s,
+        "extrapolated_seconds_per_edit": edit_s / batch,
+        "extrapolated_images_per_hour": 3600 * batch / edit_s,
         "flops_per_edit": flops / batch, "achieved_flops_per_s": flops / edit_s}
 
 
@@ -58,7 +81,8 @@ def prefix_saving(result: dict, attributes: int = 14, prefixes: int = 2) -> dict
     recon = result["kinds"].get("recon")
     if recon is None:
         return {}
-    edit_steps, edit_s = result["steps_per_edit"], result["seconds_per_edit"] * result["batch"]
+    edit_steps = result["steps_per_edit"]
+    edit_s = result["extrapolated_seconds_per_edit"] * result["batch"]
     prefix_steps, prefix_s = recon["count"], recon["count"] * recon["seconds"]
     without = attributes * edit_steps
     with_prefix = prefixes * prefix_steps + attributes * (edit_steps - prefix_steps)
@@ -80,13 +104,24 @@ def run_bench(args) -> int:
     runtimes = {**({"baseline": Runtime.plain()} if args.baseline else {}), "default": runtime}
     models = bench_models(args.preset, args.mode, str(device))
     overrides = {"parser_size": PRESETS[args.preset][1]}
+    started_s = seconds_since_process_start()        # imports and the networks built
+    probe_s = 0.0
+    if None in asked:                                # GPU only (parse_batches)
+        runtime.apply(device)
+        began = time.perf_counter()
+        probed = auto_batch_size(models, runtime, args.mode, AUTO_BATCH_CAP,
+                                 overrides["parser_size"])
+        probe_s = time.perf_counter() - began
+    batches = [size or probed for size in asked]
+    warm = {label: warm_up(models, rt, args.mode, batches[0], overrides)
+            for label, rt in runtimes.items()}
     runtime.apply(device)
-    batches = [size or auto_batch_size(models, runtime, args.mode, AUTO_BATCH_CAP,
-                                       overrides["parser_size"]) for size in asked]
     dtype = AUTOCAST.get(args.autocast or "", torch.float32)
     peaks = [peak_rates(device, dtype)]
     report = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "device": str(device), "dtype": args.autocast or "float32",
+                      "device": str(device), "autocast": args.autocast,
+                      "fp32_precision": fp32_precision() if device.type == "cuda" else
+                      {"matmul": "ieee", "conv": "ieee"},
                       "flops_method": "torch.utils.flop_counter.FlopCounterMode: matmuls and "
                                       "convolutions, forward and backward"},
               "preset": args.preset, "mode": args.mode,
@@ -101,9 +136,13 @@ def run_bench(args) -> int:
     for runs in report["runs"].values():
         for r in runs:
             r["mfu"] = r["achieved_flops_per_s"] / peak
+    report["warm_up"] = warm_up_report(warm, started_s, probe_s, batches[0])
     report["peak_memory_bytes"] = peak_memory(device)
     if args.baseline:
         report["deviation_from_baseline"] = deviation(models, runtime, args.mode, overrides)
+        report["warm_up"]["payback_over_baseline_edits"] = payback_edits(
+            report["runs"]["baseline"][0], warm["baseline"]["first_use_s"],
+            report["runs"]["default"][0], warm["default"]["first_use_s"])
     if args.mode == "local":
         report["prefix_saving_14_attributes"] = prefix_saving(report["runs"]["default"][0])
     if args.early_stop is not None:
@@ -116,6 +155,54 @@ def run_bench(args) -> int:
             f.write(text)
     else:
         print(text)
+    return 0
+
+
+def warm_up_report(warm: dict, started_s: float, probe_s: float, batch: int) -> dict:
+    """The warm-up, whole: process start to the networks built (imports, model building),
+    the batch probe, and each runtime's first short edit beyond what it costs warm
+    (compilation, first uses). The first runtime measured met a fresh process; a later
+    one shares what the first already paid (say so when quoting it)."""
+    first = next(iter(warm))
+    return {"batch": batch, "process_start_to_networks_s": started_s, "probe_s": probe_s,
+            "runs": warm, "first_measured": first,
+            "whole_s": {label: started_s + probe_s + w["first_use_s"]
+                        for label, w in warm.items()}}
+
+
+def payback_edits(slower_run: dict, slower_warm_up_s: float, faster_run: dict,
+                  faster_warm_up_s: float) -> float | None:
+    """After how many edits a faster path's extra warm-up is paid back by its faster
+    edits (0: it warms up no slower; None: its edits are not faster)."""
+    extra = faster_warm_up_s - slower_warm_up_s
+    saved = (slower_run["extrapolated_seconds_per_edit"]
+             - faster_run["extrapolated_seconds_per_edit"])
+    if extra <= 0:
+        return 0.0
+    return extra / saved if saved > 0 else None
+
+
+def run_payback(args) -> int:
+    """--payback EAGER.json COMPILED.json: two bench runs of the same preset, batch and
+    device, each in its own process."""
+    eager, compiled = (json.loads(Path(p).read_text()) for p in args.payback)
+    for name, r in (("eager", eager), ("compiled", compiled)):
+        if "warm_up" not in r:
+            raise SystemExit(f"bench --payback: the {name} JSON has no warm_up (an older bench)")
+    keys = [(r["preset"], r["mode"], r["env"]["device"], r["runs"]["default"][0]["batch"])
+            for r in (eager, compiled)]
+    if keys[0] != keys[1]:
+        raise SystemExit(f"bench --payback: the runs differ (preset, mode, device, batch): "
+                         f"{keys[0]} against {keys[1]}")
+    e_run, c_run = eager["runs"]["default"][0], compiled["runs"]["default"][0]
+    e_warm = eager["warm_up"]["whole_s"]["default"]
+    c_warm = compiled["warm_up"]["whole_s"]["default"]
+    edits = payback_edits(e_run, e_warm, c_run, c_warm)
+    print(f"warm-up, whole: {e_warm:.1f} s eager, {c_warm:.1f} s compiled; an edit "
+          f"(extrapolated): {e_run['extrapolated_seconds_per_edit']:.1f} s eager, "
+          f"{c_run['extrapolated_seconds_per_edit']:.1f} s compiled")
+    print("compiling never pays back: its edits are no faster" if edits is None else
+          f"compiling pays back its warm-up after {edits:.1f} edit(s)")
     return 0
 
 
@@ -135,8 +222,10 @@ def parse_batches(asked: list[str], device: torch.device) -> list[int | None]:
 def print_table(report: dict) -> None:
     env = report["env"]
     best = {op: max(p[op] for p in env["peak_samples"]) / 1e9 for op in env["peak_samples"][0]}
-    print(f"preset {report['preset']} ({report['mode']}), {env['device']}, {env['dtype']}, "
-          f"torch {env['torch']}, {env['threads']} threads, compiled: "
+    precision = env["fp32_precision"]
+    print(f"preset {report['preset']} ({report['mode']}), {env['device']}, autocast "
+          f"{env['autocast'] or 'off'}, fp32 matmul {precision['matmul']} / conv "
+          f"{precision['conv']}, torch {env['torch']}, {env['threads']} threads, compiled: "
           f"{'yes' if report['runtime']['compiled'] else 'no'}; peak "
           f"{env['peak_flops_per_s'] / 1e9:.0f} GFLOP/s (best of "
           f"{len(env['peak_samples'])} samples: "
@@ -144,17 +233,31 @@ def print_table(report: dict) -> None:
     for label, runs in report["runs"].items():
         for r in runs:
             phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases_ms_per_step"].items())
-            print(f"[{label}] batch {r['batch']}: {r['seconds_per_edit']:.1f} s/edit, "
-                  f"{r['images_per_hour']:.1f} img/h, MFU {r['mfu']:.1%}; ms/step: {phases}",
+            print(f"[{label}] batch {r['batch']}: extrapolated "
+                  f"{r['extrapolated_seconds_per_edit']:.1f} s/edit, "
+                  f"{r['extrapolated_images_per_hour']:.1f} img/h (steps only: no "
+                  f"I/O, identity or Ray), MFU {r['mfu']:.1%}; ms/step: {phases}",
                   file=sys.stderr)
             for name, k in r["kinds"].items():
                 print(f"    {name:40s} x{k['count']:<5d} {k['seconds'] * 1e3:9.1f} ms/step "
-                      f"{k['flops'] / 1e9:9.1f} GFLOP/step  first step +{k['first_step_extra_s']:.1f} s",
-                      file=sys.stderr)
+                      f"{k['flops'] / 1e9:9.1f} GFLOP/step  first step "
+                      f"+{k['first_step_extra_s']:.1f} s", file=sys.stderr)
     if "baseline" in report["runs"]:
         for d, b in zip(report["runs"]["default"], report["runs"]["baseline"]):
-            print(f"default / baseline, batch {d['batch']}: "
-                  f"{b['seconds_per_edit'] / d['seconds_per_edit']:.2f}x faster", file=sys.stderr)
+            ratio = b["extrapolated_seconds_per_edit"] / d["extrapolated_seconds_per_edit"]
+            print(f"default / baseline, batch {d['batch']}: {ratio:.2f}x faster", file=sys.stderr)
+    warm = report["warm_up"]
+    for label, whole in warm["whole_s"].items():
+        w = warm["runs"][label]
+        print(f"[{label}] warm-up, whole: {whole:.1f} s (process start to networks "
+              f"{warm['process_start_to_networks_s']:.1f} s, probe {warm['probe_s']:.1f} s, "
+              f"first {w['steps']}-step edit {w['first_edit_s']:.1f} s against "
+              f"{w['warm_edit_s']:.1f} s warm)", file=sys.stderr)
+    if "payback_over_baseline_edits" in warm:
+        edits = warm["payback_over_baseline_edits"]
+        print("the default path's extra warm-up " + ("never pays back" if edits is None else
+              f"pays back after {edits:.1f} edit(s)") + " against the plain path",
+              file=sys.stderr)
     dev = report.get("deviation_from_baseline")
     if dev and "error" in dev:
         print(f"deviation from the plain path: not measured ({dev['error']})", file=sys.stderr)
@@ -226,7 +329,8 @@ def run_pipeline_bench(args) -> int:
         stamps.append(time.perf_counter())
     direct_total = time.perf_counter() - start
     direct_steady = (n - batch) / (stamps[-1] - stamps[0])
-    print(f"{n} rows, batch {batch}, tiny 64 px models, schedule {PIPELINE_EDIT}")
+    print(f"{n} rows, batch {batch}, tiny 64 px models, schedule {PIPELINE_EDIT}: measured "
+          "end to end (image reads, writes, identity metric, Ray)")
     print(f"{'':>22} {'images/hour':>12} {'steady images/hour':>19}")
     print(f"{'maskface run (Ray)':>22} {n / pipe_total * 3600:>12.0f} {pipe_steady * 3600:>19.0f}")
     print(f"{'engine directly':>22} {n / direct_total * 3600:>12.0f} {direct_steady * 3600:>19.0f}")
@@ -262,6 +366,11 @@ def add_parser(commands) -> None:
                         "(optionally early_stop.margin=0.05 ...) and print the steps saved")
     p.add_argument("--json", metavar="FILE", help="write the JSON document here, not stdout")
     p.add_argument("--pipeline", type=int, metavar="ROWS",
-                   help="instead: images/hour of `maskface run` over ROWS rows against the "
-                        "engine directly (batch: the last --batch value)")
-    p.set_defaults(func=lambda args: run_pipeline_bench(args) if args.pipeline else run_bench(args))
+                   help="instead: images/hour of `maskface run` over ROWS rows, measured end "
+                        "to end, against the engine directly (batch: the last --batch value)")
+    p.add_argument("--payback", nargs=2, metavar=("EAGER.json", "COMPILED.json"),
+                   help="instead: after how many edits the compiled run's longer warm-up is "
+                        "paid back (two --json documents of the same preset and batch)")
+    p.set_defaults(func=lambda args: (run_payback(args) if args.payback else
+                                      run_pipeline_bench(args) if args.pipeline else
+                                      run_bench(args)))

@@ -53,15 +53,18 @@ def test_the_bench_prints_a_complete_document(tmp_path):
     assert set(report["runs"]) == {"default", "baseline"}
     run = report["runs"]["default"][0]
     assert sum(k["count"] for k in run["kinds"].values()) == run["steps_per_edit"] == 1501
+    assert "seconds_per_edit" not in run and "images_per_hour" not in run   # named for what they are
     assert all(k["flops"] > 0 and k["seconds"] > 0 for k in run["kinds"].values())
-    assert run["images_per_hour"] == pytest.approx(3600 / run["seconds_per_edit"])
-    peak = report["env"]["peak_flops_per_s"]
-    assert run["mfu"] == pytest.approx(run["achieved_flops_per_s"] / peak)
-    assert peak == max(max(s.values()) for s in report["env"]["peak_samples"])
-    assert set(report["env"]["peak_samples"][0]) == {"matmul", "conv3x3"}
+    assert 0 < run["mfu"] < 2 and set(report["env"]["peak_samples"][0]) == {"matmul", "conv3x3"}
+    assert report["env"]["fp32_precision"] == {"matmul": "ieee", "conv": "ieee"}
     assert set(run["phases_ms_per_step"]) == {"generator", "parser", "classifier", "optimizer"}
-    saving = report["prefix_saving_14_attributes"]
-    assert saving["steps_saved"] == pytest.approx(1 - (2 * 500 + 14 * 1001) / (14 * 1501))
+    # the documented figure: 28.6% fewer steps for 14 local attributes of one image
+    assert round(report["prefix_saving_14_attributes"]["steps_saved"], 3) == 0.286
+    warm = report["warm_up"]
+    assert set(warm["runs"]) == {"baseline", "default"} and warm["first_measured"] == "baseline"
+    assert all(w["steps"] == 11 and w["first_use_s"] >= 0 for w in warm["runs"].values())
+    assert warm["whole_s"]["default"] >= warm["process_start_to_networks_s"] > 0
+    assert "extrapolated" in result.stderr and "warm-up, whole" in result.stderr
     assert "default / baseline, batch 1" in result.stderr and report["peak_memory_bytes"] > 0
     # at test sizes the default path is eager and bit-identical to the plain one
     assert report["runtime"]["compile"] == "auto" and report["runtime"]["compiled"] is False
@@ -79,3 +82,41 @@ def test_the_bench_refuses_batch_auto_without_a_gpu_before_building_anything():
     result = subprocess.run([MASKFACE, "bench", "--batch", "0"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "positive sizes or auto, got '0'" in result.stderr
+
+
+def test_the_flop_counter_counts_a_modulated_conv_as_counted_by_hand():
+    """The bench's FLOPs, checked against a count made independently: one modulated 3x3
+    conv of StyleGAN2 (4 -> 8 channels at 8x8, style 16, batch 2): the modulation (a
+    linear layer), the convolution and the demodulation (a matmul), 2 FLOPs a multiply-add."""
+    from models.stylegan2 import ModulatedConv2d
+    from pipeline.engine.bench import flop_counter
+    conv = ModulatedConv2d(4, 8, 3, style_dim=16)
+    x, style = torch.randn(2, 4, 8, 8), torch.randn(2, 16)
+    counter = flop_counter()
+    with counter:
+        conv(x, style)
+    n, cin, cout, k, pixels, s = 2, 4, 8, 3, 8 * 8, 16
+    by_hand = 2 * n * (s * cin + cout * cin * k * k * pixels + cin * cout)
+    assert counter.get_total_flops() == by_hand
+    counter = flop_counter()
+    x.requires_grad_(True)
+    with counter:
+        conv(x, style).sum().backward()
+    assert counter.get_total_flops() > 2 * by_hand        # and the backward counts too
+
+
+def test_payback_says_after_how_many_edits_a_longer_warm_up_is_bought_back(tmp_path):
+    """Two bench documents made by hand: 100 s more warm-up, 20 s less per edit: 5 edits."""
+    def document(warm_s, edit_s):
+        return {"preset": "1024", "mode": "local", "env": {"device": "cuda"},
+                "runs": {"default": [{"batch": 8, "extrapolated_seconds_per_edit": edit_s}]},
+                "warm_up": {"whole_s": {"default": warm_s}}}
+    for name, doc in (("eager", document(30.0, 60.0)), ("compiled", document(130.0, 40.0)),
+                      ("slower", document(130.0, 70.0))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    run = subprocess.run([MASKFACE, "bench", "--payback", str(tmp_path / "eager.json"),
+                          str(tmp_path / "compiled.json")], capture_output=True, text=True)
+    assert run.returncode == 0 and "pays back its warm-up after 5.0 edit(s)" in run.stdout
+    run = subprocess.run([MASKFACE, "bench", "--payback", str(tmp_path / "eager.json"),
+                          str(tmp_path / "slower.json")], capture_output=True, text=True)
+    assert "never pays back" in run.stdout
