@@ -11,6 +11,8 @@ trigger a fault, and does nothing to any other row:
                   $MASKFACE_FAULT_DIR remembers), after that row's image is written and
                   before its batch's metrics: the batch must be redone on a restarted
                   actor without a duplicate metrics row
+    die-*         the same, every time: a row that kills every actor that edits it (a
+                  decoder that segfaults on its bytes), which no retry gets past
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def install() -> None:
     def killing_put(self, rel, data):
         name = rel.rsplit("/", 1)[-1]
         if rel.startswith("latents/kill-") and _first_time(name):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rel.startswith("latents/die-"):
             os.kill(os.getpid(), signal.SIGKILL)
         return put(self, rel, data)
 

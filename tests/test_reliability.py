@@ -225,6 +225,9 @@ def test_s3_faults_are_retried_a_bounded_number_of_times_then_end_their_rows(
     assert proxy.attempts("PUT", "/out/images/s0") == 3
     assert proxy.attempts("PUT", "/out/latents/s1") == 3
     assert 2 <= proxy.attempts("PUT", "/out/masks/s2") <= 3
+    # one metrics PUT dropped once: one request more than the files written
+    files = len(Output(out, opts).metrics_files())
+    assert proxy.attempts("PUT", "/out/metrics/") == files + 1
     # persistent faults: the rows end in error with the storage's reason, after a bounded
     # number of attempts (pipeline/job/storage.py): S3_ATTEMPTS on 5xx; on dropped connections
     # S3_ATTEMPTS x S3FS_RETRIES^2 for a read (s3fs wraps it twice), each sent up to twice
@@ -240,6 +243,72 @@ def test_s3_faults_are_retried_a_bounded_number_of_times_then_end_their_rows(
     assert proxy.attempts("PUT", "/out/latents/p1") == S3_ATTEMPTS
     assert fs.exists(f"{BUCKET}/faults/out/images/p1.png")
     assert not fs.exists(f"{BUCKET}/faults/out/latents/p1.npy")
+
+
+# The retry budget, row by row as docs/reliability.md gives it: (method, fault, requests
+# one operation makes before it fails). Counted by the fault proxy on one operation at a
+# time (a read: HEAD then GET; a write: one PUT), through the job's own storage calls.
+RETRY_BUDGET = [
+    ("GET", "500", S3_ATTEMPTS), ("HEAD", "500", S3_ATTEMPTS), ("PUT", "500", S3_ATTEMPTS),
+    ("GET", "slowdown", S3_ATTEMPTS * S3FS_RETRIES),
+    ("PUT", "slowdown", S3_ATTEMPTS * S3FS_RETRIES),
+    ("HEAD", "drop", 2 * S3_ATTEMPTS * S3FS_RETRIES),
+    ("PUT", "drop", 2 * S3_ATTEMPTS * S3FS_RETRIES),
+    ("GET", "drop", 2 * S3_ATTEMPTS * S3FS_RETRIES ** 2),
+    ("GET", "403", 1),
+]
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch):
+    """What a worker has: credentials in its environment (moto takes any)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.mark.parametrize("method,fault,requests", RETRY_BUDGET)
+def test_each_row_of_the_retry_budget_is_exactly_the_requests_made(proxy, s3_server,
+                                                                   s3_credentials, method,
+                                                                   fault, requests):
+    """A persistent fault: exactly the documented number of requests, then the storage
+    error. The same fault once: exactly one request more, then success (but a 403, which
+    is no retried fault)."""
+    from pipeline.errors import StorageError
+    from pipeline.job.images import read_bytes
+    fs, opts = s3_server["fs"], s3_options(proxy)
+    fs.pipe_file(f"{BUCKET}/budget/x.png", PHOTO.read_bytes())
+
+    def operation(k):
+        if method == "PUT":
+            Output(f"s3://{BUCKET}/budget/out{k}", opts).put("images/a.png", b"y" * 5000)
+        else:
+            read_bytes(f"s3://{BUCKET}/budget/x.png", 10 ** 7, opts)
+    try:
+        proxy.add(method, "/budget/", fault)
+        with pytest.raises(StorageError):
+            operation(0)
+        assert proxy.attempts(method, "/budget/") == requests
+        if requests > 1:
+            proxy.clear()
+            proxy.add(method, "/budget/", fault, times=1)
+            operation(1)
+            assert proxy.attempts(method, "/budget/") == 2
+    finally:
+        proxy.clear()
+
+
+def test_a_missing_object_is_asked_for_once(proxy, s3_server, s3_credentials):
+    """404: one HEAD, not retried; s3fs then lists the prefix once, to tell a missing file
+    from a folder."""
+    from pipeline.errors import StorageError
+    from pipeline.job.images import read_bytes
+    try:
+        with pytest.raises(StorageError, match="not found"):
+            read_bytes(f"s3://{BUCKET}/budget/missing.png", 10 ** 7, s3_options(proxy))
+        assert [(m, p.split("?")[0]) for m, p, _ in proxy.log] == [
+            ("HEAD", f"/{BUCKET}/budget/missing.png"), ("GET", f"/{BUCKET}")]
+    finally:
+        proxy.clear()
 
 
 def test_an_output_that_cannot_be_written_stops_the_job_as_a_setup_error(
@@ -292,6 +361,89 @@ def test_k_batches_failing_alike_stop_the_job_and_a_rerun_resumes(cluster, tiny3
     assert sorted(after.index) == sorted(ids) and (after["status"] == "ok").all()
     for rid in ("a0", "a1", "a2", "a3"):                        # complete rows: untouched
         assert after.loc[rid, "written_at"] == done.loc[rid, "written_at"]
+
+
+# ---- what a job may read, through `maskface run` ---------------------------------------
+def test_without_an_allow_list_reads_outside_the_manifest_folder_are_said_and_done(
+        cluster, tiny32, tmp_path, tmp_path_factory, capfd):
+    """The documented default: local files outside the manifest's folder are read (a
+    symlink out of it, `..`, an absolute path, file://), and the job says how many rows
+    do so, once, before any work, in its log, job.json and report."""
+    from pipeline.results.report import write_report
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "photo.png").write_bytes(PHOTO.read_bytes())
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "photo.png").write_bytes(PHOTO.read_bytes())
+    (tmp_path / "in" / "link.png").symlink_to(outside / "photo.png")
+    uris = {"inside": str(tmp_path / "in" / "photo.png"),
+            "symlink": str(tmp_path / "in" / "link.png"),
+            "dot-dot": f"{tmp_path}/../{outside.name}/photo.png",
+            "absolute": str(outside / "photo.png"),
+            "file-uri": f"file://{outside}/photo.png"}
+    out = tmp_path / "out"
+    rc, log = job(tmp_path, rows_of(list(uris), list(uris.values())), tiny32, capfd,
+                  output=str(out), actors=1)
+    assert rc == 0, log[-3000:]
+    assert (every_row(str(out))["status"] == "ok").all()           # the default reads them
+    folder = os.path.realpath(tmp_path)
+    said = f"4 of 5 row(s) read inputs outside the manifest's folder {folder}"
+    assert log.count(said) == 1 and log.index(said) < log.index("rows: 0 already complete")
+    job_json = yaml.safe_load((out / "job.json").read_text())
+    assert job_json["reads_outside_manifest_folder"] == {"rows": 4, "folder": folder}
+    page = Path(write_report(str(out))).read_text()
+    assert "4 row(s) read inputs outside the manifest's folder" in page
+
+
+def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
+        cluster, tiny32, tmp_path, tmp_path_factory, capfd):
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "photo.png").write_bytes(PHOTO.read_bytes())           # a good image
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "photo.png").write_bytes(PHOTO.read_bytes())
+    (allowed / "link.png").symlink_to(outside / "photo.png")
+    out = tmp_path / "out"
+    rc, log = job(tmp_path, rows_of(["inside", "symlink"], [str(allowed / "photo.png"),
+                                                             str(allowed / "link.png")]),
+                  tiny32, capfd, output=str(out), actors=1, inputs={"allow": [str(allowed)]})
+    assert rc == 1, log[-3000:]
+    rows = every_row(str(out)).set_index("id")
+    assert rows.loc["inside", "status"] == "ok"
+    assert rows.loc["symlink", "status"] == "error"
+    assert "link.png: refused: not under any inputs.allow prefix" in rows.loc["symlink", "error"]
+    assert "read inputs outside" not in log                   # an allow-list says it all
+    assert yaml.safe_load((out / "job.json").read_text())["reads_outside_manifest_folder"] is None
+
+
+# ---- lost workers, past every resume --------------------------------------------------------
+def test_a_row_that_kills_every_actor_ends_the_job_after_the_resumes_run_out(
+        cluster, tiny32, tmp_path, capfd, monkeypatch):
+    """A row whose bytes kill the process each time (tests/faults.py `die-*`): Ray gives
+    its batch up, the job resumes on what is left, and once the resumes run out it stops
+    as a setup error; the rows that finished stay complete, the bad one pending, and a
+    rerun without it completes the rest. The retry counts are the job's own constants,
+    made small here so that the test takes seconds instead of minutes."""
+    from pipeline.job import driver
+    monkeypatch.setattr(driver, "ACTOR_TASK_RETRIES", 0)
+    monkeypatch.setattr(driver, "RESUMES_AFTER_LOSS", 1)
+    monkeypatch.setattr(driver, "NODE_LOSS_WAIT_S", 1.0)
+    ids = ["a0", "a1", "die-0"]
+    rows = rows_of(ids, [str(PHOTO)] * 3)
+    out = tmp_path / "out"
+    rc, log = job(tmp_path, rows, tiny32, capfd, output=str(out), actors=1, batch_size=1)
+    assert rc == 2, log[-3000:]
+    assert "error: the job stopped: Ray lost edit workers 2 times" in log
+    assert log.count("lost edit workers (") == 1                 # one resume, then the end
+    done = every_row(str(out)).set_index("id")
+    assert "die-0" not in done.index and (done["status"] == "ok").all()
+    summary = yaml.safe_load((out / "summary.json").read_text())
+    assert "Ray lost edit workers" in summary["stopped"]
+    assert summary["manifest"]["pending"] == 3 - len(done)
+    rc, log = job(tmp_path, rows[rows["id"] != "die-0"], tiny32, capfd, output=str(out),
+                  actors=1, batch_size=1)
+    assert rc == 0, log[-3000:]
+    after = every_row(str(out))
+    assert sorted(after["id"]) == ["a0", "a1"]                   # no duplicate, none lost
 
 
 # ---- credentials: in every process, in no output and no log -------------------------------

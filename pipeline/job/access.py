@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 from models.checkpoints import redact
@@ -102,6 +102,32 @@ class InputPolicy:
             raise InputRefused(f"{redact(uri)}: refused: not under any inputs.allow "
                                f"prefix ({', '.join(self.allow)})")
 
+
+def manifest_home(manifest_uri: str) -> str:
+    """Where a manifest's own inputs are expected: its folder (the manifest itself when it
+    is a folder of Parquet files) on local disk, its bucket on an object store."""
+    protocol, host, path = _location(manifest_uri)
+    if protocol != "file":
+        return f"{protocol}://{host}/"
+    folder = "/" + "/".join(path)
+    return folder if os.path.isdir(folder) else os.path.dirname(folder)
+
+
+def outside_of(home: str, uris: Iterable[str]) -> set[str]:
+    """The URIs that lie outside `home` (`manifest_home`'s answer), after `..` and
+    symlinks are resolved; a URI that cannot be parsed counts as outside."""
+    where = _location(home)
+    protocol, host, path = where
+    if protocol != "file":
+        where = (protocol, host, ())                 # the whole bucket
+    outside = set()
+    for uri in set(uris):
+        try:
+            if not _inside(_location(uri), where):
+                outside.add(uri)
+        except ValueError:
+            outside.add(uri)
+    return outside
 
 # -- a URI as (protocol, host, path segments) --------------------------------------------
 def _location(uri: str) -> tuple[str, str, tuple[str, ...]]:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from pipeline.engine.rows import passthrough_columns
 from pipeline.errors import STOPPED, SetupError, StorageError
 
+from .access import manifest_home, outside_of
 from .ledger import pending_rows, summarize
 from .outputs import Output, passthrough_schema
 from .plan import JobPlan, image_groups, plan_job, schedule_order
@@ -56,6 +57,28 @@ def code_version() -> str:
         return "unknown"
 
 
+def reads_outside(rows: pd.DataFrame, job: JobSpec) -> dict | None:
+    """Without `inputs.allow`, how many of the manifest's rows read an input (image_uri or
+    source_uri) outside the manifest's own folder (its bucket on S3), said once before
+    any work: the default rule lets them, and a user should know (docs/reliability.md).
+    None when the job lists `inputs.allow`."""
+    if job.inputs.get("allow") is not None:
+        return None
+    try:
+        home = manifest_home(job.manifest)
+    except ValueError as e:                    # a URI form the access rules do not parse
+        log.warning("cannot tell which inputs lie outside the manifest's folder: %s", e)
+        return None
+    columns = [c for c in ("image_uri", "source_uri") if c in rows.columns]
+    uris = [u for c in columns for u in rows[c] if isinstance(u, str)]
+    outside = outside_of(home, uris)
+    count = int(rows[columns].isin(outside).any(axis=1).sum())
+    if count:
+        log.warning("%d of %d row(s) read inputs outside the manifest's folder %s; list "
+                    "inputs.allow to restrict what this job may read", count, len(rows), home)
+    return {"rows": count, "folder": home}
+
+
 def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None = None,
             address: str | None = None, ray_init_kwargs: Mapping | None = None) -> dict:
     """Run (or resume) a job over validated manifest rows. Returns the summary dict."""
@@ -65,9 +88,11 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     todo = pending_rows(rows, out.read_metrics(), job.retry_errors)
     skipped = len(rows) - len(todo)
     plan = plan_job(todo, job, schema) if len(todo) else None
+    outside = reads_outside(rows, job)
     try:
         out.put_json("job.json", {"settings": job.as_dict(), "code_version": code_version(),
-                                  "started_at": started, "rows": len(rows)})
+                                  "started_at": started, "rows": len(rows),
+                                  "reads_outside_manifest_folder": outside})
     except StorageError as e:
         raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
     log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
@@ -143,10 +168,11 @@ def _alive_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
-def _wait_for_lost_nodes(nodes: set[str], timeout_s: float = NODE_LOSS_WAIT_S) -> None:
-    """Until the cluster reports one of `nodes` dead (or `timeout_s`: an actor lost on a
-    node that lives): resources counted then are the ones left, so the next run does not
+def _wait_for_lost_nodes(nodes: set[str]) -> None:
+    """Until the cluster reports one of `nodes` dead (or NODE_LOSS_WAIT_S: an actor lost on
+    a node that lives): resources counted then are the ones left, so the next run does not
     wait for an actor on a node that is gone."""
+    timeout_s = NODE_LOSS_WAIT_S
     started = time.time()
     while time.time() < started + timeout_s and not nodes - _alive_nodes():
         time.sleep(2)

@@ -241,6 +241,12 @@ def _job_section(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> str:
              _e(fmt_duration(run["seconds"]))],
             ["images per hour", _num(run["per_hour"], 1)],
             ["code version", _e((files.job or {}).get("code_version", "–"))]]
+    outside = (files.job or {}).get("reads_outside_manifest_folder") or {}
+    if outside.get("rows"):
+        rows.append(["inputs", f'<span class="warn">{outside["rows"]} row(s) read inputs '
+                               f"outside the manifest's folder <code>{_e(outside['folder'])}"
+                               "</code>: no <code>inputs.allow</code>, so the default rule "
+                               "let them (list it to restrict what a job may read)</span>"])
     if status.other_rows:
         rows.append(["other rows", f"{status.other_rows} rows under this output belong to "
                                    "other manifests (not counted here)"])
