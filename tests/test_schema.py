@@ -34,6 +34,23 @@ def test_list_columns_longer_than_the_attributes_are_refused(values, words):
     assert len(str(err.value)) < 600                      # a huge value is not echoed whole
 
 
+def test_values_read_from_parquet_are_shown_as_written(tmp_path):
+    """Parquet hands numpy arrays and scalars; the message shows what the user wrote."""
+    rows = pd.DataFrame({"id": ["a", "b", "c"], "image_uri": ["p.png"] * 3,
+                         "attributes": [[], ["smiling"], ["smilng", "smilng"]],
+                         "targets": [[1.0], [None], [1.0, 1.0]],
+                         "size": [0.0, -2.5, 0.0]})
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(str(tmp_path / "m.parquet"))
+    text = str(err.value)
+    assert "row 0 (id 'a'): attributes must be a non-empty list of names, got []" in text
+    assert "row 1 (id 'b'): targets must be numbers in [0, 1], got [nan]" in text
+    assert "row 1 (id 'b'): size must be a number >= 0, got -2.5" in text
+    assert "row 2 (id 'c'): unknown attribute(s) ['smilng', 'smilng']" in text
+    assert "np." not in text and "array(" not in text and "dtype" not in text
+
+
 def test_a_manifest_too_big_for_one_driver_is_refused_from_its_footer(tmp_path):
     n = MAX_ROWS + 1
     ids = pa.array([f"r{k}" for k in range(n)])

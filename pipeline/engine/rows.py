@@ -96,9 +96,22 @@ def _number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _plain(value: Any) -> Any:
+    """A value as its writer wrote it: Parquet and pandas hand numpy arrays and scalars
+    (`array([], dtype=object)`, `np.float64(nan)`), which a message shows as lists and
+    plain numbers."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def _short(value: Any, limit: int = 120) -> str:
-    """A value's repr for a message, clipped: a hostile manifest may hold huge values."""
-    text = repr(value)
+    """A value for a message, as written, clipped: a hostile manifest may hold huge values."""
+    text = repr(_plain(value))
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
@@ -127,7 +140,7 @@ def attributes_problem(attributes: Any) -> str | None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown attribute(s) {_short(unknown)}{hint}"
     if len(set(names)) != len(names):
-        return f"an attribute is listed twice: {names}"
+        return f"an attribute is listed twice: {_short(names)}"
     return None
 
 
