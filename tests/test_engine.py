@@ -274,10 +274,34 @@ def test_the_engine_runs_what_the_schedule_says_at_every_step(models, faces):
     schedule = Schedule.for_group(settings, [0.5, 0.0], [1.1, 0.0])
     latent = [s for s in steps if s.phase == "latent"]
     assert [s.step for s in latent] == list(schedule.latent_range)
-    for s in latent:
-        assert s.events == schedule.events(s.step), s.step
+    for s in latent:                 # the terms the engine computed, not the ones it was told
         assert tuple(s.losses) == schedule.terms(s.step), s.step
     assert len(steps) == schedule.total_iterations
+
+
+def first_difference(a, b) -> int | None:
+    """The first latent step at which two runs' losses differ (None: they never do)."""
+    for x, y in zip([s for s in a if s.phase == "latent"], [s for s in b if s.phase == "latent"]):
+        if any(not torch.equal(x.losses[k], y.losses[k]) for k in x.losses):
+            return x.step
+    return None
+
+
+@pytest.mark.parametrize("switch,step", [
+    ({"optimizer.reinit": False}, 4),       # Adam re-created before step 3's update
+    ({"dynamic_masking": False}, 6),        # masks grown after step 5's update
+    ({"steps.noise": 0}, 8),                # noise redrawn before step 8's forward
+])
+def test_each_event_changes_the_numbers_exactly_where_the_schedule_puts_it(models, faces,
+                                                                           switch, step):
+    """Not the event labels the engine reports (the schedule's own), but their effect: a
+    run without the event computes the same losses up to the step it would act on."""
+    overrides = {"steps.latent": 10, "steps.noise": 2, "loss.start_steps.classf": 3,
+                 "loss.start_steps.seg": 5, "dynamic_masking_iters": 3}
+    request = [EditRequest(("black_hair",), (1.0,), size=1.1)]
+    _, with_event = run(models, faces[:1], request, overrides)
+    _, without = run(models, faces[:1], request, {**overrides, **switch})
+    assert first_difference(with_event, without) == step
 
 
 def test_a_network_the_edits_need_but_the_models_lack_is_a_setup_error(models, faces):

@@ -344,8 +344,8 @@ def test_a_job_against_a_separate_signature_checking_s3_server(ray_cluster, rclo
             "config_kwargs": {"response_checksum_validation": "when_required",
                               "request_checksum_calculation": "when_required"}}
     wrong = s3fs.S3FileSystem(key="testing", secret="wrong", **opts)
-    with pytest.raises(Exception):
-        wrong.ls("bucket")                                 # signatures are checked
+    with pytest.raises(PermissionError):                   # signatures are checked: s3fs
+        wrong.ls("bucket")                                 # maps SignatureDoesNotMatch here
     fs = s3fs.S3FileSystem(key="testing", secret="testing", **opts)
     fs.put(str(tiny32) + "/", "bucket/weights/", recursive=True)
     fs.put_file(str(photos / "p0.png"), "bucket/photos/p0.png")
