@@ -49,6 +49,28 @@ def reference_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fidelity_checkpoints(reference_checkpoints, tmp_path_factory):
+    """Every checkpoint the global and noise fidelity cases were recorded with: the three
+    reference ones, the e4e `state.pt` and the VGG16 trunk rebuilt from the cases' rules,
+    and the lpips package's own linear layers, each checked against the sha256 of every
+    case that names it before anything is compared (a mismatch fails naming the file).
+    Keys: the spec's network names, plus `lpips_linear`."""
+    import numpy as np
+    from helpers import (FIDELITY_GLOBAL, FIDELITY_NOISE, check_case_hashes,
+                         write_global_checkpoints)
+
+    from models.lpips_masked import lpips_linear_file
+    mean = torch.from_numpy(np.load(FIDELITY_GLOBAL / "latent_mean.npy"))
+    paths = {**reference_checkpoints,
+             **write_global_checkpoints(tmp_path_factory.mktemp("reference-global"), mean),
+             "lpips_linear": lpips_linear_file()}
+    by_name = {p.name: p for p in paths.values()}
+    for case in sorted([*FIDELITY_GLOBAL.glob("*/case.json"), *FIDELITY_NOISE.glob("*/case.json")]):
+        check_case_hashes(case, by_name)
+    return paths
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server (moto) on 127.0.0.1, with a bucket `weights`."""
     from moto.server import ThreadedMotoServer

@@ -2,6 +2,10 @@
 reference checkpoints the fidelity cases were recorded with (rebuilt from their rule)."""
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import re
 import zlib
 from pathlib import Path
 
@@ -9,7 +13,9 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 LISTINGS = DATA / "checkpoint-keys"
-FIDELITY = DATA / "fidelity"
+FIDELITY = DATA / "fidelity"                  # local mode, latent phase
+FIDELITY_GLOBAL = DATA / "fidelity-global"    # global mode (e4e start, masked LPIPS)
+FIDELITY_NOISE = DATA / "fidelity-noise"      # latent phase, then the noise phase
 
 # A few steps of every phase and term: the job and stage tests' edit settings.
 SHORT = {"steps.latent": 3, "steps.noise": 1, "loss.start_steps.classf": 1,
@@ -102,6 +108,118 @@ def write_reference_checkpoints(out: Path) -> dict[str, Path]:
                                    {"loss.weight": torch.ones(9)}, "model.classifier.4."),
                paths["face_parser"])
     return paths
+
+
+# torchvision's VGG16 `features`: conv index -> (out, in) channels (3x3 kernels)
+VGG16_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128),
+               12: (256, 256), 14: (256, 256), 17: (512, 256), 19: (512, 512),
+               21: (512, 512), 24: (512, 512), 26: (512, 512), 28: (512, 512)}
+
+
+def _he(key: str, shape) -> torch.Tensor:
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return _randn(key, shape) * (2.0 / fan_in) ** 0.5
+
+
+def reference_e4e_state(rows, stylegan_size: int = 64) -> dict:
+    """The e4e `encoder_state_dict` rule of the global and noise cases (case.json
+    `checkpoints["e4e.pt"]`): the 1024 px listing without the styles a smaller
+    generator lacks; identity batch norm (0.2 on each residual branch's last one),
+    PReLU 0.25, He-normal convs, style linears randn * 0.25, other biases 0.1 * randn."""
+    styles = 2 * (stylegan_size.bit_length() - 1) - 2
+    keys = {k for k, _, _ in rows}
+    sd = {}
+    for key, shape, dtype in rows:
+        prefix, _, leaf = key.rpartition(".")
+        parts = key.split(".")
+        if parts[0] == "styles" and int(parts[1]) >= styles:
+            continue
+        if dtype == "int64":
+            v = torch.zeros(shape, dtype=torch.int64)
+        elif f"{prefix}.running_mean" in keys:
+            if leaf == "weight":
+                last = re.fullmatch(r"body\.\d+\.res_layer\.4", prefix) is not None
+                v = torch.full(shape, 0.2) if last else torch.ones(shape)
+            else:
+                v = torch.ones(shape) if leaf == "running_var" else torch.zeros(shape)
+        elif re.fullmatch(r"input_layer\.2\.weight|body\.\d+\.res_layer\.2\.weight", key):
+            v = torch.full(shape, 0.25)                            # PReLU
+        elif len(shape) == 4:
+            v = _he(key, shape)
+        elif re.fullmatch(r"styles\.\d+\.linear\.weight", key):
+            v = _randn(key, shape) * 0.25
+        elif leaf == "bias":
+            v = 0.1 * _randn(key, shape)
+        else:
+            raise ValueError(f"the e4e rule does not cover {key} {shape}")
+        sd[key] = v
+    return sd
+
+
+def reference_e4e_checkpoint(latent_mean: torch.Tensor, stylegan_size: int = 64) -> dict:
+    """The original's e4e `state.pt` layout around `reference_e4e_state`."""
+    sd = reference_e4e_state(read_listing("e4e_encoder_state_dict_1024.tsv"), stylegan_size)
+    styles = 2 * (stylegan_size.bit_length() - 1) - 2
+    return {"options": argparse.Namespace(stylegan_size=stylegan_size),
+            "encoder_state_dict": sd,
+            "latent_avg": latent_mean.float().reshape(1, -1).repeat(styles, 1)}
+
+
+def reference_vgg16_features_state() -> dict:
+    """The LPIPS trunk rule: torchvision VGG16 `features` keys, weight then bias per conv;
+    He-normal weights, biases 0.1 * randn."""
+    sd = {}
+    for index, (out, inp) in VGG16_CONVS.items():
+        weight, bias = f"features.{index}.weight", f"features.{index}.bias"
+        sd[weight] = _he(weight, [out, inp, 3, 3])
+        sd[bias] = 0.1 * _randn(bias, [out])
+    return sd
+
+
+def write_global_checkpoints(out: Path, latent_mean: torch.Tensor) -> dict[str, Path]:
+    """e4e.pt and vgg16_features.pth (the names matter: torch.save records the file's
+    stem inside the archive, so the bytes and the sha256 depend on it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"e4e": out / "e4e.pt", "lpips_trunk": out / "vgg16_features.pth"}
+    torch.save(reference_e4e_checkpoint(latent_mean), paths["e4e"])
+    torch.save(reference_vgg16_features_state(), paths["lpips_trunk"])
+    return paths
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def case_hashes(case: dict) -> dict[str, str]:
+    """File name -> the sha256 a case states for it (`checkpoints`); the LPIPS linear
+    layers' entry is a sentence, whose sha256 names the lpips package's `vgg.pth`."""
+    out = {}
+    for name, entry in case["checkpoints"].items():
+        if isinstance(entry, dict):
+            out[name] = entry["sha256"]
+        else:
+            (sha,) = re.findall(r"\b[0-9a-f]{64}\b", entry)
+            out["vgg.pth"] = sha
+    return out
+
+
+def check_case_hashes(case_file: Path, files: dict[str, Path]) -> None:
+    """Every checkpoint a case names, by file name in `files`, has the case's sha256."""
+    case = json.loads(case_file.read_text())
+    for name, want in case_hashes(case).items():
+        if name not in files:
+            raise AssertionError(f"{case_file}: names checkpoint {name}, which was not rebuilt")
+        got = sha256_of(files[name])
+        if got != want:
+            raise AssertionError(f"{files[name]}: sha256 {got}, but {case_file} was recorded "
+                                 f"with {name} of sha256 {want}: the rebuild rule and the "
+                                 "case disagree, so no number of this case means anything")
 
 
 def write_photos(folder: Path, count: int, size: int = 48, seed: int = 0) -> Path:
