@@ -8,6 +8,7 @@ rows or the job, never hang it; K batches failing alike stop the job and a rerun
 resumes; no URI outside `inputs.allow` is ever requested; credentials reach no output
 and no log. The node-loss test is in tests/test_cluster.py (a multi-node cluster).
 """
+import logging
 import os
 import shutil
 import tempfile
@@ -365,7 +366,7 @@ def test_k_batches_failing_alike_stop_the_job_and_a_rerun_resumes(cluster, tiny3
 
 # ---- what a job may read, through `maskface run` ---------------------------------------
 def test_without_an_allow_list_reads_outside_the_manifest_folder_are_said_and_done(
-        cluster, tiny32, tmp_path, tmp_path_factory, capfd):
+        cluster, tiny32, tmp_path, tmp_path_factory, capfd, caplog):
     """The documented default: local files outside the manifest's folder are read (a
     symlink out of it, `..`, an absolute path, file://), and the job says how many rows
     do so, once, before any work, in its log, job.json and report."""
@@ -381,13 +382,17 @@ def test_without_an_allow_list_reads_outside_the_manifest_folder_are_said_and_do
             "absolute": str(outside / "photo.png"),
             "file-uri": f"file://{outside}/photo.png"}
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="pipeline.job.driver")
     rc, log = job(tmp_path, rows_of(list(uris), list(uris.values())), tiny32, capfd,
                   output=str(out), actors=1)
     assert rc == 0, log[-3000:]
     assert (every_row(str(out))["status"] == "ok").all()           # the default reads them
     folder = os.path.realpath(tmp_path)
     said = f"4 of 5 row(s) read inputs outside the manifest's folder {folder}"
-    assert log.count(said) == 1 and log.index(said) < log.index("rows: 0 already complete")
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.job.driver"]
+    where = [k for k, line in enumerate(lines) if line.startswith(said)]
+    work = next(k for k, line in enumerate(lines) if "already complete" in line)
+    assert len(where) == 1 and where[0] < work                      # once, before any work
     job_json = yaml.safe_load((out / "job.json").read_text())
     assert job_json["reads_outside_manifest_folder"] == {"rows": 4, "folder": folder}
     page = Path(write_report(str(out))).read_text()
@@ -395,7 +400,7 @@ def test_without_an_allow_list_reads_outside_the_manifest_folder_are_said_and_do
 
 
 def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
-        cluster, tiny32, tmp_path, tmp_path_factory, capfd):
+        cluster, tiny32, tmp_path, tmp_path_factory, capfd, caplog):
     outside = tmp_path_factory.mktemp("elsewhere")
     (outside / "photo.png").write_bytes(PHOTO.read_bytes())           # a good image
     allowed = tmp_path / "allowed"
@@ -411,7 +416,7 @@ def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
     assert rows.loc["inside", "status"] == "ok"
     assert rows.loc["symlink", "status"] == "error"
     assert "link.png: refused: not under any inputs.allow prefix" in rows.loc["symlink", "error"]
-    assert "read inputs outside" not in log                   # an allow-list says it all
+    assert not any("read inputs outside" in r.getMessage() for r in caplog.records)
     assert yaml.safe_load((out / "job.json").read_text())["reads_outside_manifest_folder"] is None
 
 
