@@ -422,7 +422,7 @@ def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
 
 # ---- lost workers, past every resume --------------------------------------------------------
 def test_a_row_that_kills_every_actor_ends_the_job_after_the_resumes_run_out(
-        cluster, tiny32, tmp_path, capfd, monkeypatch):
+        cluster, tiny32, tmp_path, capfd, caplog, monkeypatch):
     """A row whose bytes kill the process each time (tests/faults.py `die-*`): Ray gives
     its batch up, the job resumes on what is left, and once the resumes run out it stops
     as a setup error; the rows that finished stay complete, the bad one pending, and a
@@ -435,10 +435,13 @@ def test_a_row_that_kills_every_actor_ends_the_job_after_the_resumes_run_out(
     ids = ["a0", "a1", "die-0"]
     rows = rows_of(ids, [str(PHOTO)] * 3)
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="pipeline.job.driver")
     rc, log = job(tmp_path, rows, tiny32, capfd, output=str(out), actors=1, batch_size=1)
     assert rc == 2, log[-3000:]
     assert "error: the job stopped: Ray lost edit workers 2 times" in log
-    assert log.count("lost edit workers (") == 1                 # one resume, then the end
+    resumes = [r for r in caplog.records if r.name == "pipeline.job.driver"
+               and r.getMessage().startswith("lost edit workers (")]
+    assert len(resumes) == 1                                     # one resume, then the end
     done = every_row(str(out)).set_index("id")
     assert "die-0" not in done.index and (done["status"] == "ok").all()
     summary = yaml.safe_load((out / "summary.json").read_text())
