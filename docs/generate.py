@@ -70,7 +70,7 @@ def edit_settings() -> str:
 
 
 def metrics_columns() -> str:
-    from pipeline.job.outputs import METRICS_COLUMNS
+    from pipeline.job.metrics import METRICS_COLUMNS
     return _table(("column", "type", "what it holds"),
                   ((f"`{name}`", f"`{kind}`", doc) for name, kind, doc in METRICS_COLUMNS))
 

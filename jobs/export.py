@@ -1,22 +1,30 @@
 """`maskface export OUTPUT_URI --format hf-parquet|imagefolder --dest URI`: the edited set
 as a dataset a training loop loads directly: Parquet with an image column that Hugging
-Face `datasets` decodes, or an ImageFolder with metadata.jsonl. Rows carry the
+Face `datasets` decodes, or an ImageFolder with metadata.jsonl. It streams (memory: one
+shard of rows and their images), shows a bar over the rows and says its rate. Rows carry the
 passthrough labels, `labels_after` (the labels with each edited attribute at its
 target; see pipeline/results/export.py for the rule) and the metrics."""
 from __future__ import annotations
 
 import sys
+import time
 
 from jobs.options import add_storage_options, storage_options
 
 
 def export_command(args) -> int:
+    from tqdm import tqdm
+
     from pipeline.results.export import export_output
-    result = export_output(args.output, args.format, args.dest, args.only_successful,
-                           storage_options(args))
+    began = time.time()
+    with tqdm(unit="row", desc="export", file=sys.stderr, dynamic_ncols=True) as bar:
+        result = export_output(args.output, args.format, args.dest, args.only_successful,
+                               storage_options(args), progress=bar.update)
+    seconds = time.time() - began
     for rid, why in result.missing:
         print(f"  left out {rid}: {why}", file=sys.stderr)
-    print(f"exported {result.rows} rows as {args.format} to {result.dest}"
+    print(f"exported {result.rows} rows as {args.format} to {result.dest} in {seconds:.0f} s "
+          f"({result.rows / max(seconds, 1e-9):.0f} rows/s)"
           + (f" ({len(result.missing)} left out, see above)" if result.missing else ""))
     if args.format == "hf-parquet":
         print(f'load: datasets.load_dataset("parquet", data_files="{result.dest}/data/*.parquet")')

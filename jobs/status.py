@@ -1,7 +1,9 @@
 """`maskface status OUTPUT_URI`: how far a job is, from another terminal, while it runs or
-after it ended: done, error and pending rows against the manifest, the recent and overall
-rate, an ETA, throughput per node and per actor, and the latest errors. It reads only the
-metrics rows, job.json and summary.json under the output (local path or s3://...)."""
+after it ended: done, error and pending rows against the manifest (--manifest, else the
+one job.json names), the recent and overall rate, an ETA, throughput per node and per
+actor, and the latest errors. It reads only the metrics rows, job.json and summary.json
+under the output (local path or s3://...); with --watch, each refresh reads only the
+metrics files that changed since the last."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,7 @@ from jobs.options import add_storage_options, storage_options
 
 
 def status_command(args) -> int:
-    from pipeline.results.status import read_status, render
+    from pipeline.results.status import StatusReader, render
     output, manifest, options = args.output, args.manifest, storage_options(args)
     if args.job:
         from jobs.run import load_job_spec       # the job's modules: only for --job
@@ -29,9 +31,9 @@ def status_command(args) -> int:
         raise ValueError("--window takes a positive number of minutes, --errors a count >= 0")
     tty = sys.stdout.isatty()
     stop = _stop_on_interrupt() if args.watch else threading.Event()
+    reader = StatusReader(output, options, manifest)
     while True:
-        status = read_status(output, options, manifest, window_s=args.window * 60,
-                             errors=args.errors)
+        status = reader.read(window_s=args.window * 60, errors=args.errors)
         if args.json:
             print(json.dumps(status.as_dict(), default=str), flush=True)
         else:
@@ -68,8 +70,8 @@ def add_parser(commands) -> None:
                             description=__doc__.split("\n")[0])
     p.add_argument("output", nargs="?", help="the job's output URI (local path, s3://...)")
     p.add_argument("--manifest", metavar="URI",
-                   help="the job's manifest: pending rows and an ETA against it (without: counts "
-                        "only)")
+                   help="the job's manifest: pending rows and an ETA against it (default: the "
+                        "manifest job.json names)")
     p.add_argument("--job", metavar="JOB.yaml",
                    help="take the output, manifest and storage_options from a job spec")
     add_storage_options(p)

@@ -6,7 +6,9 @@
         ... S3 clients use proxy.endpoint ...
         proxy.attempts("GET", r"/bucket/photos/a\\.png")             # requests seen
 
-Every request is logged (method, path, fault). Faults:
+Every request is logged (method, path, fault). `FaultProxy(upstream, latency_s=0.02)` holds
+every request that long before it goes on: the round trip of a remote object store,
+which a local one lacks (the scale benchmark, tests/scale_bench.py). Faults:
     500        an S3 InternalError response
     slowdown   503 SlowDown (throttling)
     403        AccessDenied
@@ -21,6 +23,7 @@ import http.client
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -45,6 +48,7 @@ class Rule:
 @dataclass
 class FaultProxy:
     upstream: str
+    latency_s: float = 0.0       # added to every request
     rules: list[Rule] = field(default_factory=list)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
 
@@ -122,6 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         fault = self.owner._fault_for(self.command, self.path)
+        if self.owner.latency_s:
+            time.sleep(self.owner.latency_s)
         if fault == "drop-body":
             length = int(self.headers.get("Content-Length") or 0)
             self._body(limit=length // 2)

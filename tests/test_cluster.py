@@ -21,6 +21,7 @@ from ray_cluster import BIN
 from jobs.cli import main
 from manifests.schema import write_manifest
 from models.tiny import make_tiny
+from pipeline.job.metrics import metrics_paths, read_metrics
 from pipeline.job.outputs import Output
 from pipeline.results.status import read_status
 
@@ -108,7 +109,7 @@ def test_a_submitted_job_attaches_and_puts_one_actor_on_each_worker_gpu(ray_mult
     assert "succeeded" in log
     # `maskface run` attached to this cluster (RAY_ADDRESS), not a local Ray of its own
     assert "attached to the Ray cluster at" in log and "3 node(s), 3 CPU, 2 GPU" in log, log
-    metrics = Output(job_files["output"]).read_metrics()
+    metrics = read_metrics(Output(job_files["output"]))
     assert sorted(metrics["id"]) == [f"c{k}" for k in range(ROWS)]
     assert (metrics["status"] == "ok").all(), metrics["error"].tolist()
     for rid in metrics["id"]:
@@ -155,13 +156,13 @@ def test_status_reads_a_job_in_progress_and_after_it_ends(ray_multinode, job_fil
 
 def test_a_second_submission_resumes_and_does_nothing(ray_multinode, job_files, first_run):
     out = Output(job_files["output"])
-    files = {f: pq.read_table(f)["written_at"].to_pylist() for f in out.metrics_files()}
+    files = {f: pq.read_table(f)["written_at"].to_pylist() for f in metrics_paths(out)}
     again = subprocess.run(submit_command(ray_multinode), cwd=job_files["checkout"],
                            env=ray_multinode.client_env(), capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert f"{ROWS} rows: {ROWS} already complete, 0 to edit" in again.stdout
-    assert {f: pq.read_table(f)["written_at"].to_pylist() for f in out.metrics_files()} == files
+    assert {f: pq.read_table(f)["written_at"].to_pylist() for f in metrics_paths(out)} == files
     summary = json.loads(Path(job_files["output"], "summary.json").read_text())
     assert summary["this_run"]["skipped_already_done"] == ROWS
     assert summary["this_run"]["ok"] == 0
@@ -214,10 +215,10 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(ray_multinode, 
     try:
         while proc.poll() is None and time.time() < deadline:
             if killed_after is None and (out / "metrics").is_dir():
-                nodes = {n.rsplit("/", 1)[1] for n in Output(str(out)).read_metrics()["node"]}
+                nodes = {n.rsplit("/", 1)[1] for n in read_metrics(Output(str(out)))["node"]}
                 if lost.node_id[:12] in nodes and len(nodes) == 2:   # both actors at work
                     ray_multinode.remove_worker(lost)
-                    killed_after = len(Output(str(out)).read_metrics())
+                    killed_after = len(read_metrics(Output(str(out))))
             time.sleep(0.2)
         log, _ = proc.communicate(timeout=max(deadline - time.time(), 1))
     finally:
@@ -226,7 +227,7 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(ray_multinode, 
     assert killed_after is not None and killed_after < rows, "the node was not lost mid-job"
     assert proc.returncode == 0, log[-4000:]
     assert "lost edit workers" in log and "resuming on the nodes still alive" in log
-    every = pd.concat([pq.read_table(f).to_pandas() for f in Output(str(out)).metrics_files()])
+    every = pd.concat([pq.read_table(f).to_pandas() for f in metrics_paths(Output(str(out)))])
     assert sorted(every["id"]) == [f"n{k}" for k in range(rows)]    # one row each
     assert (every["status"] == "ok").all(), every["error"].tolist()
     survivor = ray_multinode.node("w1").node_id[:12]

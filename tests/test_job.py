@@ -15,6 +15,7 @@ from PIL import Image
 
 from jobs.run import load_job_spec, run_command
 from manifests.schema import ManifestError, read_manifest, validate, write_manifest
+from pipeline.job.metrics import metrics_paths, read_metrics
 from pipeline.job.outputs import Output
 from pipeline.job.plan import image_groups
 from pipeline.job.spec import JobSpecError
@@ -121,17 +122,17 @@ def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tm
                       batch_size=1)
     assert run(spec) == 0
     out = Output(str(tmp_path / "out"))
-    first = out.read_metrics().set_index("id")["written_at"]
+    first = read_metrics(out).set_index("id")["written_at"]
     # delete two metrics rows (their images stay, half-done work that may be redone)
     gone = {"r1", "r4"}
-    for f in out.metrics_files():
+    for f in metrics_paths(out):
         t = pq.read_table(f)
         if set(t["id"].to_pylist()) & gone:
             Path(f).unlink()
     assert run(spec) == 0
     summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
     assert summary["this_run"]["ok"] == 2 and summary["this_run"]["skipped_already_done"] == 4
-    after = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    after = pd.concat([pq.read_table(f).to_pandas() for f in metrics_paths(out)])
     assert sorted(after["id"]) == [f"r{k}" for k in range(6)]       # no duplicates
     again = after.set_index("id")["written_at"]
     for rid in first.index:
@@ -159,7 +160,7 @@ def test_retry_errors_replaces_the_error_rows(ray_cluster, tmp_path, tiny32, pho
     shutil.copy(photos / "p1.png", broken)
     assert run_command(Namespace(spec=spec, set=[], address=None, retry_errors=True)) == 0
     out = Output(str(tmp_path / "out"))
-    rows = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    rows = pd.concat([pq.read_table(f).to_pandas() for f in metrics_paths(out)])
     assert sorted(rows["id"]) == ["a", "b"] and (rows["status"] == "ok").all()
 
 
@@ -280,13 +281,13 @@ def test_a_run_killed_partway_resumes_without_redoing_or_duplicating(ray_cluster
     proc.wait()
     _stop_orphaned_ray(proc.pid)
     out = Output(str(tmp_path / "out"))
-    before = out.read_metrics().set_index("id")["written_at"]
+    before = read_metrics(out).set_index("id")["written_at"]
     assert 2 <= len(before) < n
     assert run(spec) == 0
     summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
     assert summary["this_run"]["ok"] == n - len(before)
     assert summary["this_run"]["skipped_already_done"] == len(before)
-    after = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    after = pd.concat([pq.read_table(f).to_pandas() for f in metrics_paths(out)])
     assert sorted(after["id"]) == [f"k{i}" for i in range(n)]
     kept = after.set_index("id")["written_at"]
     assert all(kept[rid] == at for rid, at in before.items())

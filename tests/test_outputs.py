@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.job.ledger import pending_rows
-from pipeline.job.outputs import METRICS_SCHEMA, Output, passthrough_schema
+from pipeline.job.metrics import (METRICS_SCHEMA, drop_stale_rows, metrics_paths,
+                                  passthrough_schema, read_metrics, write_metrics)
+from pipeline.job.outputs import Output
 
 
 def rows(ids, status="ok", at=1.0, **extra):
@@ -22,22 +24,22 @@ def rows(ids, status="ok", at=1.0, **extra):
 
 def test_metrics_round_trip_and_a_retried_batch_replaces_its_own_file(tmp_path):
     out = Output(str(tmp_path / "o"))
-    first = out.write_metrics(rows(["b", "a"], status="error", at=1.0), METRICS_SCHEMA)
-    again = out.write_metrics(rows(["a", "b"], at=2.0), METRICS_SCHEMA)
-    assert first == again and len(out.metrics_files()) == 1        # named by its ids
-    out.write_metrics(rows(["c"], at=3.0), METRICS_SCHEMA)
-    read = out.read_metrics().set_index("id")
+    first = write_metrics(out, rows(["b", "a"], status="error", at=1.0), METRICS_SCHEMA)
+    again = write_metrics(out, rows(["a", "b"], at=2.0), METRICS_SCHEMA)
+    assert first == again and len(metrics_paths(out)) == 1        # named by its ids
+    write_metrics(out, rows(["c"], at=3.0), METRICS_SCHEMA)
+    read = read_metrics(out).set_index("id")
     assert sorted(read.index) == ["a", "b", "c"] and (read["status"] == "ok").all()
     assert not [p for p in (tmp_path / "o" / "metrics").iterdir() if p.name.startswith(".")]
 
 
 def test_the_newest_row_per_id_wins_and_stale_rows_are_dropped(tmp_path):
     out = Output(str(tmp_path / "o"))
-    out.write_metrics(rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
-    out.write_metrics(rows(["a"], at=2.0), METRICS_SCHEMA)
-    assert out.read_metrics().set_index("id")["status"].to_dict() == {"a": "ok", "b": "error"}
-    assert out.drop_stale_rows() == 1
-    every = pd.concat([pq.read_table(f).to_pandas() for f in out.metrics_files()])
+    write_metrics(out, rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
+    write_metrics(out, rows(["a"], at=2.0), METRICS_SCHEMA)
+    assert read_metrics(out).set_index("id")["status"].to_dict() == {"a": "ok", "b": "error"}
+    assert drop_stale_rows(out) == 1
+    every = pd.concat([pq.read_table(f).to_pandas() for f in metrics_paths(out)])
     assert sorted(every["id"]) == ["a", "b"]
 
 
@@ -49,12 +51,12 @@ def test_outputs_written_before_the_rename_are_read_and_resumed(tmp_path):
     (tmp_path / "o" / "metrics").mkdir(parents=True)
     pq.write_table(pa.Table.from_pandas(old), tmp_path / "o" / "metrics" / "part-old.parquet")
     out = Output(str(tmp_path / "o"))
-    read = out.read_metrics().set_index("id")
+    read = read_metrics(out).set_index("id")
     assert "image_uri" not in read.columns
     assert read.loc["a", "edited_uri"] == "o/images/a.png" and pd.isna(read.loc["b", "edited_uri"])
     manifest = pd.DataFrame({"id": ["a", "b", "c"]})
-    assert pending_rows(manifest, out.read_metrics(), retry_errors=False)["id"].tolist() == ["c"]
-    assert pending_rows(manifest, out.read_metrics(), retry_errors=True)["id"].tolist() == ["b", "c"]
+    assert pending_rows(manifest, read_metrics(out), retry_errors=False)["id"].tolist() == ["c"]
+    assert pending_rows(manifest, read_metrics(out), retry_errors=True)["id"].tolist() == ["b", "c"]
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
@@ -110,12 +112,12 @@ def test_on_s3_a_replaced_metrics_file_is_read_afresh(s3_server):
     of the old one: reading, resuming and dropping stale rows must see the new file."""
     s3_server["fs"].mkdir("outputs-afresh")
     out = Output("s3://outputs-afresh/o", s3_server["options"])
-    out.write_metrics(rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
-    out.write_metrics(rows(["c"], status="error", at=1.0), METRICS_SCHEMA)
-    assert len(out.read_metrics()) == 3                        # listed and read: now cached
+    write_metrics(out, rows(["a", "b"], status="error", at=1.0), METRICS_SCHEMA)
+    write_metrics(out, rows(["c"], status="error", at=1.0), METRICS_SCHEMA)
+    assert len(read_metrics(out)) == 3                        # listed and read: now cached
     actor = Output("s3://outputs-afresh/o", {**s3_server["options"], "skip_instance_cache": True})
-    actor.write_metrics(rows(["a", "b"], at=2.0), METRICS_SCHEMA)   # the same file, replaced
-    actor.write_metrics(rows(["c"], at=3.0), METRICS_SCHEMA)       # by another process
-    assert out.drop_stale_rows() == 0
-    assert out.read_metrics().set_index("id")["status"].to_dict() == {"a": "ok", "b": "ok",
+    write_metrics(actor, rows(["a", "b"], at=2.0), METRICS_SCHEMA)   # the same file, replaced
+    write_metrics(actor, rows(["c"], at=3.0), METRICS_SCHEMA)       # by another process
+    assert drop_stale_rows(out) == 0
+    assert read_metrics(out).set_index("id")["status"].to_dict() == {"a": "ok", "b": "ok",
                                                                         "c": "ok"}

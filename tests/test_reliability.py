@@ -29,6 +29,7 @@ from s3_faults import FaultProxy
 
 from jobs.run import run_command
 from manifests.schema import write_manifest
+from pipeline.job.metrics import metrics_paths
 from pipeline.job.outputs import Output
 from pipeline.job.storage import S3_ATTEMPTS, S3FS_RETRIES
 
@@ -127,7 +128,7 @@ def every_row(output, storage_options=None):
     """Every metrics row in every file (not one per id, as read_metrics gives)."""
     out = Output(output, storage_options)
     return pd.concat([pq.read_table(f, filesystem=out.fs).to_pandas()
-                      for f in out.metrics_files()], ignore_index=True)
+                      for f in metrics_paths(out)], ignore_index=True)
 
 
 def s3_options(proxy):
@@ -227,7 +228,7 @@ def test_s3_faults_are_retried_a_bounded_number_of_times_then_end_their_rows(
     assert proxy.attempts("PUT", "/out/latents/s1") == 3
     assert 2 <= proxy.attempts("PUT", "/out/masks/s2") <= 3
     # one metrics PUT dropped once: one request more than the files written
-    files = len(Output(out, opts).metrics_files())
+    files = len(metrics_paths(Output(out, opts)))
     assert proxy.attempts("PUT", "/out/metrics/") == files + 1
     # persistent faults: the rows end in error with the storage's reason, after a bounded
     # number of attempts (pipeline/job/storage.py): S3_ATTEMPTS on 5xx; on dropped connections

@@ -24,7 +24,8 @@ from jobs.cli import main
 from jobs.run import run_command
 from manifests.schema import read_manifest, write_manifest
 from pipeline.engine.rows import passthrough_columns
-from pipeline.job.outputs import Output, passthrough_schema
+from pipeline.job.metrics import passthrough_schema, read_metrics, write_metrics
+from pipeline.job.outputs import Output
 from pipeline.job.plan import plan_job
 from pipeline.job.spec import JobSpec
 from pipeline.job.stage import EditStage
@@ -100,7 +101,7 @@ def job(s3_server, tiny_dir, tmp_path_factory):
         rows = read_manifest(spec["manifest"], opts).rows
         earlier_run(rows[rows["id"] == "a.aligned"].reset_index(drop=True), spec)
         code = run(str(local / "job.yaml"))
-        metrics = Output(OUTPUT, opts).read_metrics().set_index("id")
+        metrics = read_metrics(Output(OUTPUT, opts)).set_index("id")
         yield {"code": code, "fs": fs, "opts": opts, "spec": local / "job.yaml",
                "metrics": metrics}
     finally:
@@ -201,7 +202,7 @@ def test_a_partial_output_with_old_metrics_reports_exports_and_resumes(job, tmp_
         if f != gone:
             t = pq.read_table(f)
             pq.write_table(t.drop_columns(IDENTITY_COLUMNS), f)
-    before = Output(str(out)).read_metrics().set_index("id")["written_at"]
+    before = read_metrics(Output(str(out))).set_index("id")["written_at"]
 
     opts = job["opts"]                          # the images the rows name are still on S3
     page = Path(write_report(str(out), storage_options=opts, now=time.time() + 3600)).read_text()
@@ -216,7 +217,7 @@ def test_a_partial_output_with_old_metrics_reports_exports_and_resumes(job, tmp_
     spec = yaml.safe_load(job["spec"].read_text())
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({**spec, "output": str(out)}))
     assert run(str(tmp_path / "job.yaml")) == 1                 # the two failed rows stay
-    after = Output(str(out)).read_metrics().set_index("id")
+    after = read_metrics(Output(str(out))).set_index("id")
     assert sorted(after.index) == sorted(job["metrics"].index)
     assert all(after.loc[rid, "written_at"] == at for rid, at in before.items())   # not redone
     redone = after.loc[sorted(gone_ids)]
@@ -324,7 +325,7 @@ def test_export_refuses_a_passthrough_column_it_would_overwrite(tmp_path, capsys
     schema = passthrough_schema(None, ["image"])
     row = pd.DataFrame({name: [None] for name in schema.names}).assign(
         id="x", status="error", error="unreadable", image="the manifest's own", written_at=1.0)
-    Output(str(tmp_path / "out")).write_metrics(row, schema)
+    write_metrics(Output(str(tmp_path / "out")), row, schema)
     assert main(["export", str(tmp_path / "out"), "--format", "hf-parquet",
                  "--dest", str(tmp_path / "x")]) == 1
     assert "column(s) ['image']" in capsys.readouterr().err

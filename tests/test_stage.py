@@ -13,7 +13,8 @@ from manifests.schema import validate
 from models.spec import REQUIRED, SpecError
 from pipeline.errors import STOPPED, JobStopped, StorageError
 from pipeline.job.images import ImageError
-from pipeline.job.outputs import Output, passthrough_schema
+from pipeline.job.metrics import passthrough_schema, read_metrics
+from pipeline.job.outputs import Output
 from pipeline.job.plan import image_groups, plan_job
 from pipeline.job.spec import JobSpec
 from pipeline.job.stage import EditStage, FailureStreak
@@ -75,7 +76,7 @@ def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path,
     assert out["label"].tolist() == [7, 8, 9] and (out["actor_model_loads"] == 1).all()
     assert not ray.is_initialized()          # a stage used directly starts no Ray instance
     assert out.loc["r1", "steps"] == 3 + 2 and out.loc["r0", "mode"] == "local"
-    written = Output(str(tmp_path / "out")).read_metrics().set_index("id")
+    written = read_metrics(Output(str(tmp_path / "out"))).set_index("id")
     assert sorted(written.index) == ["r0", "r1", "r2"]                # the metrics file is there
 
 
@@ -131,7 +132,7 @@ def test_a_write_failing_mid_row_fails_that_row_alone(tiny_dir, photos, tmp_path
     assert "/etc/hostname: refused: not under any inputs.allow" in out.loc["r2", "error"]
     leftovers = [p for p in (tmp_path / "out").rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
-    written = Output(str(tmp_path / "out")).read_metrics().set_index("id")["status"]
+    written = read_metrics(Output(str(tmp_path / "out"))).set_index("id")["status"]
     assert written.to_dict() == {"r0": "ok", "r1": "error", "r2": "error"}
 
     # metrics that cannot be written: the rows come back `stopped`, recorded nowhere

@@ -16,7 +16,8 @@ import pytest
 
 from jobs.cli import main
 from manifests.schema import write_manifest
-from pipeline.job.outputs import METRICS_SCHEMA, Output
+from pipeline.job.metrics import METRICS_SCHEMA, write_metrics
+from pipeline.job.outputs import Output
 from pipeline.job.progress import DriverProgress, Figures, rates
 from pipeline.results.status import compute_status, read_status, render
 
@@ -38,7 +39,7 @@ def write_job(out: Output, specs, started_at, manifest="m.parquet", batch=2):
     out.put_json("job.json", {"settings": {"manifest": manifest}, "started_at": started_at,
                               "rows": 0})
     for k in range(0, len(specs), batch):                 # one metrics file per batch, as actors do
-        out.write_metrics(metrics_rows(specs[k:k + batch]), METRICS_SCHEMA)
+        write_metrics(out, metrics_rows(specs[k:k + batch]), METRICS_SCHEMA)
 
 
 def manifest_of(ids, path, storage_options=None):
@@ -197,7 +198,7 @@ def test_status_watch_refreshes_until_interrupted(tmp_path):
         lines = []
         while time.time() < deadline and len(lines) < 1:
             lines = [proc.stdout.readline()]
-        out.write_metrics(metrics_rows(SPECS[2:4]), METRICS_SCHEMA)   # the job moves on
+        write_metrics(out, metrics_rows(SPECS[2:4]), METRICS_SCHEMA)   # the job moves on
         seen = []
         while time.time() < deadline:
             got = json.loads(proc.stdout.readline())
@@ -280,3 +281,28 @@ def test_progress_interval_from_the_environment(monkeypatch):
     monkeypatch.delenv("MASKFACE_PROGRESS_INTERVAL_S")
     assert interval_from_env() == 60
 
+
+
+def test_status_uses_the_manifest_job_json_names_and_a_watch_rereads_only_changes(
+        tmp_path, monkeypatch):
+    from pipeline.job import metrics
+    from pipeline.results import status as status_module
+    now = time.time()
+    out = Output(str(tmp_path / "out"))
+    manifest = manifest_of(IDS, str(tmp_path / "m.parquet"))
+    write_job(out, shifted(now), START - NOW + now, manifest=manifest)
+    files, manifests = [], []
+    real_file, real_ids = metrics._read_file, status_module.manifest_ids
+    monkeypatch.setattr(metrics, "_read_file", lambda o, p, c: files.append(p) or
+                        real_file(o, p, c))
+    monkeypatch.setattr(status_module, "manifest_ids", lambda *a: manifests.append(a) or
+                        real_ids(*a))
+    reader = status_module.StatusReader(str(tmp_path / "out"))      # no --manifest
+    first = reader.read(window_s=600, now=now)
+    assert (first.figures.total, first.figures.pending) == (10, 4)
+    assert first.manifest == manifest and len(files) == 4 and len(manifests) == 1
+    files.clear()
+    write_metrics(out, metrics_rows([("a6", "ok", "n2", "act2", now)]), METRICS_SCHEMA)
+    second = reader.read(window_s=600, now=now)
+    assert second.figures.pending == 3
+    assert len(files) == 1 and len(manifests) == 1       # the new file; the manifest once

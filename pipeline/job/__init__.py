@@ -5,7 +5,8 @@
     plan.py       what the driver decides once: each edit's settings, networks, batches
     stage.py      EditStage: the model-holding actor, one per GPU; the failure streak
     prefix.py     the shared inversion prefix, cached per image
-    outputs.py    the output layout, atomic writes, the metrics schema and reader
+    outputs.py    the output layout and atomic writes
+    metrics.py    the metrics rows: schema, writes, column reads, compaction
     ledger.py     what the metrics rows say: complete, pending, counts, on target, summary
     storage.py    fsspec with the S3 retry policy; storage failures as row errors
     access.py     what a job may read (`inputs.allow`) and the image limits

@@ -29,8 +29,10 @@ from pipeline.engine.rows import passthrough_columns
 from pipeline.errors import STOPPED, SetupError, StorageError
 
 from .access import manifest_home, outside_of
-from .ledger import pending_rows, summarize
-from .outputs import Output, passthrough_schema
+from .ledger import SUMMARY_COLUMNS, pending_rows, summarize
+from .metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
+                      read_metrics)
+from .outputs import Output
 from .plan import JobPlan, image_groups, plan_job, schedule_order
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .spec import JobSpec
@@ -85,7 +87,8 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     started = time.time()
     out = Output(job.output, job.storage_options)
     schema = passthrough_schema(manifest_schema, passthrough_columns(rows.columns))
-    todo = pending_rows(rows, out.read_metrics(), job.retry_errors)
+    history = read_metrics(out, ["id", "status", "written_at"])        # read once
+    todo = pending_rows(rows, history, job.retry_errors)
     skipped = len(rows) - len(todo)
     plan = plan_job(todo, job, schema) if len(todo) else None
     outside = reads_outside(rows, job)
@@ -100,13 +103,14 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     stopped = None
     if plan is not None:
         try:
-            this_run = _run_with_resumes(todo, len(rows), out, job, plan, address,
+            this_run = _run_with_resumes(todo, len(rows), out, job, plan, history, address,
                                          ray_init_kwargs)
         except SetupError as e:
             stopped = e
     if job.retry_errors and stopped is None:
-        out.drop_stale_rows()
-    summary = summarize(out.read_metrics(), set(rows["id"]), this_run, skipped,
+        drop_stale_rows(out)
+    Compaction(out).run()                  # the next read of this output is a few files
+    summary = summarize(read_metrics(out, SUMMARY_COLUMNS), set(rows["id"]), this_run, skipped,
                         time.time() - started, job.output)
     summary["this_run"]["started_at"] = started      # the report matches it to job.json's
     if stopped is not None:
@@ -127,15 +131,18 @@ class WorkersLost(Exception):
 
 
 def _run_with_resumes(todo: pd.DataFrame, total: int, out: Output, job: JobSpec, plan: JobPlan,
-                      address: str | None, ray_init_kwargs: Mapping | None) -> pd.DataFrame:
+                      history: pd.DataFrame, address: str | None,
+                      ray_init_kwargs: Mapping | None) -> pd.DataFrame:
     """`_run_on_ray`, run again over the rows still to do when Ray lost workers (a
     preempted node), at most RESUMES_AFTER_LOSS times, once the cluster knows which
-    nodes are gone. Rows whose metrics row appeared meanwhile are not run again."""
-    before = _written(out)
+    nodes are gone. Rows whose metrics row appeared meanwhile (`history`: the rows
+    before the run) are not run again."""
+    before = _written(out, history)
+    compaction = Compaction(out)
     for attempt in range(RESUMES_AFTER_LOSS + 1):
         try:
-            this_run = _run_on_ray(schedule_order(todo, plan), total, job, plan, address,
-                                   ray_init_kwargs)
+            this_run = _run_on_ray(schedule_order(todo, plan), total, job, plan, compaction,
+                                   address, ray_init_kwargs)
             if attempt == 0:
                 return this_run
             break
@@ -149,8 +156,8 @@ def _run_with_resumes(todo: pd.DataFrame, total: int, out: Output, job: JobSpec,
             _wait_for_lost_nodes(e.nodes)
             if not len(todo):
                 break
-    done = out.read_metrics()               # after a loss: what this run wrote, returned or not
-    return done.loc[done["id"].isin(_changed(before, out, done)), ["id", "status"]]
+    done = read_metrics(out, ["id", "status", "written_at"])   # after a loss: what this run
+    return done.loc[done["id"].isin(_changed(before, out, done)), ["id", "status"]]  # wrote
 
 
 def _changed(before: dict[str, float], out: Output, done: pd.DataFrame | None = None) -> set:
@@ -159,8 +166,32 @@ def _changed(before: dict[str, float], out: Output, done: pd.DataFrame | None = 
 
 
 def _written(out: Output, done: pd.DataFrame | None = None) -> dict[str, float]:
-    done = out.read_metrics() if done is None else done
+    done = read_metrics(out, ["id", "written_at"]) if done is None else done
     return dict(zip(done["id"], done["written_at"])) if len(done) else {}
+
+
+class Compaction:
+    """The batch files the actors write, merged by the driver: every COMPACT_EVERY rows
+    while the job runs (the batch files since the last time into one), and when it ends
+    (the merged files into files of up to COMPACT_ROWS rows; pipeline/job/metrics.py).
+    A compaction that fails is said and left for the next one: it only makes reads
+    faster."""
+
+    def __init__(self, out: Output):
+        self.out, self.rows = out, 0
+
+    def rows_done(self, n: int) -> None:
+        self.rows += n
+        if self.rows >= COMPACT_EVERY:
+            self.run(batch_files_only=True)
+
+    def run(self, batch_files_only: bool = False) -> None:
+        self.rows = 0
+        try:
+            compact(self.out, batch_files_only=batch_files_only)
+        except Exception as e:                       # noqa: BLE001: reads stay correct
+            log.warning("metrics compaction skipped (%s: %s); the next one tries again",
+                        type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
 
 
 def _alive_nodes() -> set[str]:
@@ -196,7 +227,8 @@ def _actor_resources(job: JobSpec) -> tuple[int, dict, bool]:
 
 
 def _run_on_ray(todo: pd.DataFrame, total: int, job: JobSpec, plan: JobPlan,
-                address: str | None, ray_init_kwargs: Mapping | None) -> pd.DataFrame:
+                compaction: Compaction, address: str | None,
+                ray_init_kwargs: Mapping | None) -> pd.DataFrame:
     """The rows through an actor pool of EditStage, with progress over the manifest's
     `total` rows; returns each row's id and status."""
     import ray
@@ -229,10 +261,11 @@ def _run_on_ray(todo: pd.DataFrame, total: int, job: JobSpec, plan: JobPlan,
             fn_constructor_kwargs=dict(
                 job=job, plan=plan, cpu_threads=None if on_gpus else job.cpu_threads),
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, **per_actor)
-    return _collect(ds, total, len(todo), nodes)
+    return _collect(ds, total, len(todo), nodes, compaction)
 
 
-def _collect(ds, total: int, pending: int, nodes: set[str]) -> pd.DataFrame:
+def _collect(ds, total: int, pending: int, nodes: set[str], compaction: Compaction
+             ) -> pd.DataFrame:
     """Each row's id and status as the actors hand them back, with progress. Rows with
     status `stopped` end the job (SetupError, their message); Ray losing actors past
     their retries raises WorkersLost; any other error is raised as it is."""
@@ -245,6 +278,7 @@ def _collect(ds, total: int, pending: int, nodes: set[str]) -> pd.DataFrame:
                     raise SetupError(str(list(stopped["error"])[0]))
                 parts.append(b[["id", "status"]])
                 progress.update(b["status"])
+                compaction.rows_done(len(b))
         except SetupError:
             raise
         except Exception as e:

@@ -23,6 +23,9 @@ import pandas as pd
 from pipeline.engine.rows import on_target, target_side
 
 OK, ERROR = "ok", "error"          # a metrics row's status
+# the metrics columns summary.json is made of (pipeline/job/metrics.py reads only these)
+SUMMARY_COLUMNS = ["id", "status", "error", "attributes", "targets", "prob_input",
+                   "prob_result"]
 
 
 @dataclass(frozen=True)

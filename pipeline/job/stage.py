@@ -46,6 +46,7 @@ from .access import InputPolicy
 from .identity import load_identity
 from .images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from .ledger import OK
+from .metrics import write_metrics
 from .outputs import Output, npy_bytes, npz_bytes
 from .plan import JobPlan
 from .prefix import PrefixCache, branch_points, start_for
@@ -151,7 +152,7 @@ class EditStage:
             if name not in out.columns:
                 out[name] = None
         try:
-            self.output.write_metrics(out, self.plan.schema)    # last: the rows are now complete
+            write_metrics(self.output, out, self.plan.schema)    # last: the rows are now complete
         except StorageError as e:
             raise SetupError(f"cannot write the metrics of {len(out)} row(s) under "
                              f"{redact(self.output.uri)}: {e}. Nothing can be recorded, so "

@@ -33,7 +33,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import fsspec
 import numpy as np
@@ -43,13 +43,15 @@ import pyarrow.parquet as pq
 
 from pipeline.engine.rows import on_target, target_side
 from pipeline.job.ledger import OK
-from pipeline.job.outputs import METRICS_SCHEMA, Output
+from pipeline.job.metrics import iter_metrics, metrics_paths, metrics_schema, read_metrics
+from pipeline.job.outputs import Output
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf-parquet", "imagefolder")
 SPLIT = "train"
 SHARD_ROWS = 1000          # rows per Parquet file (images inline: ~1000 x 1 MB at 1024 px)
+WRITERS = 16               # imagefolder: images written at once
 LABEL_PREFIX = "attr_"
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 HF_FEATURES = {"info": {"features": {"image": {"_type": "Image"}}}}
@@ -58,15 +60,16 @@ HF_FEATURES = {"info": {"features": {"image": {"_type": "Image"}}}}
 @dataclass
 class ExportResult:
     dest: str
-    rows: int
-    files: list[str] = field(default_factory=list)
+    rows: int                                    # written
+    selected: int = 0                            # chosen to export (rows whose image is
+    files: list[str] = field(default_factory=list)  # missing are left out of `rows`)
     missing: list[tuple[str, str]] = field(default_factory=list)   # (id, reason): left out
 
 
-def label_names(metrics: pd.DataFrame) -> list[str]:
+def label_names(columns: Iterable[str], attributes: Iterable[Iterable[str]]) -> list[str]:
     """The labels of `labels_after`: the attr_* columns, then edited attributes without one."""
-    names = [c[len(LABEL_PREFIX):] for c in metrics.columns if c.startswith(LABEL_PREFIX)]
-    edited = {a for attrs in metrics["attributes"] for a in attrs} if len(metrics) else set()
+    names = [c[len(LABEL_PREFIX):] for c in columns if c.startswith(LABEL_PREFIX)]
+    edited = {a for attrs in attributes for a in attrs}
     return names + sorted(edited - set(names))
 
 
@@ -86,71 +89,100 @@ def labels_after(row: Mapping[str, Any], names: list[str]) -> tuple[dict | None,
     return labels, reached
 
 
-def export_rows(metrics: pd.DataFrame, fmt: str, only_successful: bool) -> pd.DataFrame:
-    """The rows to export, sorted by id, with labels_after and reached_target."""
-    names = label_names(metrics)
-    rows = metrics.sort_values("id").reset_index(drop=True)
+def with_labels(rows: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """The rows with labels_after and reached_target (the rule in the module doc)."""
     pairs = [labels_after(r, names) for r in rows.to_dict("records")]
-    rows["labels_after"] = [p[0] for p in pairs]
-    rows["reached_target"] = pd.array([p[1] for p in pairs], dtype="boolean")
+    return rows.assign(labels_after=[p[0] for p in pairs],
+                       reached_target=pd.array([p[1] for p in pairs], dtype="boolean"))
+
+
+def exported_ids(rows: pd.DataFrame, fmt: str, only_successful: bool) -> set[str]:
+    """Which rows an export keeps: every row (hf-parquet) or those with an image
+    (imagefolder); with only_successful, those that reached every target."""
     keep = rows["status"] == OK if fmt == "imagefolder" else pd.Series(True, index=rows.index)
     if only_successful:
-        keep &= (rows["status"] == OK) & rows["reached_target"].fillna(False).astype(bool)
-    return rows[keep].reset_index(drop=True)
+        reached = [labels_after(r, [])[1] for r in rows.to_dict("records")]
+        keep &= (rows["status"] == OK) & pd.Series([bool(x) for x in reached], index=rows.index)
+    return set(rows.loc[keep, "id"])
 
 
-def _schema(rows: pd.DataFrame, names: list[str]) -> pa.Schema:
+def _schema(columns: pa.Schema, names: list[str]) -> pa.Schema:
     """image, the keys and labels first, then every metrics column, typed as the metrics
-    files type them (passthrough columns as pandas infers them)."""
-    known = {f.name: f for f in METRICS_SCHEMA}
+    files type them (passthrough columns too)."""
     first = ["id", "source_uri", "input_uri"]
-    labels = [c for c in rows.columns if c.startswith(LABEL_PREFIX)]
-    rest = [c for c in rows.columns
-            if c not in first + labels + ["labels_after", "reached_target"]]
-    inferred = pa.Schema.from_pandas(rows[[c for c in labels + rest if c not in known]],
-                                     preserve_index=False)
-    fields = [pa.field("image", IMAGE_TYPE)]
-    for c in first + labels:
-        fields.append(known[c] if c in known else inferred.field(c))
+    labels = [c for c in columns.names if c.startswith(LABEL_PREFIX)]
+    rest = [c for c in columns.names if c not in first + labels]
+    fields = [pa.field("image", IMAGE_TYPE)] + [columns.field(c) for c in first + labels]
     fields.append(pa.field("labels_after", pa.struct([(n, pa.int8()) for n in names])))
     fields.append(pa.field("reached_target", pa.bool_()))
-    fields += [known[c] if c in known else inferred.field(c) for c in rest]
+    fields += [columns.field(c) for c in rest]
     return pa.schema(fields, metadata={"huggingface": json.dumps(HF_FEATURES)})
 
 
 def _read_images(rows: pd.DataFrame, storage_options: Mapping | None
                  ) -> list[bytes | str | None]:
-    """Each row's edited PNG bytes; None for failed rows; the reason for unreadable ones."""
-    def read(uri):
-        if not isinstance(uri, str):
-            return None
+    """Each row's edited PNG bytes; None for failed rows; the reason for unreadable ones.
+    One concurrent fetch per filesystem (on S3: one GET per image, many in flight)."""
+    uris = [u if isinstance(u, str) else None for u in rows["edited_uri"]]
+    found: dict[str, bytes | str] = {}
+    by_protocol: dict[str, list[str]] = {}
+    for uri in filter(None, uris):
+        by_protocol.setdefault(fsspec.utils.get_protocol(uri), []).append(uri)
+    for group in by_protocol.values():
+        fs, _ = fsspec.core.url_to_fs(group[0], **dict(storage_options or {}))
+        paths = {uri: fs._strip_protocol(uri) for uri in group}
         try:
-            with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-                return f.read()
-        except Exception as e:
-            return f"edited image {uri}: {type(e).__name__}: {e}"
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(read, rows["edited_uri"]))
+            got = fs.cat(sorted(set(paths.values())), on_error="return")
+        except Exception as e:                 # noqa: BLE001: said per row, as below
+            got = {path: e for path in paths.values()}
+        for uri, path in paths.items():
+            data = got.get(path, FileNotFoundError(path))
+            found[uri] = (data if isinstance(data, bytes)
+                          else f"edited image {uri}: {type(data).__name__}: {data}")
+    return [found[u] if u is not None else None for u in uris]
 
 
-def _write_parquet(site: Output, rows: pd.DataFrame, schema: pa.Schema,
-                   storage_options: Mapping | None, result: ExportResult) -> None:
-    shards = max(math.ceil(len(rows) / SHARD_ROWS), 1)
-    for k in range(shards):
-        part = rows.iloc[k * SHARD_ROWS:(k + 1) * SHARD_ROWS].copy()
-        images = _read_images(part, storage_options)
+class _ParquetShards:
+    """hf-parquet: rows gathered into shards of SHARD_ROWS, each written whole with its
+    images as soon as it is full."""
+
+    def __init__(self, site: Output, schema: pa.Schema, total: int,
+                 storage_options: Mapping | None, result: ExportResult):
+        self.site, self.schema, self.options, self.result = site, schema, storage_options, result
+        self.shards = max(math.ceil(total / SHARD_ROWS), 1)
+        self.pending: list[pd.DataFrame] = []
+        self.held = self.written = 0
+
+    def add(self, rows: pd.DataFrame) -> None:
+        self.pending.append(rows)
+        self.held += len(rows)
+        while self.held >= SHARD_ROWS:
+            self._write(SHARD_ROWS)
+
+    def close(self) -> None:
+        if self.held or not self.written:
+            self._write(self.held)
+
+    def _write(self, count: int) -> None:
+        rows = pd.concat(self.pending, ignore_index=True) if self.pending else pd.DataFrame(
+            columns=self.schema.names)
+        part, rest = rows.iloc[:count].copy(), rows.iloc[count:]
+        self.pending, self.held = [rest], len(rest)
+        images = _read_images(part, self.options)
         bad = [(rid, d) for rid, d in zip(part["id"], images) if isinstance(d, str)]
-        result.missing += bad
+        self.result.missing += bad
         part["image"] = [{"bytes": d, "path": f"{rid}.png"} if isinstance(d, bytes) else None
                          for rid, d in zip(part["id"], images)]
         part = part[~part["id"].isin({rid for rid, _ in bad})]
-        table = pa.Table.from_pandas(part[schema.names], schema=schema, preserve_index=False)
+        table = pa.Table.from_pandas(part[self.schema.names], schema=self.schema,
+                                     preserve_index=False)
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=100)
-        rel = f"data/{SPLIT}-{k:05d}-of-{shards:05d}.parquet"
-        site.put(rel, buf.getvalue())
-        result.files.append(f"{site.uri}/{rel}")
-        result.rows += len(part)
+        rel = f"data/{SPLIT}-{self.written:05d}-of-{self.shards:05d}.parquet"
+        self.site.put(rel, buf.getvalue())
+        self.written += 1
+        self.result.files.append(f"{self.site.uri}/{rel}")
+        self.result.rows += len(part)
 
 
 def _json_value(value: Any) -> Any:
@@ -168,43 +200,70 @@ def _json_value(value: Any) -> Any:
     return None if value is pd.NA or value is pd.NaT else value
 
 
-def _write_imagefolder(site: Output, rows: pd.DataFrame, storage_options: Mapping | None,
-                       result: ExportResult) -> None:
-    lines = []
-    for start in range(0, len(rows), SHARD_ROWS):
-        part = rows.iloc[start:start + SHARD_ROWS]
-        for row, data in zip(part.to_dict("records"), _read_images(part, storage_options)):
-            if not isinstance(data, bytes):
-                result.missing.append((row["id"], str(data)))
-                continue
-            site.put(f"{SPLIT}/{row['id']}.png", data)
-            lines.append(json.dumps({"file_name": f"{row['id']}.png",
-                                     **{k: _json_value(v) for k, v in row.items()}}))
-    site.put(f"{SPLIT}/metadata.jsonl", ("\n".join(lines) + "\n").encode())
-    result.files.append(f"{site.uri}/{SPLIT}/metadata.jsonl")
-    result.rows = len(lines)
+class _ImageFolder:
+    """imagefolder: each image as it comes, its metadata.jsonl line streamed to `lines`
+    (Output.writer: the file appears whole at the end)."""
+
+    def __init__(self, site: Output, lines: BinaryIO, storage_options: Mapping | None,
+                 result: ExportResult):
+        self.site, self.lines, self.options, self.result = site, lines, storage_options, result
+
+    def add(self, rows: pd.DataFrame) -> None:
+        images = _read_images(rows, self.options)
+        written = [(row, data) for row, data in zip(rows.to_dict("records"), images)
+                   if isinstance(data, bytes)]
+        self.result.missing += [(rid, str(data)) for rid, data in zip(rows["id"], images)
+                                if not isinstance(data, bytes)]
+        with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+            list(pool.map(lambda item: self.site.put(f"{SPLIT}/{item[0]['id']}.png", item[1]),
+                          written))
+        for row, _ in written:                  # each line after its image is written
+            line = json.dumps({"file_name": f"{row['id']}.png",
+                               **{k: _json_value(v) for k, v in row.items()}})
+            self.lines.write((line + "\n").encode())
+            self.result.rows += 1
+
+    def close(self) -> None:
+        self.result.files.append(f"{self.site.uri}/{SPLIT}/metadata.jsonl")
 
 
 def export_output(output_uri: str, fmt: str, dest: str, only_successful: bool = False,
-                  storage_options: Mapping | None = None) -> ExportResult:
-    """Export the output's metrics rows and edited images (see the module doc)."""
+                  storage_options: Mapping | None = None,
+                  progress: Callable[[int], None] | None = None) -> ExportResult:
+    """Export the output's metrics rows and edited images (see the module doc), streamed:
+    a first pass reads a few columns of every row to choose the rows and labels, then
+    the rows go through SHARD_ROWS at a time with their images (memory: one shard).
+    `progress(n)` is told each batch of rows done."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
     out = Output(output_uri, storage_options)
-    if not out.metrics_files():
+    if not metrics_paths(out):
         raise FileNotFoundError(f"no metrics under {output_uri}: nothing to export")
-    metrics = out.read_metrics()
-    clash = sorted({"image", "labels_after", "reached_target", "file_name"} & set(metrics.columns))
+    columns = metrics_schema(out)
+    clash = sorted({"image", "labels_after", "reached_target", "file_name"} & set(columns.names))
     if clash:
         raise ValueError(f"the output's metrics have column(s) {clash}, which the export "
                          "writes itself; rename them in the manifest")
-    rows = export_rows(metrics, fmt, only_successful)
+    lean = read_metrics(out, ["id", "status", "attributes", "targets", "prob_result"])
+    names = label_names(columns.names, lean.loc[lean["status"] == OK, "attributes"])
+    keep = exported_ids(lean, fmt, only_successful)
     site = Output(dest, storage_options)
-    result = ExportResult(dest=site.uri, rows=0)
+    result = ExportResult(dest=site.uri, rows=0, selected=len(keep))
+
+    def stream(writer: _ParquetShards | _ImageFolder) -> None:
+        for batch in iter_metrics(out, SHARD_ROWS):
+            batch = batch[batch["id"].isin(keep)]
+            if len(batch):
+                writer.add(with_labels(batch, names))
+            if progress:
+                progress(len(batch))
+        writer.close()
     if fmt == "hf-parquet":
-        _write_parquet(site, rows, _schema(rows, label_names(metrics)), storage_options, result)
+        stream(_ParquetShards(site, _schema(columns, names), len(keep), storage_options,
+                              result))
     else:
-        _write_imagefolder(site, rows, storage_options, result)
+        with site.writer(f"{SPLIT}/metadata.jsonl") as lines:
+            stream(_ImageFolder(site, lines, storage_options, result))
     for rid, why in result.missing:
         log.warning("export: row %s left out: %s", rid, why)
     return result

@@ -35,8 +35,9 @@ from pipeline.job.images import png_bytes, read_pil
 from pipeline.job.ledger import ERROR, OK, attribute_outcomes, of_manifest, this_runs_summary
 from pipeline.job.outputs import Output
 from pipeline.job.progress import fmt_duration
-from pipeline.results.status import (JobFiles, JobStatus, compute_status, manifest_ids,
-                                     read_job_files)
+from pipeline.job.metrics import read_metrics
+from pipeline.results.status import (STATUS_COLUMNS, JobFiles, JobStatus, compute_status,
+                                     manifest_ids, read_job_files)
 
 from . import plots
 
@@ -47,13 +48,24 @@ THUMB = 160              # thumbnail side, px
 FAILURES_SHOWN = 1000    # failure rows on the page at most (failures.csv holds all)
 
 
+# What the report reads of every row (its tables, plots and status), and of the rows it
+# shows one by one (the grid's sample and the failures): their files.
+NETWORK_COLUMNS = ["generator_sha256", "face_parser_sha256", "classifier_sha256",
+                   "e4e_sha256", "lpips_trunk_sha256"]
+REPORT_COLUMNS = [*STATUS_COLUMNS, "attributes", "targets", "prob_input", "prob_result",
+                  "preservation_l1", "outside_psnr", "identity_distance", "same_person",
+                  "identity_status", "identity_seconds", "steps", "mode", "tiny_models",
+                  *NETWORK_COLUMNS]
+FILE_COLUMNS = ["id", "input_uri", "edited_uri", "mask_uri", "pasted_uri"]
+
+
 def job_manifest_ids(files: JobFiles, storage_options: Mapping | None) -> set[str] | None:
     """The ids of the manifest job.json names, or None when it is gone or unreadable (the
     report then counts against job.json's row count)."""
     manifest = files.job_manifest
     if not manifest:
         return None
-    options = storage_options or ((files.job or {}).get("settings") or {}).get("storage_options")
+    options = storage_options or files.job_storage_options
     try:
         return manifest_ids(manifest, options)
     except Exception as e:
@@ -65,8 +77,10 @@ def job_manifest_ids(files: JobFiles, storage_options: Mapping | None) -> set[st
 def write_report(output_uri: str, dest: str | None = None,
                  storage_options: Mapping | None = None, grid: int = GRID,
                  now: float | None = None) -> str:
-    """Write the report folder; returns the URI of its index.html."""
-    files = read_job_files(output_uri, storage_options)
+    """Write the report folder; returns the URI of its index.html. Its tables and plots
+    are aggregates over every row; only the grid's sample and the failures are read in
+    full, so its time grows with the rows, not with their images."""
+    files = read_job_files(output_uri, storage_options, REPORT_COLUMNS)
     ids = job_manifest_ids(files, storage_options)
     site = Output(dest or f"{output_uri.rstrip('/')}/report", storage_options)
     mine = of_manifest(files.metrics, ids)
@@ -77,6 +91,9 @@ def write_report(output_uri: str, dest: str | None = None,
     errors = mine[mine["status"] == ERROR].sort_values("id")
     shown = ok if len(ok) <= grid else ok.sample(grid, random_state=0)
     shown = shown.assign(_first=[a[0] for a in shown["attributes"]]).sort_values(["_first", "id"])
+    paths = read_metrics(Output(output_uri, storage_options), FILE_COLUMNS,
+                         ids=set(shown["id"]) | set(errors["id"])).set_index("id")
+    shown, errors = (df.join(paths, on="id") for df in (shown, errors))
     thumbs = _write_thumbnails(site, shown, storage_options)
     if len(errors):
         site.put("failures.csv", errors[["id", "error", "input_uri"]].to_csv(index=False).encode())

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
 from pipeline.job.ledger import ERROR, Counts, of_manifest, this_runs_summary
+from pipeline.job.metrics import MetricsReader
 from pipeline.job.outputs import Output
 from pipeline.job.progress import (DEFAULT_WINDOW_S, Figures, fmt_duration, fmt_rate, per_hour,
                                    rates)
@@ -122,13 +123,17 @@ def manifest_ids(manifest_uri: str, storage_options: Mapping | None = None) -> s
     return set(table.column("id").to_pylist())
 
 
+# what status reads of each metrics row (pipeline/job/metrics.py reads only these)
+STATUS_COLUMNS = ["id", "status", "error", "node", "actor", "written_at"]
+
+
 @dataclass
 class JobFiles:
     """What a job leaves under its output, read once: the input of status and report."""
     output: str
     job: dict | None            # job.json: the latest run's spec and start
     summary: dict | None        # summary.json: written when a run ends
-    metrics: pd.DataFrame       # one row per id (Output.read_metrics)
+    metrics: pd.DataFrame       # one row per id, the columns asked (pipeline/job/metrics.py)
 
     @property
     def started_at(self) -> float | None:
@@ -139,31 +144,64 @@ class JobFiles:
         """The manifest job.json names."""
         return ((self.job or {}).get("settings") or {}).get("manifest")
 
+    @property
+    def job_storage_options(self) -> dict:
+        return ((self.job or {}).get("settings") or {}).get("storage_options") or {}
 
-def read_job_files(output_uri: str, storage_options: Mapping | None = None) -> JobFiles:
-    """job.json, summary.json and the metrics rows of an output; FileNotFoundError when
-    there is no job there."""
-    out = Output(output_uri, storage_options)
+
+def read_job_files(output_uri: str, storage_options: Mapping | None = None,
+                   columns: Sequence[str] | None = None,
+                   reader: MetricsReader | None = None) -> JobFiles:
+    """job.json, summary.json and the metrics rows (`columns` of them; a `reader` reads
+    only what changed since its last read); FileNotFoundError when there is no job."""
+    out = reader.out if reader is not None else Output(output_uri, storage_options)
     job = out.get_json("job.json")
-    metrics = out.read_metrics()
+    metrics = (reader or MetricsReader(out, columns)).read()
     if job is None and not len(metrics):
         raise FileNotFoundError(f"no job output at {output_uri}: neither job.json nor metrics/ "
                                 "(wrong URI, or the job has not started yet)")
     return JobFiles(output_uri, job, out.get_json("summary.json"), metrics)
 
 
+class StatusReader:
+    """A job's status, read as often as asked (`maskface status --watch`): the manifest's
+    ids once, and each time only the metrics files that changed since the last read.
+    Without `manifest_uri`, the manifest job.json names."""
+
+    def __init__(self, output_uri: str, storage_options: Mapping | None = None,
+                 manifest_uri: str | None = None):
+        self.output_uri, self.storage_options = output_uri, storage_options
+        self.manifest_uri = manifest_uri
+        self.metrics = MetricsReader(Output(output_uri, storage_options), STATUS_COLUMNS)
+        self._ids: set[str] | None = None
+        self._hint: str | None = None
+
+    def read(self, window_s: float = DEFAULT_WINDOW_S, errors: int = 5,
+             now: float | None = None) -> JobStatus:
+        files = read_job_files(self.output_uri, reader=self.metrics)
+        manifest = self.manifest_uri or files.job_manifest
+        if self._ids is None and manifest:
+            try:
+                self._ids = manifest_ids(manifest, self.storage_options or
+                                         files.job_storage_options)
+            except Exception as e:
+                if self.manifest_uri:               # the user named it: say it is wrong
+                    raise
+                self._hint = f"{manifest} (not readable: {type(e).__name__}: {e})"
+        status = compute_status(files.metrics, output=self.output_uri, manifest_ids=self._ids,
+                                manifest=manifest if self._ids is not None else None,
+                                started_at=files.started_at, now=now, window_s=window_s,
+                                errors=errors, summary=files.summary)
+        status.manifest_hint = self._hint if self._ids is None else None
+        return status
+
+
 def read_status(output_uri: str, storage_options: Mapping | None = None,
                 manifest_uri: str | None = None, window_s: float = DEFAULT_WINDOW_S,
                 errors: int = 5, now: float | None = None) -> JobStatus:
-    """The status of the job writing to `output_uri`, from its metrics and job.json."""
-    files = read_job_files(output_uri, storage_options)
-    ids = manifest_ids(manifest_uri, storage_options) if manifest_uri else None
-    status = compute_status(files.metrics, output=output_uri, manifest_ids=ids,
-                            manifest=manifest_uri, started_at=files.started_at, now=now,
-                            window_s=window_s, errors=errors, summary=files.summary)
-    if manifest_uri is None:
-        status.manifest_hint = files.job_manifest
-    return status
+    """The status of the job writing to `output_uri`, from its metrics, job.json and
+    summary.json; against `manifest_uri`, else the manifest job.json names."""
+    return StatusReader(output_uri, storage_options, manifest_uri).read(window_s, errors, now)
 
 
 def render(status: JobStatus, width: int = 100) -> str:
@@ -202,8 +240,8 @@ def render(status: JobStatus, width: int = 100) -> str:
     if f.total is not None:
         lines.append(f"ETA       {fmt_duration(f.eta_s)}")
     if status.manifest_hint:
-        lines.append(f"note      job.json names manifest {status.manifest_hint}: add --manifest "
-                     "for pending rows and an ETA")
+        lines.append(f"note      job.json names manifest {status.manifest_hint}: give "
+                     "--manifest for pending rows and an ETA")
     for title, rows, keys in (("node", status.per_node, ["node"]),
                               ("actor", status.per_actor, ["actor", "node"])):
         if not rows:
