@@ -17,7 +17,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .loaders import (Loaded, load_classifier, load_e4e, load_face_parser, load_generator,
-                      load_lpips, mean_latent)
+                      load_judge, load_lpips, mean_latent)
 from .spec import ModelsSpec, SpecError
 
 
@@ -65,8 +65,8 @@ def _generator_note(g: Loaded, spec: ModelsSpec, w: torch.Tensor) -> str:
 
 
 def check_networks(spec: ModelsSpec, parser_size: int = 512) -> Iterator[NetworkCheck]:
-    """Each network of `spec`, loaded strictly and run once, in order (e4e only when the
-    spec names it)."""
+    """Each network of `spec`, loaded strictly and run once, in order (e4e and the judge
+    only when the spec names them)."""
     image: list[torch.Tensor] = []
 
     def generator():
@@ -94,6 +94,10 @@ def check_networks(spec: ModelsSpec, parser_size: int = 512) -> Iterator[Network
             d = m.module(image[0], image[0].flip(-1), torch.ones_like(image[0][:, :1]))
         return m, d.shape, f"  lpips(image, mirrored) {d.item():.4f}"
 
+    def judge():
+        net, shape, _ = on_image(lambda: load_judge(spec.judge))()
+        return net, shape, f"  format {net.extra['format']}"
+
     yield _run("generator", generator)
     yield _run("face_parser", on_image(lambda: load_face_parser(spec.face_parser,
                                                                 working_size=parser_size)))
@@ -101,3 +105,5 @@ def check_networks(spec: ModelsSpec, parser_size: int = 512) -> Iterator[Network
     if spec.e4e is not None:
         yield _run("e4e", on_image(lambda: load_e4e(spec.e4e)))
     yield _run("lpips", lpips)
+    if spec.judge is not None:
+        yield _run("judge", judge)

@@ -21,6 +21,7 @@ from .checkpoints import (CheckpointError, cache_dir, load_strict, local_file, r
 from .classifier import BranchedTiny
 from .e4e import E4E_OPTIONS_TYPE, E4EInitializer, Encoder4Editing
 from .face_parser import FaceParser
+from .judge import Judge, build_judge, strip_data_parallel
 from .lpips_masked import TORCHVISION_VGG16_FILE, MaskedLPIPS, lpips_linear_file
 from .spec import NETWORKS, REQUIRED, MeanLatent, ModelsSpec, SpecError, WeightRef
 from .stylegan2 import Generator, compute_mean_latent
@@ -92,6 +93,21 @@ def load_classifier(ref: WeightRef, storage_options: Mapping | None = None) -> L
         raise CheckpointError(f"{name}: {e}") from None
     load_strict(model, sd, name)
     return Loaded(_freeze(model), sha, {})
+
+
+def load_judge(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
+    """The held-out classifier (models/judge.py): a BranchedTiny or a torchvision
+    ResNet-50 state dict, told apart by its keys (`module.` on every key is dropped).
+    `extra['format']` says which."""
+    path, sha = _open(ref, storage_options)
+    name = redact(ref.uri)
+    sd = strip_data_parallel(require_mapping(safe_load(path, name), name))
+    try:
+        judge = build_judge(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    load_strict(judge.network, sd, name)
+    return Loaded(_freeze(judge), sha, {"format": judge.format})
 
 
 def load_e4e(ref: WeightRef, storage_options: Mapping | None = None) -> Loaded:
@@ -195,6 +211,7 @@ class Models:
     lpips: MaskedLPIPS | None
     hashes: dict[str, str]
     tiny: bool
+    judge: Judge | None = None      # held out: measures edits, never in a loss
 
 
 def check_spec_names(spec: ModelsSpec, networks: Iterable[str], spec_uri: str = "the models spec") -> None:
@@ -214,14 +231,16 @@ def check_spec_names(spec: ModelsSpec, networks: Iterable[str], spec_uri: str = 
 def load_models(spec: ModelsSpec, device: str | torch.device = "cpu", parser_size: int = 512,
                 networks: Iterable[str] = NETWORKS, storage_options: Mapping | None = None
                 ) -> Models:
-    """Load exactly `networks` (default: all five; pipeline.engine.settings.required_networks
-    gives what a set of edits needs). The generator, parser and classifier are always
-    loaded; a requested e4e the spec does not name is a SpecError."""
+    """Load exactly `networks` (default: all of NETWORKS;
+    pipeline.engine.settings.required_networks gives what a set of edits needs). The
+    generator, parser and classifier are always loaded; a requested e4e the spec does not
+    name is a SpecError. The judge is optional: loaded when requested and named, else
+    `Models.judge` is None."""
     networks = set(networks) | set(REQUIRED)
     unknown = sorted(networks - set(NETWORKS))
     if unknown:
         raise ValueError(f"unknown network(s) {unknown}; known: {', '.join(NETWORKS)}")
-    check_spec_names(spec, networks)
+    check_spec_names(spec, networks - {"judge"})
     gen = load_generator(spec.generator, storage_options)
     parser = load_face_parser(spec.face_parser, parser_size, storage_options)
     clf = load_classifier(spec.classifier, storage_options)
@@ -236,10 +255,14 @@ def load_models(spec: ModelsSpec, device: str | torch.device = "cpu", parser_siz
     if "lpips_trunk" in networks:
         lpips = load_lpips(spec.lpips_trunk, storage_options)
         hashes["lpips_trunk"] = lpips.sha256
+    judge = None
+    if "judge" in networks and spec.judge is not None:
+        judge = load_judge(spec.judge, storage_options)
+        hashes["judge"] = judge.sha256
     w = mean_latent(gen, spec.mean_latent)
     device = torch.device(device)
     return Models(generator=gen.module.to(device), face_parser=parser.module.to(device),
                   classifier=clf.module.to(device), mean_latent=w.to(device),
                   e4e=e4e.module.to(device) if e4e else None,
                   lpips=lpips.module.to(device) if lpips else None, hashes=hashes,
-                  tiny=spec.tiny)
+                  tiny=spec.tiny, judge=judge.module.to(device) if judge else None)

@@ -5,6 +5,7 @@
     classifier:  {uri: classifier.pt}
     e4e:         {uri: e4e.pt}            # global edits only
     lpips_trunk: {uri: vgg16-397923af.pth}  # global edits only
+    judge:       {uri: judge.pt}          # optional: a held-out classifier that only measures
     mean_latent: {source: computed, samples: 50000, seed: 0}
     tiny: false
 
@@ -21,8 +22,10 @@ import yaml
 
 from .checkpoints import resolve_uri
 
-NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk")
+NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk", "judge")
 REQUIRED = ("generator", "face_parser", "classifier")
+# the judge (models/judge.py) is never required: no edit needs it, and no public source
+# for it exists, so `weights fetch` never downloads one
 # "computed": the mapping network's average over `samples` z from `seed` (the original's
 # method); "checkpoint": the generator file's latent_avg
 MEAN_LATENT_SOURCES = ("computed", "checkpoint")
@@ -53,6 +56,7 @@ class ModelsSpec:
     classifier: WeightRef
     e4e: WeightRef | None = None
     lpips_trunk: WeightRef | None = None
+    judge: WeightRef | None = None
     mean_latent: MeanLatent = field(default_factory=MeanLatent)
     tiny: bool = False          # random-weight checkpoints from `maskface weights make-tiny`
 

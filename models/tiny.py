@@ -3,8 +3,12 @@
 Tests and the demo run on these when real weights are absent. Everything made from
 them is marked as such (`tiny: true` in the models spec, and in every output).
 Key names match the originals; widths are narrow where the architecture allows
-(generator, classifier, e4e). The face parser and the VGG16 trunk have fixed
-torchvision widths and are full size (~160 MB and ~60 MB).
+(generator, classifier, e4e, the judge). The face parser and the VGG16 trunk have
+fixed torchvision widths and are full size (~160 MB and ~60 MB).
+
+The tiny judge is in the `branched` format (models/judge.py): another narrow
+BranchedTiny, drawn after every other network, so its weights differ from the
+classifier's. `resnet50_judge_state` gives the other format's exact keys, for tests.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torchvision.models import resnet50
 
 from .checkpoints import sha256_file
 from .classifier import BranchedTiny
@@ -25,7 +30,8 @@ from .stylegan2 import Generator, compute_mean_latent
 log = logging.getLogger(__name__)
 
 FILES = {"generator": "stylegan2.pt", "face_parser": "face_parser.pt",
-         "classifier": "classifier.pt", "e4e": "e4e.pt", "lpips_trunk": "vgg16_features.pth"}
+         "classifier": "classifier.pt", "e4e": "e4e.pt", "lpips_trunk": "vgg16_features.pth",
+         "judge": "judge.pt"}
 TINY_NOTE = "random weights from `maskface weights make-tiny`: outputs are not real edits"
 
 
@@ -60,6 +66,14 @@ def tiny_classifier() -> BranchedTiny:
     return c
 
 
+def resnet50_judge_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random-weight `torchvision.models.resnet50(num_classes=40)` state dict: a
+    `resnet50` judge file's exact keys and shapes (~95 MB; not written by make_tiny)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return resnet50(num_classes=40).state_dict()
+
+
 def make_tiny(dest: str | Path, resolution: int = 64, seed: int = 0,
               style_dim: int = 64) -> Path:
     """Write a complete tiny checkpoint set plus `models.yaml` into `dest`; return the spec path."""
@@ -87,6 +101,9 @@ def make_tiny(dest: str | Path, resolution: int = 64, seed: int = 0,
 
         trunk = MaskedLPIPS().features.state_dict()
         torch.save({f"features.{k}": v for k, v in trunk.items()}, dest / FILES["lpips_trunk"])
+
+        # drawn last, so every other file is what it was before the judge existed
+        torch.save(tiny_classifier().state_dict(), dest / FILES["judge"])
 
     refs = {name: WeightRef(file, sha256_file(dest / file)) for name, file in FILES.items()}
     spec = ModelsSpec(**refs, mean_latent=MeanLatent(samples=2_000, seed=seed), tiny=True)

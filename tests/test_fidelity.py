@@ -33,11 +33,12 @@ import torch
 from helpers import FIDELITY, FIDELITY_GLOBAL, FIDELITY_NOISE, case_hashes
 
 from models.loaders import load_models
-from models.spec import NETWORKS, ModelsSpec
+from models.spec import ModelsSpec
 from pipeline.engine.editor import Editor, StartPoint
 from pipeline.engine.rows import EditRequest
 from pipeline.engine.settings import EditConfig
 
+# the five networks the cases ran with, and their files
 CASE_FILE = {"generator": "stylegan2.pt", "face_parser": "face_parser.pt",
              "classifier": "classifier.pt", "e4e": "e4e.pt", "lpips_trunk": "vgg16_features.pth"}
 
@@ -51,11 +52,11 @@ def reference_models(fidelity_checkpoints):
     hashes = case_hashes(json.loads((FIDELITY_GLOBAL / "young_add" / "case.json").read_text()))
     spec = ModelsSpec.from_dict({
         **{name: {"uri": str(fidelity_checkpoints[name]), "sha256": hashes[CASE_FILE[name]]}
-           for name in NETWORKS},
+           for name in CASE_FILE},
         "mean_latent": {"samples": 16}})
     models = load_models(spec, parser_size=512)
     assert models.e4e is not None and models.lpips is not None
-    assert models.hashes == {name: hashes[CASE_FILE[name]] for name in NETWORKS}
+    assert models.hashes == {name: hashes[CASE_FILE[name]] for name in CASE_FILE}
     return models
 
 

@@ -13,12 +13,13 @@ def test_load_models_holds_every_network_and_its_hash(tiny_dir):
     spec = read_spec(str(tiny_dir / "models.yaml"))
     models = load_models(spec, parser_size=64)
     assert models.tiny
-    assert set(models.hashes) == {"generator", "face_parser", "classifier", "e4e", "lpips_trunk"}
+    assert set(models.hashes) == {"generator", "face_parser", "classifier", "e4e", "lpips_trunk",
+                                  "judge"}
     assert models.hashes["generator"] == sha256_file(tiny_dir / "stylegan2.pt")
     assert models.mean_latent.shape == (models.generator.style_dim,)
     assert models.face_parser.working_size == 64
     local_only = load_models(spec, parser_size=64, networks=REQUIRED)
-    assert local_only.e4e is None and local_only.lpips is None
+    assert local_only.e4e is None and local_only.lpips is None and local_only.judge is None
     torch.testing.assert_close(local_only.mean_latent, models.mean_latent)
 
 

@@ -28,7 +28,7 @@ def photos(tmp_path_factory):
 def partial_spec(tiny_dir, tmp_path, *drop):
     """The tiny spec without some networks (paths made absolute)."""
     spec = yaml.safe_load((tiny_dir / "models.yaml").read_text())
-    for name in ("generator", "face_parser", "classifier", "e4e", "lpips_trunk"):
+    for name in ("generator", "face_parser", "classifier", "e4e", "lpips_trunk", "judge"):
         spec[name]["uri"] = str(tiny_dir / spec[name]["uri"])
     for name in drop:
         del spec[name]
