@@ -1,5 +1,6 @@
-"""Shared test helpers: key listings of the original checkpoints, and the deterministic
-reference checkpoints the fidelity cases were recorded with (rebuilt from their rule)."""
+"""Shared test helpers: key listings of the original checkpoints, the deterministic
+reference checkpoints the fidelity cases were recorded with (rebuilt from their rule),
+and metrics rows taken out of an output (a killed job's)."""
 from __future__ import annotations
 
 import argparse
@@ -231,3 +232,25 @@ def write_photos(folder: Path, count: int, size: int = 48, seed: int = 0) -> Pat
         Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"p{k}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return folder
+
+
+def drop_metrics_rows(out, ids) -> None:
+    """Take `ids`' metrics rows out of an output, as if their batches had never finished
+    (a killed job): each metrics file holding one is rewritten without it (removed when
+    nothing is left). Their images and latents stay."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.job.metrics import metrics_paths
+    for path in metrics_paths(out):
+        with out.fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        keep = pc.invert(pc.is_in(table["id"], value_set=pa.array(sorted(ids), pa.string())))
+        if pc.all(keep).as_py():
+            continue
+        if pc.any(keep).as_py():
+            with out.fs.open(path, "wb") as f:
+                pq.write_table(table.filter(keep), f)
+        else:
+            out.fs.rm(path)

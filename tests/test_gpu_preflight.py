@@ -34,17 +34,22 @@ def test_the_preflight_names_every_missing_tool():
     assert "missing: nvcc, host C++ compiler (c++ or g++), ninja, make" in run.stderr
 
 
+# --no-print-directory: under `make test` the outer make's MAKELEVEL would have the inner
+# one print "Entering directory" first
+MAKE_PLAN = ["make", "--no-print-directory", "-n", "gpu-check"]
+
+
 def test_make_gpu_check_runs_the_preflight_first_and_falls_back_to_python3(tmp_path):
     """`make -n` shows the recipe: the preflight before anything else, and GPU_PY is
     python3 where the repo has no venv."""
     bare = tmp_path / "checkout"
     bare.mkdir()
     (bare / "Makefile").write_text((ROOT / "Makefile").read_text())
-    plan = subprocess.run(["make", "-n", "gpu-check"], cwd=bare, capture_output=True,
+    plan = subprocess.run(MAKE_PLAN, cwd=bare, capture_output=True,
                           text=True, timeout=60).stdout.splitlines()
     assert plan[0] == "python3 -m jobs.gpu_preflight"
     (bare / ".venv" / "bin").mkdir(parents=True)
     (bare / ".venv" / "bin" / "python").write_text("")
-    plan = subprocess.run(["make", "-n", "gpu-check"], cwd=bare, capture_output=True,
+    plan = subprocess.run(MAKE_PLAN, cwd=bare, capture_output=True,
                           text=True, timeout=60).stdout.splitlines()
     assert plan[0] == ".venv/bin/python -m jobs.gpu_preflight"

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import SHORT, write_photos
+from helpers import SHORT, drop_metrics_rows, write_photos
 from PIL import Image
 
 from jobs.run import load_job_spec, run_command
@@ -125,10 +125,7 @@ def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tm
     first = read_metrics(out).set_index("id")["written_at"]
     # delete two metrics rows (their images stay, half-done work that may be redone)
     gone = {"r1", "r4"}
-    for f in metrics_paths(out):
-        t = pq.read_table(f)
-        if set(t["id"].to_pylist()) & gone:
-            Path(f).unlink()
+    drop_metrics_rows(out, gone)
     assert run(spec) == 0
     summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
     assert summary["this_run"]["ok"] == 2 and summary["this_run"]["skipped_already_done"] == 4
