@@ -62,7 +62,7 @@ def run_edit(args) -> int:
     spec = apply_mean_latent(read_spec(args.models), settings)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = load_models(spec, device=device, parser_size=settings.parser_size,
-                         networks=required_networks([settings]))
+                         networks=(*required_networks([settings]), "judge"))  # if named
     if spec.tiny:
         print("note: tiny random-weight models: the outputs are not real edits", file=sys.stderr)
     runtime = Runtime()

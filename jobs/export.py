@@ -16,13 +16,21 @@ def export_command(args) -> int:
     from tqdm import tqdm
 
     from pipeline.results.export import export_output
+    from pipeline.results.review import read_verdicts
+    verdicts = read_verdicts(args.reviewed, storage_options(args)) if args.reviewed else None
     began = time.time()
     with tqdm(unit="row", desc="export", file=sys.stderr, dynamic_ncols=True) as bar:
         result = export_output(args.output, args.format, args.dest, args.only_successful,
-                               storage_options(args), progress=bar.update)
+                               storage_options(args), progress=bar.update, reviewed=verdicts)
     seconds = time.time() - began
     for rid, why in result.missing:
         print(f"  left out {rid}: {why}", file=sys.stderr)
+    if verdicts is not None:
+        said = {"reject": "rejected", "unsure": "unsure", "not reviewed": "not reviewed"}
+        why = ", ".join(f"{n} {said[verdict]}"
+                        for verdict, n in sorted(result.not_accepted.items())) or "none"
+        print(f"--reviewed: {result.selected} accepted row(s) kept; left out: {why}",
+              file=sys.stderr)
     print(f"exported {result.rows} rows as {args.format} to {result.dest} in {seconds:.0f} s "
           f"({result.rows / max(seconds, 1e-9):.0f} rows/s)"
           + (f" ({len(result.missing)} left out, see above)" if result.missing else ""))
@@ -46,5 +54,8 @@ def add_parser(commands) -> None:
     p.add_argument("--only-successful", action="store_true",
                    help="only rows that finished and reached every target (default: every "
                         "row; failed rows have a null image in hf-parquet)")
+    p.add_argument("--reviewed", metavar="FILE",
+                   help="a verdicts file the report's review pass saved (or a CSV id,verdict): "
+                        "only the rows a reviewer accepted")
     add_storage_options(p)
     p.set_defaults(func=export_command)

@@ -13,15 +13,17 @@ key, as `nn.DataParallel` saves, is dropped first):
   classifier runs (it resizes and normalises inside).
 - `resnet50`: a torchvision ResNet-50 state dict (`torchvision.models.resnet50(
   num_classes=40)`: `conv1.weight`, `bn1.*`, `layer1.*` to `layer4.*`, `fc.weight`
-  [40, 2048], `fc.bias` [40]) whose 40 outputs are the CelebA attributes in
-  models/celeba.py order. Its images are area-resized to 224x224 and normalised with
-  ImageNet's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). That is how
-  public CelebA ResNet-50 attribute classifiers are commonly trained, but not all of
-  them: check that yours was (and that its outputs are in this order) before trusting
-  what it says.
+  [40, 2048], `fc.bias` [40]) whose 40 outputs are the CelebA attributes in the order
+  of CelebA's own attribute file (`list_attr_celeba.txt`: `5_o_Clock_Shadow`,
+  `Arched_Eyebrows`, ...; models/celeba.py CELEBA_FILE_ORDER). Its images are
+  area-resized to 224x224 and normalised with ImageNet's mean (0.485, 0.456, 0.406) and
+  std (0.229, 0.224, 0.225). That is how public CelebA ResNet-50 attribute classifiers
+  are commonly trained, but not all of them: check that yours was (and that its outputs
+  are in this order) before trusting what it says.
 
 Either way the judge takes images [N, 3, H, W] in [0, 1] of any size and returns the
-40 logits [N, 40]. This module builds architectures; models/loaders.py `load_judge`
+40 logits [N, 40] in the classifier's order (models/celeba.py ATTRIBUTES): a
+`resnet50` judge's outputs are reordered into it. This module builds architectures; models/loaders.py `load_judge`
 reads the file.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 import torch.nn.functional as F
 from torchvision.models import resnet50
 
-from .celeba import ATTRIBUTES
+from .celeba import ATTRIBUTES, CELEBA_FILE_ORDER
 from .classifier import BranchedTiny
 
 JUDGE_FORMATS = ("branched", "resnet50")
@@ -42,6 +44,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 RESNET50_FEATURES = 2048
 DATA_PARALLEL_PREFIX = "module."
+# column k of the classifier's order is output FROM_FILE_ORDER[k] of a resnet50 judge
+FROM_FILE_ORDER = [CELEBA_FILE_ORDER.index(name) for name in ATTRIBUTES]
 
 
 class Judge(nn.Module):
@@ -69,6 +73,7 @@ class Judge(nn.Module):
         if self.format == "resnet50":
             images = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
             images = (images - self.imagenet_mean) / self.imagenet_std
+            return self.network(images)[:, FROM_FILE_ORDER]
         return self.network(images)
 
 
@@ -104,6 +109,6 @@ def build_judge(state_dict: Mapping) -> Judge:
     if not isinstance(fc, torch.Tensor) or tuple(fc.shape) != want:
         shape = list(fc.shape) if isinstance(fc, torch.Tensor) else type(fc).__name__
         raise ValueError(f"fc.weight is {shape}, but a ResNet-50 judge has {list(want)}: "
-                         f"{len(ATTRIBUTES)} outputs, the CelebA attributes in "
-                         "models/celeba.py order")
+                         f"{len(ATTRIBUTES)} outputs, the CelebA attributes in the order "
+                         "of CelebA's list_attr_celeba.txt")
     return Judge(resnet50(num_classes=len(ATTRIBUTES)), fmt)

@@ -108,9 +108,23 @@ def metrics_rows(manifest: pd.DataFrame, out_uri: str, started: float) -> pd.Dat
         "generator_sha256": "a" * 64, "face_parser_sha256": "b" * 64,
         "classifier_sha256": "c" * 64, "e4e_sha256": None, "lpips_trunk_sha256": None,
         "tiny_models": False, "written_at": started + np.arange(n) * 0.01})
+    probs = rng.random((n, 2, 40), dtype=np.float32)
+    rows["prob_all_input"] = list(probs[:, 0])
+    rows["prob_all_result"] = list(probs[:, 1])
+    rows["entanglement"] = rng.random(n) * 0.1
+    rows["unintended_flips"] = [["male"] if k % 17 == 0 else [] for k in range(n)]
+    rows["judge_prob_input"] = [[float(p)] for p in rng.random(n)]
+    rows["judge_prob_result"] = [[float(p)] for p in rng.random(n)]
+    rows["judge_on_target"] = rng.random(n) > 0.3
+    rows["judge_sha256"] = "d" * 64
+    rows["settings_sha256"] = ["e" * 63 + str(k % 6) for k in range(n)]
+    rows["code_version"] = "scale-bench"
     for name in ("prob_input", "prob_result", "identity_distance", "same_person",
                  "preservation_l1", "outside_mse", "outside_psnr", "recon_mse",
-                 "region_portion_before", "region_portion_after", "outside_pixels"):
+                 "region_portion_before", "region_portion_after", "outside_pixels",
+                 "prob_all_input", "prob_all_result", "entanglement", "unintended_flips",
+                 "judge_prob_input", "judge_prob_result", "judge_on_target",
+                 "settings_sha256"):
         rows[name] = rows[name].astype(object).where(ok, None)
     for c in manifest.columns:
         if c.startswith("attr_"):

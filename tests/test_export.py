@@ -2,6 +2,7 @@
 synthetic output on local disk and on a real S3 server; the files of a real job, loaded
 by pandas, pyarrow and `datasets`, are tests/test_report.py's."""
 import json
+import re
 import uuid
 
 import pandas as pd
@@ -11,6 +12,7 @@ from pipeline.job.metrics import METRICS_SCHEMA, write_metrics
 from pipeline.job.outputs import Output
 from pipeline.results import export
 from pipeline.results.export import label_names, labels_after
+from pipeline.results.review import ReviewError, read_verdicts
 
 
 def row(**kw):
@@ -78,3 +80,40 @@ def test_the_export_streams_shards_and_leaves_out_a_row_whose_image_is_gone(
     lines = (tmp_path / "if" / "train" / "metadata.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["id"] for line in lines) == ["r0", "r1", "r3", "r4", "r5"]
     assert (tmp_path / "if" / "train" / "r5.png").read_bytes() == b"png r5"
+
+
+def test_reviewed_keeps_the_accepted_rows_and_counts_the_others(tmp_path):
+    out = Output(str(tmp_path / "out"))
+    ids = ["r0", "r1", "r2", "r3"]
+    rows = pd.DataFrame({name: None for name in METRICS_SCHEMA.names}, index=range(4))
+    rows["id"], rows["status"], rows["written_at"] = ids, "ok", 1.0
+    rows["attributes"], rows["targets"], rows["prob_result"] = [["smiling"]] * 4, [[1.0]] * 4, \
+        [[0.9]] * 4
+    rows["edited_uri"] = [out.put_row_file("images", rid, b"png") for rid in ids]
+    write_metrics(out, rows, METRICS_SCHEMA)
+    (tmp_path / "v.csv").write_text("id,verdict\nr0,accept\nr1,Reject\nr2,unsure\nelse,accept\n")
+    verdicts = read_verdicts(str(tmp_path / "v.csv"))
+    result = export.export_output(str(tmp_path / "out"), "hf-parquet", str(tmp_path / "x"),
+                                  reviewed=verdicts)
+    assert result.rows == 1 and list(pd.read_parquet(tmp_path / "x" / "data")["id"]) == ["r0"]
+    assert result.not_accepted == {"reject": 1, "unsure": 1, "not reviewed": 1}
+
+
+def test_a_verdicts_file_is_read_strictly():
+    from pipeline.results.review import acceptance, wilson
+    figures = acceptance({"a": "accept", "b": "accept", "c": "reject", "d": "unsure"})
+    assert (figures["decided"], figures["rate"]) == (3, pytest.approx(2 / 3))
+    low, high = figures["interval"]
+    assert low < 2 / 3 < high and wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    assert wilson(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)   # the textbook case
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('{"verdicts": {"a": "maybe"}}', "entry 1 (id 'a'): verdict 'maybe' is not one of"),
+    ('{"ids": []}', 'no "verdicts" object'),
+    ("id,choice\na,accept\n", "needs the columns id and verdict"),
+])
+def test_a_bad_verdicts_file_says_what_is_wrong(tmp_path, text, problem):
+    (tmp_path / "v").write_text(text)
+    with pytest.raises(ReviewError, match=re.escape(problem)):
+        read_verdicts(str(tmp_path / "v"))

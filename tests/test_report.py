@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from browser import Chromium, chromium_binary
-from helpers import SHORT, write_photos
+from helpers import SHORT, drop_metrics_rows, write_photos
 from PIL import Image
 
 from jobs.cli import main
@@ -33,6 +33,10 @@ from pipeline.results.report import write_report
 
 # the metrics columns pipeline/job/identity.py fills, which older outputs lack
 IDENTITY_COLUMNS = ["identity_distance", "same_person", "identity_status", "identity_seconds"]
+# the evidence columns (entanglement, the judge, provenance), which older outputs lack too
+EVIDENCE_COLUMNS = ["prob_all_input", "prob_all_result", "entanglement", "unintended_flips",
+                    "judge_prob_input", "judge_prob_result", "judge_on_target", "judge_sha256",
+                    "settings_sha256", "code_version"]
 
 BUCKET = "reportjob"
 OUTPUT = f"s3://{BUCKET}/out"
@@ -139,6 +143,29 @@ def test_the_job_ran_and_summary_counts_are_json_integers(job):
     hits = [(p[0] >= 0.5) == (t[0] >= 0.5) for p, t in zip(smiling["prob_result"],
                                                             smiling["targets"])]
     assert summary["per_attribute"]["smiling"]["on_target"] == sum(hits)
+    # the tiny judge measured every edit, beside the classifier
+    judged = [(p[0] >= 0.5) == (t[0] >= 0.5) for p, t in zip(smiling["judge_prob_result"],
+                                                              smiling["targets"])]
+    assert summary["per_attribute"]["smiling"]["judge_rows"] == 3
+    assert summary["per_attribute"]["smiling"]["judge_on_target"] == sum(judged)
+
+
+def test_every_edit_carries_its_evidence_and_provenance(job):
+    """Entanglement, the judge and provenance, for every ok row of a tiny-weights job
+    whose models spec names a tiny judge (`maskface weights make-tiny` writes one)."""
+    m = job["metrics"]
+    ok = m[m["status"] == "ok"]
+    for rid, row in ok.iterrows():
+        assert len(row["prob_all_input"]) == len(row["prob_all_result"]) == 40, rid
+        assert 0 <= row["entanglement"] <= 1 and row["unintended_flips"] is not None
+        assert len(row["judge_prob_result"]) == len(row["attributes"])
+        assert row["judge_on_target"] in (True, False)
+        assert len(row["settings_sha256"]) == 64 and row["code_version"]
+        assert row["judge_sha256"] == ok["judge_sha256"].iloc[0] != row["classifier_sha256"]
+    # one settings hash per distinct edit: the smiling rows share theirs, black hair differs
+    assert ok.loc["a.smiling-1", "settings_sha256"] != ok.loc["a.black_hair-1",
+                                                              "settings_sha256"]
+    assert m.loc[m["status"] == "error", "settings_sha256"].isna().all()
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -153,6 +180,10 @@ def test_maskface_run_writes_the_report_next_to_the_output_on_s3(job):
     assert "TINY RANDOM WEIGHTS" in page and "Complete: all 6 rows" in page
     assert "Failures (2)" in page and "4 edit(s): no face in the input" in page
     assert m["generator_sha256"].iloc[0] in page                 # models by hash
+    assert m["judge_sha256"].dropna().iloc[0] in page and "on target (judge)" in page
+    assert 'id="upper-bound"' not in page                        # a judge ran: no warning
+    assert 'id="entanglement"' in page and "Entanglement, per edited attribute" in page
+    assert page.count('name="v-') == 4 * 3 and "Save verdicts" in page   # the review pass
     assert "steps.latent" in page and "paste_back" in page       # the resolved config
     assert "testing" not in page                                 # no credentials
 
@@ -189,19 +220,66 @@ def test_the_report_opens_from_disk_in_a_browser(job, chromium, tmp_path):
     assert Image.open(io.BytesIO(shot)).size[0] == 1200
 
 
+def press(chromium, key: str) -> None:
+    for kind in ("keyDown", "keyUp"):
+        chromium.page("Input.dispatchKeyEvent", {"type": kind, "key": key, "text": key})
+
+
+def test_a_review_pass_marks_edits_saves_them_and_export_keeps_the_accepted(
+        job, chromium, tmp_path):
+    """In a real browser: accept the first edit and reject the second by keyboard, save,
+    then `maskface export --reviewed` keeps only the accepted one and `maskface report
+    --reviewed` shows the reviewer's rate."""
+    dest, downloads = tmp_path / "report", tmp_path / "downloads"
+    downloads.mkdir()
+    assert main(["report", OUTPUT, "--dest", str(dest),
+                 "--storage-options", json.dumps(job["opts"])]) == 0
+    chromium.open((dest / "index.html").resolve().as_uri())
+    chromium.evaluate(f"localStorage.removeItem('maskface-review:{OUTPUT}')")
+    chromium.open((dest / "index.html").resolve().as_uri())
+    ids = chromium.evaluate("Array.from(document.querySelectorAll('figure.edit'))"
+                            ".map(f => f.dataset.id)")
+    chromium.evaluate("document.querySelector('figure.edit').focus()")
+    press(chromium, "a")                                 # accept; the next edit gets the focus
+    assert chromium.evaluate("document.activeElement.dataset.id") == ids[1]
+    press(chromium, "r")
+    assert chromium.evaluate("document.getElementById('review-count').textContent") \
+        .startswith(f"2 of {len(ids)} reviewed: 1 accepted, 1 rejected")
+    checked = "document.querySelector('figure.edit input[value=accept]').checked"
+    assert chromium.evaluate(checked) is True
+    chromium.open((dest / "index.html").resolve().as_uri())           # kept while working
+    assert chromium.evaluate(checked) is True
+    chromium.send("Browser.setDownloadBehavior", {"behavior": "allow",
+                                                  "downloadPath": str(downloads)})
+    chromium.evaluate("document.getElementById('save-verdicts').click()")
+    saved = downloads / "review.json"
+    deadline = time.time() + 30
+    while not saved.is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    verdicts = json.loads(saved.read_text())
+    assert verdicts == {"output": OUTPUT, "verdicts": {ids[0]: "accept", ids[1]: "reject"}}
+
+    assert export(job, "hf-parquet", tmp_path / "reviewed", "--reviewed", str(saved)) == 0
+    assert list(pd.read_parquet(tmp_path / "reviewed" / "data")["id"]) == [ids[0]]
+    assert main(["report", OUTPUT, "--dest", str(tmp_path / "again"), "--reviewed", str(saved),
+                 "--storage-options", json.dumps(job["opts"])]) == 0
+    page = (tmp_path / "again" / "index.html").read_text()
+    review = page[page.index('id="review"'):]
+    assert "2 edits: 1 accepted, 1 rejected, 0 unsure" in review
+    assert "50.0 % of 2 decided" in review
+
+
 def test_a_partial_output_with_old_metrics_reports_exports_and_resumes(job, tmp_path):
-    """A copy of the output with one metrics file gone (the job was killed) and the others
-    written before the identity columns existed."""
+    """A copy of the output with two rows' metrics gone (the job was killed before their
+    batches finished) and the others written before the identity and evidence columns
+    existed."""
     out = tmp_path / "out"
     job["fs"].get(f"{BUCKET}/out/", str(out) + "/", recursive=True)
-    files = sorted((out / "metrics").glob("*.parquet"))
-    gone = next(f for f in files if "a.smiling-1" in pq.read_table(f)["id"].to_pylist())
-    gone_ids = set(pq.read_table(gone)["id"].to_pylist())
-    gone.unlink()
-    for f in files:
-        if f != gone:
-            t = pq.read_table(f)
-            pq.write_table(t.drop_columns(IDENTITY_COLUMNS), f)
+    gone_ids = {"a.smiling-1", "bad.missing"}
+    drop_metrics_rows(Output(str(out)), gone_ids)
+    for f in sorted((out / "metrics").glob("*.parquet")):
+        t = pq.read_table(f)
+        pq.write_table(t.drop_columns(IDENTITY_COLUMNS + EVIDENCE_COLUMNS), f)
     before = read_metrics(Output(str(out))).set_index("id")["written_at"]
 
     opts = job["opts"]                          # the images the rows name are still on S3
@@ -210,9 +288,12 @@ def test_a_partial_output_with_old_metrics_reports_exports_and_resumes(job, tmp_
     assert "the job is not running" in page
     ok_left = int((job["metrics"].drop(index=list(gone_ids))["status"] == "ok").sum())
     assert f"{ok_left} edit(s): not recorded" in page
+    assert 'id="upper-bound"' in page                             # no judge's figures: said
+    assert "No edit with entanglement figures yet" in page
     assert export(job, "hf-parquet", tmp_path / "x", output=str(out)) == 0
     exported = pd.read_parquet(tmp_path / "x" / "data")
     assert len(exported) == 6 - len(gone_ids) and exported["identity_status"].isna().all()
+    assert exported["judge_on_target"].isna().all() and exported["entanglement"].isna().all()
 
     spec = yaml.safe_load(job["spec"].read_text())
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({**spec, "output": str(out)}))

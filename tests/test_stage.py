@@ -65,8 +65,9 @@ def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path,
     todo = rows(photos, ["smiling", "black_hair", "smiling"], label=[7, 8, 9])
     todo.loc[2, "image_uri"] = str(photos / "broken.png")
     stage, plan = stage_for(todo, partial_spec(tiny_dir, tmp_path, "e4e", "lpips_trunk"), tmp_path)
-    assert plan.networks == REQUIRED                 # local edits: no e4e, no LPIPS trunk
-    assert stage.models.e4e is None and stage.models.lpips is None
+    assert plan.networks == REQUIRED + ("judge",)    # local edits: no e4e, no LPIPS trunk;
+    assert stage.models.e4e is None and stage.models.lpips is None     # a judge when named
+    assert stage.models.judge is not None
     out = stage(todo).set_index("id")
     assert out.loc["r0", "status"] == "ok" and out.loc["r1", "status"] == "ok"
     assert out.loc["r2", "status"] == "error" and "broken.png: not a readable image" in out.loc["r2", "error"]
@@ -78,16 +79,20 @@ def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path,
     assert out.loc["r1", "steps"] == 3 + 2 and out.loc["r0", "mode"] == "local"
     written = read_metrics(Output(str(tmp_path / "out"))).set_index("id")
     assert sorted(written.index) == ["r0", "r1", "r2"]                # the metrics file is there
+    assert written.loc["r0", "judge_sha256"] == stage.models.hashes["judge"]
+    assert len(written.loc["r0", "judge_prob_result"]) == 1 and written.loc["r0", "code_version"]
 
 
 def test_e4e_init_loads_e4e_but_not_the_lpips_trunk(tiny_dir, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     todo = rows(photos, ["smiling"])
-    stage, plan = stage_for(todo, partial_spec(tiny_dir, tmp_path, "lpips_trunk"), tmp_path,
-                            edit={**SHORT, "e4e_init": True})
+    stage, plan = stage_for(todo, partial_spec(tiny_dir, tmp_path, "lpips_trunk", "judge"),
+                            tmp_path, edit={**SHORT, "e4e_init": True})
     assert plan.networks == REQUIRED + ("e4e",) and stage.models.lpips is None
+    assert stage.models.judge is None                                 # none named, none run
     out = stage(todo)
     assert out["status"].tolist() == ["ok"], out["error"].tolist()
+    assert out["judge_on_target"].isna().all() and out["judge_sha256"].isna().all()
 
 
 def test_a_network_the_spec_lacks_is_a_setup_error_before_any_row(tiny_dir, photos, tmp_path,
@@ -107,7 +112,7 @@ def test_each_distinct_edit_is_resolved_once(tiny_dir, photos, tmp_path):
     plan = plan_for(todo, job_for(str(tiny_dir / "models.yaml"), "o"))
     assert sorted(plan.resolved) == [(("black_hair",), "auto"), (("male",), "local"),
                                      (("smiling",), "auto")]
-    assert plan.settings_of(("male",), "local").local and plan.networks == REQUIRED
+    assert plan.settings_of(("male",), "local").local and plan.networks == REQUIRED + ("judge",)
     assert plan.settings_of(("black_hair",), "auto").loss.weights.seg == 0.5
 
 

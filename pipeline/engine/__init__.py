@@ -9,6 +9,7 @@
     losses.py       each loss term, per image
     health.py       which images are still finite, tracked on the device
     early_stop.py   an image leaving the latent phase once done (opt-in)
+    entanglement.py what an edit did to the attributes it did not target
     resize.py       the original's image resize rule
     runtime.py      how the engine runs (compile, precision, memory), applied per process
     batch_size.py   the largest batch that fits a GPU, probed

@@ -31,7 +31,6 @@ from models.tiny import tiny_classifier, tiny_generator
 
 from .batch_size import EVERY_TERM
 from .editor import Editor, EditResult, StartPoint
-from .rows import EditRequest
 from .runtime import Runtime
 from .schedule import Schedule
 from .settings import EditConfig, EditSettings

@@ -16,7 +16,10 @@ One group, in the paper's order (`Editor._run_group`):
   3. the latent phase: Adam on W+, the loss terms and events the `Schedule` turns on;
   4. the noise phase: Adam on the noise maps;
   5. the blend: result = input + blend mask * (generated - input);
-  6. the metrics of each result.
+  6. the metrics of each result: the classifier's 40 probabilities before and after
+     (the targets' and the others': pipeline/engine/entanglement.py), the held-out
+     judge's on the targets when the models have one (never part of a loss), the
+     region and preservation figures, and the hash of the settings that ran.
 """
 from __future__ import annotations
 
@@ -35,15 +38,16 @@ from models.loaders import Models
 from pipeline.errors import SetupError
 
 from .early_stop import EarlyStop
+from .entanglement import entanglement
 from .health import Health
 from .losses import (bernoulli_kl, masked_mse, noise_normalize_, noise_regularize, portion,
                      shape_mse, size_kl)
 from .masks import (MaskRegions, Masks, blend, edit_region, grow_masks, initial_masks,
                     mask_regions, upsample)
-from .rows import EditRequest
+from .rows import EditRequest, on_target
 from .runtime import Runtime
 from .schedule import ADAM_REINIT, DYNAMIC_UPDATE, NOISE_REDRAW, Schedule, shared_prefix
-from .settings import EditConfig, EditSettings, required_networks
+from .settings import EditConfig, EditSettings, required_networks, settings_sha256
 
 log = logging.getLogger(__name__)
 
@@ -507,8 +511,12 @@ class Editor:
     def _metrics(self, group: Group, generated, edited, masks: Masks) -> list[dict]:
         m, x, t = self.models, group.x, group.targets
         result = edited.clamp(0, 1)          # what gets written
-        p_in = torch.sigmoid(m.classifier(x).to(x.dtype)).gather(1, t.attr_idx)
-        p_out = torch.sigmoid(m.classifier(result).to(x.dtype)).gather(1, t.attr_idx)
+        all_in = torch.sigmoid(m.classifier(x).to(x.dtype))          # [n, 40]
+        all_out = torch.sigmoid(m.classifier(result).to(x.dtype))
+        p_in, p_out = all_in.gather(1, t.attr_idx), all_out.gather(1, t.attr_idx)
+        attributes = [r.attributes for r in group.requests]
+        drift, flips = entanglement(all_in.float().cpu(), all_out.float().cpu(), attributes)
+        judged = self._judge(x, result, t)
         # the probabilities are resized before the classes are summed (as the original)
         probs_after = upsample(self._parse(result, group.settings), x.shape[-1])
         region_after = portion(region_masks(probs_after, [r.edit for r in group.regions]))
@@ -527,6 +535,11 @@ class Editor:
             out.append({
                 "prob_input": {a: p_in[k, j].item() for j, a in enumerate(r.attributes)},
                 "prob_result": {a: p_out[k, j].item() for j, a in enumerate(r.attributes)},
+                "prob_all_input": all_in[k].float().tolist(),
+                "prob_all_result": all_out[k].float().tolist(),
+                "entanglement": drift[k], "unintended_flips": flips[k],
+                **self._judge_columns(judged, k, r),
+                "settings_sha256": settings_sha256(group.settings, r),
                 "preservation_l1": l1[k].item(),
                 "outside_pixels": int(n_out[k].item() // 3),
                 "outside_mse": mse,
@@ -537,6 +550,28 @@ class Editor:
                 "region_portion_after": region_after[k].item(),
             })
         return out
+
+    def _judge(self, x: torch.Tensor, result: torch.Tensor, t: Targets
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The judge's probabilities of each row's attributes on the input and the result
+        ([n, A] each), or None without a judge. The judge is never part of a loss: it
+        runs here, once the edit is done."""
+        judge = self.models.judge
+        if judge is None:
+            return None
+        return tuple(torch.sigmoid(judge(img).to(x.dtype)).gather(1, t.attr_idx)   # type: ignore[return-value]
+                     for img in (x, result))
+
+    @staticmethod
+    def _judge_columns(judged, k: int, r: EditRequest) -> dict:
+        if judged is None:
+            return {"judge_prob_input": None, "judge_prob_result": None,
+                    "judge_on_target": None}
+        before, after = judged
+        return {"judge_prob_input": {a: before[k, j].item() for j, a in enumerate(r.attributes)},
+                "judge_prob_result": {a: after[k, j].item() for j, a in enumerate(r.attributes)},
+                "judge_on_target": all(bool(on_target(after[k, j].item(), target))
+                                       for j, target in enumerate(r.targets))}
 
     def _results(self, group: Group, outcome: LatentOutcome, noises, generated, edited,
                  metrics: list[dict], seconds: float) -> list[EditResult]:

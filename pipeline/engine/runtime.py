@@ -154,13 +154,14 @@ class Runtime:
         that channels_last works on a copy (the caller's networks keep their layout)."""
         compiles = self.compiles(models)
         nets = {name: getattr(models, name) for name in
-                ("generator", "face_parser", "classifier", "e4e", "lpips")}
+                ("generator", "face_parser", "classifier", "e4e", "lpips", "judge")}
         for name, net in nets.items():
             if net is None:
                 continue
             if self.channels_last:
                 net = _to_channels_last(copy.deepcopy(net))
             if compiles and name in ("generator", "face_parser", "classifier", "lpips"):
+                # (not e4e or the judge: each runs once or twice per batch)
                 # dynamic=None: the first batch size compiles static, a second one makes
                 # the batch dimension dynamic, so a shrinking batch does not recompile
                 net = torch.compile(net, dynamic=None)

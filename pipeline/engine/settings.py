@@ -18,6 +18,8 @@ Settings resolve in three layers, the later winning:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -312,6 +314,21 @@ def required_networks(settings: Iterable[EditSettings]) -> tuple[str, ...]:
     if any(not s.local for s in settings):
         extra.append("lpips_trunk")
     return REQUIRED + tuple(extra)
+
+
+def settings_sha256(settings: EditSettings, request: "rows.EditRequest | None" = None) -> str:
+    """What an edit ran with, hashed (the `settings_sha256` metrics column): sha256 of the
+    canonical JSON of `settings.as_dict()`, with the row's own `smoothing` and `blend`
+    in place of the settings' when the row (an EditRequest) names them:
+    json.dumps(values, sort_keys=True, separators=(",", ":")) in UTF-8. Two rows with
+    the same hash ran the same optimisation (the same networks aside: *_sha256)."""
+    values = settings.as_dict()
+    for name in ("smoothing", "blend"):
+        own = getattr(request, name, None)
+        if own is not None:
+            values[name] = own
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def settings_key(attributes: Iterable[str], mode: str | None) -> tuple:

@@ -15,11 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
-import subprocess
 import time
 import warnings
-from pathlib import Path
 from typing import Mapping
 
 import pandas as pd
@@ -33,7 +30,7 @@ from .ledger import SUMMARY_COLUMNS, pending_rows, summarize
 from .metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
                       read_metrics)
 from .outputs import Output
-from .plan import JobPlan, image_groups, plan_job, schedule_order
+from .plan import JobPlan, code_version, image_groups, plan_job, schedule_order
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .spec import JobSpec
 
@@ -48,15 +45,6 @@ ACTOR_TASK_RETRIES = 4
 # how long it waits for the cluster to declare a lost node dead before each such run.
 RESUMES_AFTER_LOSS = 3
 NODE_LOSS_WAIT_S = 60.0
-
-
-def code_version() -> str:
-    try:
-        here = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def reads_outside(rows: pd.DataFrame, job: JobSpec) -> dict | None:
@@ -189,7 +177,7 @@ class Compaction:
         self.rows = 0
         try:
             compact(self.out, batch_files_only=batch_files_only)
-        except Exception as e:                       # noqa: BLE001: reads stay correct
+        except Exception as e:                       # noqa: BLE001 -- reads stay correct
             log.warning("metrics compaction skipped (%s: %s); the next one tries again",
                         type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
 

@@ -6,7 +6,11 @@
     pending    a manifest row without a metrics row
     counts     ok and error: the two statuses a metrics row has
     on target  per edited attribute, the result's probability on the target's side of 0.5
-               (pipeline.engine.rows.on_target); flipped: on target now, not before
+               (pipeline.engine.rows.on_target); flipped: on target now, not before;
+               by the classifier the edit optimised (circular: an upper bound), and by
+               the held-out judge when the models have one
+    entangled  per edit, the other attributes' drift and flips (pipeline/engine/
+               entanglement.py), summarised per edited attribute
     this run   summary.json describes the run job.json describes only when its
                `this_run.started_at` equals job.json's `started_at`
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from pipeline.engine.rows import on_target, target_side
@@ -25,7 +30,8 @@ from pipeline.engine.rows import on_target, target_side
 OK, ERROR = "ok", "error"          # a metrics row's status
 # the metrics columns summary.json is made of (pipeline/job/metrics.py reads only these)
 SUMMARY_COLUMNS = ["id", "status", "error", "attributes", "targets", "prob_input",
-                   "prob_result"]
+                   "prob_result", "judge_prob_result", "entanglement", "unintended_flips"]
+MOST_FLIPPED = 5                   # the other attributes per_attribute names, most often first
 
 
 @dataclass(frozen=True)
@@ -83,33 +89,62 @@ def of_manifest(metrics: pd.DataFrame, ids: set[str] | None) -> pd.DataFrame:
 def attribute_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per (ok row, edited attribute): id, attribute, target, prob_input,
     prob_result, p_target_before/after (the probability of the target's side),
-    on_target and flipped (on target now, not before)."""
+    on_target and flipped (on target now, not before); judge_on_target (the judge's
+    probability on the target's side; null where the row has no judge's); and the
+    row's entanglement and unintended_flips (null in outputs older than them)."""
     columns = ["id", "attribute", "target", "prob_input", "prob_result", "p_target_before",
-               "p_target_after", "on_target", "flipped"]
+               "p_target_after", "on_target", "flipped", "judge_on_target", "entanglement",
+               "unintended_flips"]
     ok = metrics[metrics["status"] == OK] if len(metrics) else metrics
     if not len(ok):
         return pd.DataFrame(columns=columns)
-    long = ok[["id", "attributes", "targets", "prob_input", "prob_result"]].explode(
-        ["attributes", "targets", "prob_input", "prob_result"], ignore_index=True)
+    ok = ok.copy()
+    for name in ("judge_prob_result", "entanglement", "unintended_flips"):
+        if name not in ok.columns:                  # an output older than the column
+            ok[name] = None
+    ok["_judge"] = [list(j) if isinstance(j, (list, tuple, np.ndarray)) else [None] * len(a)
+                    for j, a in zip(ok["judge_prob_result"], ok["attributes"])]
+    long = ok[["id", "attributes", "targets", "prob_input", "prob_result", "_judge",
+               "entanglement", "unintended_flips"]].explode(
+        ["attributes", "targets", "prob_input", "prob_result", "_judge"], ignore_index=True)
     long = long.rename(columns={"attributes": "attribute", "targets": "target"})
-    for col in ("target", "prob_input", "prob_result"):
-        long[col] = long[col].astype(float)
+    for col in ("target", "prob_input", "prob_result", "_judge", "entanglement"):
+        long[col] = pd.to_numeric(long[col], errors="coerce").astype(float)
     side = target_side(long["target"])
     before = on_target(long["prob_input"], long["target"])
     after = on_target(long["prob_result"], long["target"])
     long["p_target_before"] = long["prob_input"].where(side, 1 - long["prob_input"])
     long["p_target_after"] = long["prob_result"].where(side, 1 - long["prob_result"])
     long["on_target"], long["flipped"] = after, after & ~before
+    judge = on_target(long["_judge"], long["target"]).astype(object)
+    long["judge_on_target"] = judge.where(long["_judge"].notna(), None)
     return long[columns]
 
 
 def per_attribute(metrics: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per edited attribute: rows, on target and flipped, as counts and rates."""
+    """Per edited attribute: rows, on target and flipped, as counts and rates, by the
+    classifier and (over the rows it judged) by the judge; the mean entanglement, the
+    share of edits with an unintended flip and the other attributes flipped most."""
     out: dict[str, dict[str, Any]] = {}
     for attr, g in attribute_outcomes(metrics).groupby("attribute", sort=True):
         rows, hit, flipped = len(g), int(g["on_target"].sum()), int(g["flipped"].sum())
-        out[str(attr)] = {"rows": rows, "on_target": hit, "flipped": flipped,
-                          "on_target_rate": hit / rows, "flipped_rate": flipped / rows}
+        judged = g["judge_on_target"].dropna()
+        measured = g[g["entanglement"].notna()]
+        flips = pd.Series([f for fl in measured["unintended_flips"] if fl is not None
+                           for f in fl], dtype=object)
+        out[str(attr)] = {
+            "rows": rows, "on_target": hit, "flipped": flipped,
+            "on_target_rate": hit / rows, "flipped_rate": flipped / rows,
+            "judge_rows": len(judged), "judge_on_target": int(judged.sum()),
+            "judge_on_target_rate": float(judged.mean()) if len(judged) else None,
+            "entanglement_rows": len(measured),
+            "entanglement_mean": (float(measured["entanglement"].mean()) if len(measured)
+                                  else None),
+            "unintended_flip_rate": (float(measured["unintended_flips"].map(
+                lambda f: f is not None and len(f) > 0).mean()) if len(measured) else None),
+            "most_flipped": {str(k): int(v) for k, v in
+                             flips.value_counts().head(MOST_FLIPPED).items()},
+        }
     return out
 
 

@@ -61,6 +61,21 @@ METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prob_input", pa.list_(pa.float64()), "the classifier's probability of each edited "
                                            "attribute on the input (aligned with `attributes`)"),
     ("prob_result", pa.list_(pa.float64()), "the same on the (clamped) result"),
+    ("prob_all_input", pa.list_(pa.float32()), "the classifier's probability of each of the "
+                                               "40 CelebA attributes on the input, in its "
+                                               "order (`models/celeba.py`)"),
+    ("prob_all_result", pa.list_(pa.float32()), "the same on the result"),
+    ("entanglement", pa.float64(), "mean absolute change of the probabilities of the "
+                                   "attributes the edit did not target, nor imply "
+                                   "([Evidence](results.md#entanglement)); 0: none moved"),
+    ("unintended_flips", pa.list_(pa.string()), "those attributes whose probability crossed "
+                                                "0.5"),
+    ("judge_prob_input", pa.list_(pa.float64()), "the held-out judge's probability of each "
+                                                 "edited attribute on the input (null "
+                                                 "without a judge)"),
+    ("judge_prob_result", pa.list_(pa.float64()), "the same on the result"),
+    ("judge_on_target", pa.bool_(), "every edited attribute on its target's side of 0.5 by "
+                                    "the judge (null without a judge)"),
     ("preservation_l1", pa.float64(), "mean abs(result - input) weighted by (1 - blend mask)"),
     ("outside_pixels", pa.int64(), "pixels where the blend mask is below 0.01"),
     ("outside_mse", pa.float64(), "MSE of result against input there (null when there are "
@@ -91,6 +106,10 @@ METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("classifier_sha256", pa.string(), "sha256 of the classifier checkpoint"),
     ("e4e_sha256", pa.string(), "sha256 of the e4e checkpoint (null when not loaded)"),
     ("lpips_trunk_sha256", pa.string(), "sha256 of the LPIPS trunk (null when not loaded)"),
+    ("judge_sha256", pa.string(), "sha256 of the judge checkpoint (null without one)"),
+    ("settings_sha256", pa.string(), "sha256 of the edit settings the row ran with "
+                                     "([canonical JSON](outputs.md#provenance))"),
+    ("code_version", pa.string(), "the maskface version (and git commit) that wrote the row"),
     ("tiny_models", pa.bool_(), "the row was made by tiny random-weight models: not a real "
                                 "edit"),
     ("written_at", pa.float64(), "when the row was written (seconds since the epoch); the "

@@ -6,8 +6,11 @@
 """
 from __future__ import annotations
 
+import importlib.metadata
 import pickle
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -29,6 +32,7 @@ class JobPlan:
     models: ModelsSpec
     parser_size: int
     schema: pa.Schema                       # metrics columns, passthrough columns included
+    code_version: str = "unknown"           # what every row records it was written by
 
     def settings_of(self, attributes, mode) -> EditSettings:
         return self.resolved[settings_key(attributes, mode)]
@@ -43,7 +47,25 @@ def plan_job(todo: pd.DataFrame, job: JobSpec, schema: pa.Schema) -> JobPlan:
     networks = required_networks(resolved.values())
     models = apply_mean_latent(read_spec(job.models, job.storage_options), config.base)
     check_spec_names(models, networks, job.models)
-    return JobPlan(resolved, networks, models, config.base.parser_size, schema)
+    if models.judge is not None:           # no edit needs it; every edit is measured by it
+        networks += ("judge",)
+    return JobPlan(resolved, networks, models, config.base.parser_size, schema, code_version())
+
+
+def code_version() -> str:
+    """The installed maskface version, and the git commit when the code is a checkout
+    (`git describe --always --dirty`): what job.json and every metrics row record."""
+    try:
+        version = importlib.metadata.version("maskface")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        here = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version} ({commit})" if commit else version
 
 
 def schedule_order(todo: pd.DataFrame, plan: JobPlan) -> pd.DataFrame:

@@ -16,7 +16,6 @@ import json
 import logging
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
 from pipeline.engine.editor import Editor, StartPoint

@@ -55,10 +55,14 @@ from .storage import is_outage
 
 log = logging.getLogger(__name__)
 
-NETWORK_HASH_COLUMNS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk")
+NETWORK_HASH_COLUMNS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk",
+                        "judge")
 METRIC_COLUMNS = ("preservation_l1", "outside_pixels", "outside_mse", "outside_psnr",
                   "recon_mse", "region_portion_before", "region_portion_after", "steps",
-                  "seconds", "mode")
+                  "seconds", "mode", "prob_all_input", "prob_all_result", "entanglement",
+                  "unintended_flips", "judge_on_target", "settings_sha256")
+# per edited attribute in the engine's metrics, a list aligned with `attributes` here
+PER_ATTRIBUTE = ("prob_input", "prob_result", "judge_prob_input", "judge_prob_result")
 
 
 class EditStage:
@@ -243,7 +247,7 @@ class EditStage:
             "attributes": list(row["attributes"]), "targets": [float(t) for t in row["targets"]],
             "size": float(row["size"]), "seed": int(row["seed"]),
             "mode": None, **self.placement, "actor_model_loads": self.model_loads,
-            "tiny_models": self.models.tiny,
+            "tiny_models": self.models.tiny, "code_version": self.plan.code_version,
             **{f"{name}_sha256": hashes.get(name) for name in NETWORK_HASH_COLUMNS}})
         return record
 
@@ -274,8 +278,8 @@ class EditStage:
         m = result.metrics
         attrs = list(m["prob_input"])
         record.update({k: m[k] for k in METRIC_COLUMNS})
-        record["prob_input"] = [m["prob_input"][a] for a in attrs]
-        record["prob_result"] = [m["prob_result"][a] for a in attrs]
+        record.update({k: None if m[k] is None else [m[k][a] for a in attrs]
+                       for k in PER_ATTRIBUTE})
         record.update(self.face_identity.compare_one(to_uint8(image), to_uint8(result.edited)))
         return record
 

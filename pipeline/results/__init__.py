@@ -4,6 +4,7 @@
     report.py   `maskface report`: the HTML report
     plots.py    the report's plots (matplotlib, embedded)
     export.py   `maskface export`: the output as a `datasets` Parquet or an ImageFolder
+    review.py   a reviewer's verdicts, saved by the report's review pass, read back
 
 Reads only what a job leaves under its output (job.json, summary.json, metrics/ and the
 files the metrics rows name), through `pipeline.job`'s reader. May import `pipeline.job`,

@@ -23,7 +23,10 @@ the prefix, plus any edited attribute without a label column), per row:
 
 Rows: hf-parquet keeps every row, failed ones with a null image, so the export
 accounts for the whole output; imagefolder keeps the rows with an edited image.
-`only_successful` keeps only rows that finished and reached every target.
+`only_successful` keeps only rows that finished and reached every target (by the
+classifier the edit optimised: filter on `judge_on_target` too when the models had a
+judge). `reviewed` (a person's verdicts, pipeline/results/review.py) keeps only the
+rows they accepted; `ExportResult.not_accepted` counts the others by why.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from pipeline.engine.rows import on_target, target_side
 from pipeline.job.ledger import OK
 from pipeline.job.metrics import iter_metrics, metrics_paths, metrics_schema, read_metrics
 from pipeline.job.outputs import Output
+from pipeline.results.review import ACCEPT
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ class ExportResult:
     selected: int = 0                            # chosen to export (rows whose image is
     files: list[str] = field(default_factory=list)  # missing are left out of `rows`)
     missing: list[tuple[str, str]] = field(default_factory=list)   # (id, reason): left out
+    not_accepted: dict[str, int] = field(default_factory=dict)     # with `reviewed`: rows
+                                                   # left out, by verdict or "not reviewed"
 
 
 def label_names(columns: Iterable[str], attributes: Iterable[Iterable[str]]) -> list[str]:
@@ -106,6 +112,17 @@ def exported_ids(rows: pd.DataFrame, fmt: str, only_successful: bool) -> set[str
     return set(rows.loc[keep, "id"])
 
 
+def accepted_only(keep: set[str], verdicts: Mapping[str, str]) -> tuple[set[str], dict[str, int]]:
+    """The rows of `keep` a reviewer accepted, and the others counted by why: their
+    verdict (reject, unsure) or "not reviewed"."""
+    left: dict[str, int] = {}
+    for rid in keep:
+        verdict = verdicts.get(rid, "not reviewed")
+        if verdict != ACCEPT:
+            left[verdict] = left.get(verdict, 0) + 1
+    return {rid for rid in keep if verdicts.get(rid) == ACCEPT}, left
+
+
 def _schema(columns: pa.Schema, names: list[str]) -> pa.Schema:
     """image, the keys and labels first, then every metrics column, typed as the metrics
     files type them (passthrough columns too)."""
@@ -133,7 +150,7 @@ def _read_images(rows: pd.DataFrame, storage_options: Mapping | None
         paths = {uri: fs._strip_protocol(uri) for uri in group}
         try:
             got = fs.cat(sorted(set(paths.values())), on_error="return")
-        except Exception as e:                 # noqa: BLE001: said per row, as below
+        except Exception as e:                 # noqa: BLE001 -- said per row, as below
             got = {path: e for path in paths.values()}
         for uri, path in paths.items():
             data = got.get(path, FileNotFoundError(path))
@@ -229,11 +246,13 @@ class _ImageFolder:
 
 def export_output(output_uri: str, fmt: str, dest: str, only_successful: bool = False,
                   storage_options: Mapping | None = None,
-                  progress: Callable[[int], None] | None = None) -> ExportResult:
+                  progress: Callable[[int], None] | None = None,
+                  reviewed: Mapping[str, str] | None = None) -> ExportResult:
     """Export the output's metrics rows and edited images (see the module doc), streamed:
     a first pass reads a few columns of every row to choose the rows and labels, then
     the rows go through SHARD_ROWS at a time with their images (memory: one shard).
-    `progress(n)` is told each batch of rows done."""
+    `progress(n)` is told each batch of rows done; `reviewed`: verdicts by id, only the
+    accepted rows are exported."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
     out = Output(output_uri, storage_options)
@@ -247,8 +266,11 @@ def export_output(output_uri: str, fmt: str, dest: str, only_successful: bool = 
     lean = read_metrics(out, ["id", "status", "attributes", "targets", "prob_result"])
     names = label_names(columns.names, lean.loc[lean["status"] == OK, "attributes"])
     keep = exported_ids(lean, fmt, only_successful)
+    not_accepted: dict[str, int] = {}
+    if reviewed is not None:
+        keep, not_accepted = accepted_only(keep, reviewed)
     site = Output(dest, storage_options)
-    result = ExportResult(dest=site.uri, rows=0, selected=len(keep))
+    result = ExportResult(dest=site.uri, rows=0, selected=len(keep), not_accepted=not_accepted)
 
     def stream(writer: _ParquetShards | _ImageFolder) -> None:
         for batch in iter_metrics(out, SHARD_ROWS):

@@ -99,3 +99,27 @@ def preservation_against_steps(ok: pd.DataFrame, points: int = 20_000) -> str | 
         ax.set_ylabel(label, fontsize=8)
     fig.tight_layout()
     return _data_uri(fig)
+
+
+def entanglement_histograms(outcomes: pd.DataFrame) -> str | None:
+    """Per edited attribute, the histogram of the edits' entanglement (the mean absolute
+    change of the other attributes' probabilities)."""
+    measured = outcomes[pd.to_numeric(outcomes["entanglement"], errors="coerce").notna()]
+    if not len(measured):
+        return None
+    plt = _pyplot()
+    attrs = sorted(measured["attribute"].unique())
+    cols = min(len(attrs), 4)
+    rows = -(-len(attrs) // cols)
+    top = max(float(measured["entanglement"].astype(float).max()) * 1.1, 0.05)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows), squeeze=False)
+    for ax, attr in zip(axes.flat, attrs):
+        values = measured.loc[measured["attribute"] == attr, "entanglement"].astype(float)
+        ax.hist(values, bins=np.linspace(0, top, 21), color="#8e44ad")
+        ax.set_title(f"{attr} (n={len(values)})", fontsize=9)
+        ax.set_xlim(0, top)
+        ax.set_xlabel("entanglement (other attributes' drift)", fontsize=8)
+    for ax in list(axes.flat)[len(attrs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _data_uri(fig)

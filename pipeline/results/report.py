@@ -9,10 +9,13 @@ The page opens from disk with no server: thumbnails are files beside it, plots a
 embedded, the mask overlay toggles with CSS alone.
 
 Sections: the job (state, counts, time, rate, models by hash, the resolved config,
-a banner for tiny weights), a table per attribute, identity preservation, plots, a
-before/after grid (a sample of at most `grid` edits on large jobs) and the failures.
-The counts and rates are `maskface status`'s (pipeline/results/status.py); the on-target
-rule is summary.json's (outputs.attribute_outcomes).
+a banner for tiny weights), a table per attribute (on target by the classifier and by
+the held-out judge, or a warning that there is none), entanglement, identity
+preservation, plots, a before/after grid (a seeded sample of at most `grid` edits on
+large jobs) with a review pass (a verdict per edit, saved to a file), the reviewer's
+figures when a verdicts file is given, and the failures. The counts and rates are
+`maskface status`'s (pipeline/results/status.py); the on-target rule is summary.json's
+(pipeline/job/ledger.py attribute_outcomes); verdicts are pipeline/results/review.py's.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -32,10 +34,12 @@ from PIL import Image, ImageFilter
 from pipeline.engine.rows import on_target
 from pipeline.job import identity
 from pipeline.job.images import png_bytes, read_pil
-from pipeline.job.ledger import ERROR, OK, attribute_outcomes, of_manifest, this_runs_summary
+from pipeline.job.ledger import (ERROR, MOST_FLIPPED, OK, attribute_outcomes, of_manifest,
+                                 this_runs_summary)
 from pipeline.job.outputs import Output
 from pipeline.job.progress import fmt_duration
 from pipeline.job.metrics import read_metrics
+from pipeline.results.review import VERDICTS, acceptance, read_verdicts
 from pipeline.results.status import (STATUS_COLUMNS, JobFiles, JobStatus, compute_status,
                                      manifest_ids, read_job_files)
 
@@ -51,11 +55,12 @@ FAILURES_SHOWN = 1000    # failure rows on the page at most (failures.csv holds 
 # What the report reads of every row (its tables, plots and status), and of the rows it
 # shows one by one (the grid's sample and the failures): their files.
 NETWORK_COLUMNS = ["generator_sha256", "face_parser_sha256", "classifier_sha256",
-                   "e4e_sha256", "lpips_trunk_sha256"]
+                   "e4e_sha256", "lpips_trunk_sha256", "judge_sha256"]
 REPORT_COLUMNS = [*STATUS_COLUMNS, "attributes", "targets", "prob_input", "prob_result",
+                  "judge_prob_result", "judge_on_target", "entanglement", "unintended_flips",
                   "preservation_l1", "outside_psnr", "identity_distance", "same_person",
                   "identity_status", "identity_seconds", "steps", "mode", "tiny_models",
-                  *NETWORK_COLUMNS]
+                  "settings_sha256", "code_version", *NETWORK_COLUMNS]
 FILE_COLUMNS = ["id", "input_uri", "edited_uri", "mask_uri", "pasted_uri"]
 
 
@@ -76,10 +81,13 @@ def job_manifest_ids(files: JobFiles, storage_options: Mapping | None) -> set[st
 
 def write_report(output_uri: str, dest: str | None = None,
                  storage_options: Mapping | None = None, grid: int = GRID,
-                 now: float | None = None) -> str:
+                 now: float | None = None, reviewed: str | None = None) -> str:
     """Write the report folder; returns the URI of its index.html. Its tables and plots
     are aggregates over every row; only the grid's sample and the failures are read in
-    full, so its time grows with the rows, not with their images."""
+    full, so its time grows with the rows, not with their images. `reviewed`: a
+    verdicts file (pipeline/results/review.py), whose figures the page shows and whose
+    verdicts its review pass starts from."""
+    verdicts = read_verdicts(reviewed, storage_options) if reviewed else {}
     files = read_job_files(output_uri, storage_options, REPORT_COLUMNS)
     ids = job_manifest_ids(files, storage_options)
     site = Output(dest or f"{output_uri.rstrip('/')}/report", storage_options)
@@ -101,9 +109,11 @@ def write_report(output_uri: str, dest: str | None = None,
     body = "\n".join([
         _job_section(files, status, mine),
         _attribute_section(ok, outcomes),
+        _entanglement_section(outcomes),
+        _review_section(verdicts, ok, outcomes) if reviewed else "",
         _identity_section(ok),
         _plots_section(ok, outcomes),
-        _grid_section(shown, thumbs, len(ok), grid),
+        _grid_section(shown, thumbs, len(ok), grid, output_uri, verdicts),
         _failures_section(errors),
         _config_section(files.job, ok),
     ])
@@ -257,7 +267,8 @@ def _job_section(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> str:
             ["wall time" + ("" if run["finished"] else " so far"),
              _e(fmt_duration(run["seconds"]))],
             ["images per hour", _num(run["per_hour"], 1)],
-            ["code version", _e((files.job or {}).get("code_version", "–"))]]
+            ["code version", _e((files.job or {}).get("code_version", "–"))],
+            ["provenance", _provenance(mine)]]
     outside = (files.job or {}).get("reads_outside_manifest_folder") or {}
     if outside.get("rows"):
         rows.append(["inputs", f'<span class="warn">{outside["rows"]} row(s) read inputs '
@@ -272,6 +283,18 @@ def _job_section(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def _provenance(mine: pd.DataFrame) -> str:
+    """How many edit settings and code versions made the rows (each row records both)."""
+    ok = mine[mine["status"] == OK] if len(mine) else mine
+    parts = []
+    for col, what in (("settings_sha256", "edit settings"), ("code_version", "code versions")):
+        values = ok[col].dropna() if col in ok.columns else pd.Series([], dtype=object)
+        missing = len(ok) - len(values)
+        parts.append(f"{values.nunique()} {what}" + (f" ({missing} rows from before it was "
+                                                     "recorded)" if missing else ""))
+    return _e(", ".join(parts) + " among the edited rows (settings_sha256, code_version)")
+
+
 def _models_table(job: dict | None, mine: pd.DataFrame) -> str:
     spec = ((job or {}).get("settings") or {}).get("models", "–")
     rows = []
@@ -283,26 +306,101 @@ def _models_table(job: dict | None, mine: pd.DataFrame) -> str:
     return f"<h3>Models</h3><p>spec <code>{_e(spec)}</code></p>{table}"
 
 
+CIRCULAR = ("On target is judged by the attribute classifier the edit optimised: the edit "
+            "was steered until that network said yes, so its verdict is an upper bound, and "
+            "an edit that fools the network (a few pixels, not a smile) scores as well as a "
+            "real one. Name a held-out judge in the models spec "
+            "(<code>judge:</code>, docs/weights.md) for a second opinion.")
+
+
 def _attribute_section(ok: pd.DataFrame, outcomes: pd.DataFrame) -> str:
     if not len(outcomes):
         return "<h2>Per attribute</h2><p>No edited rows yet.</p>"
+    judged = outcomes["judge_on_target"].notna().any()
     rows = []
     for attr, g in outcomes.groupby("attribute", sort=True):
         edits = ok[ok["id"].isin(g["id"])]
+        judge = g["judge_on_target"].dropna().astype(bool)
         rows.append([_e(attr), str(len(g)), _num(g["on_target"].mean() * 100, 1, " %"),
+                     _num(judge.mean() * 100, 1, " %") if len(judge) else "–",
                      _num(g["flipped"].mean() * 100, 1, " %"),
                      _num(_mean(g["p_target_before"])), _num(_mean(g["p_target_after"])),
+                     _num(_mean(g["entanglement"])),
                      _num(_mean(edits["preservation_l1"]), 4),
                      _num(_mean(edits["outside_psnr"]), 1, " dB"),
                      _num(_mean(edits["identity_distance"]))])
-    head = ["attribute", "rows", "on target", "flipped", "mean P(target) before",
-            "mean P(target) after", "mean preservation_l1", "mean outside_psnr",
-            "mean identity distance"]
-    return ("<h2>Per attribute</h2>" + _table(head, rows) +
-            "<p class=note>On target: the classifier's probability ends on the target's side "
-            "of 0.5; flipped: on target now and not before. P(target): the probability of the "
-            "target's side. Preservation and identity are per edit, over the edits that "
+    head = ["attribute", "rows", "on target (classifier)", "on target (judge)", "flipped",
+            "mean P(target) before", "mean P(target) after", "mean entanglement",
+            "mean preservation_l1", "mean outside_psnr", "mean identity distance"]
+    warning = ("" if judged else
+               f'<p class="warn" id="upper-bound"><b>No judge:</b> {CIRCULAR}</p>')
+    return ("<h2>Per attribute</h2>" + warning + _table(head, rows) +
+            "<p class=note>On target: the probability ends on the target's side of 0.5, by "
+            "the classifier the edit optimised (circular: an upper bound) and by the "
+            "held-out judge, a network no loss used (over the edits it judged). Flipped: on "
+            "target now and not before (classifier). P(target): the classifier's probability "
+            "of the target's side. Entanglement: the mean change of the other attributes' "
+            "probabilities. Preservation and identity are per edit, over the edits that "
             "include the attribute.</p>")
+
+
+def _entanglement_section(outcomes: pd.DataFrame) -> str:
+    measured = outcomes[outcomes["entanglement"].notna()] if len(outcomes) else outcomes
+    parts = ["<h2>Entanglement</h2>",
+             "<p class=note>What each edit did to the attributes it did not target: the mean "
+             "absolute change of their probabilities (0: none moved), and the attributes "
+             "whose probability crossed 0.5 (unintended flips), by the classifier on the "
+             "input and on the result. Left out besides the targets: the attributes a "
+             "target implies by definition (another hair colour for a hair colour, "
+             "straight and wavy hair, hair for bald, a beard for no_beard).</p>"]
+    if not len(measured):
+        parts.append("<p>No edit with entanglement figures yet (rows written before they "
+                     "existed have none).</p>")
+        return "\n".join(parts)
+    rows = []
+    for attr, g in measured.groupby("attribute", sort=True):
+        flips = pd.Series([f for fl in g["unintended_flips"] if fl is not None for f in fl],
+                          dtype=object)
+        any_flip = g["unintended_flips"].map(lambda f: f is not None and len(f) > 0)
+        top = ", ".join(f"{_e(name)} ({n})" for name, n in
+                        flips.value_counts().head(MOST_FLIPPED).items()) or "none"
+        rows.append([_e(attr), str(len(g)), _num(_mean(g["entanglement"])),
+                     _num(g["entanglement"].astype(float).max()),
+                     _num(any_flip.mean() * 100, 1, " %"), top])
+    parts.append(_table(["edited attribute", "edits", "mean entanglement", "max",
+                         "edits with an unintended flip", "flipped most often (edits)"],
+                        rows, tid="entanglement"))
+    return "\n".join(parts)
+
+
+def _review_section(verdicts: Mapping[str, str], ok: pd.DataFrame,
+                    outcomes: pd.DataFrame) -> str:
+    """The reviewer's acceptance beside the classifier's and the judge's, over the same
+    edits."""
+    mine = {rid: v for rid, v in verdicts.items() if rid in set(ok["id"])}
+    figures = acceptance(mine)
+    decided = outcomes[outcomes["id"].isin([rid for rid, v in mine.items()
+                                            if v in ("accept", "reject")])]
+    classifier = decided.groupby("id")["on_target"].all()
+    judge = decided.dropna(subset=["judge_on_target"]).groupby("id")["judge_on_target"].all()
+    low, high = figures["interval"] or (float("nan"), float("nan"))
+    rows = [["verdicts", f"{len(mine)} edits: {figures['accept']} accepted, "
+                         f"{figures['reject']} rejected, {figures['unsure']} unsure"],
+            ["accepted by the reviewer",
+             f"{_num(figures['rate'] * 100 if figures['rate'] is not None else None, 1, ' %')}"
+             f" of {figures['decided']} decided (95% interval {_num(low * 100, 1)}–"
+             f"{_num(high * 100, 1, ' %')})"],
+            ["on target, classifier (same edits)",
+             _num(classifier.mean() * 100 if len(classifier) else None, 1, " %")],
+            ["on target, judge (same edits)",
+             _num(judge.astype(bool).mean() * 100 if len(judge) else None, 1, " %")]]
+    left = len(verdicts) - len(mine)
+    note = (f"<p class=note>{left} verdict(s) name ids that are not edited rows of this "
+            "output; they are left out.</p>" if left else "")
+    return ("<h2>Review</h2>" + _table(["", ""], rows, "kv", tid="review") + note +
+            "<p class=note>The grid is a seeded random sample of the edited rows (all of them "
+            "on a small job), so the reviewer's acceptance rate estimates the whole job's; "
+            "the interval says how far, for this many verdicts.</p>")
 
 
 def identity_counts(ok: pd.DataFrame) -> dict[str, int]:
@@ -346,6 +444,8 @@ def _identity_section(ok: pd.DataFrame) -> str:
 def _plots_section(ok: pd.DataFrame, outcomes: pd.DataFrame) -> str:
     figures = [("P(target) after the edit, per attribute",
                 plots.target_probability_histograms(outcomes)),
+               ("Entanglement, per edited attribute",
+                plots.entanglement_histograms(outcomes)),
                ("Identity distance", plots.identity_histogram(ok["identity_distance"])),
                ("Preservation against steps (early stopping)",
                 plots.preservation_against_steps(ok))]
@@ -357,8 +457,8 @@ def _plots_section(ok: pd.DataFrame, outcomes: pd.DataFrame) -> str:
     missing = [t for t, uri in figures if uri is None]
     if missing:
         parts.append("<p class=note>Not drawn, for want of data: " + _e("; ".join(missing)) +
-                     " (identity: no distance measured; steps: every edit ran the same "
-                     "number of steps).</p>")
+                     " (entanglement: rows written before it was measured; identity: no "
+                     "distance measured; steps: every edit ran the same number of steps).</p>")
     return "\n".join(parts)
 
 
@@ -373,6 +473,13 @@ def _thumb(src: str | None, alt: str, overlay: str | None = None) -> str:
             f"<span>{_e(alt)}</span></div>")
 
 
+def _given(value: Any) -> bool:
+    """A metrics value that is there: not None, NaN or NA (lists count as given)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return True
+    return value is not None and not pd.isna(value)
+
+
 def _caption(row: dict) -> str:
     lines = [f"<b>{_e(row['id'])}</b>"]
     for a, t, p0, p1 in zip(row["attributes"], row["targets"], row["prob_input"],
@@ -380,6 +487,15 @@ def _caption(row: dict) -> str:
         hit = on_target(p1, t)
         lines.append(f"{_e(a)} → {_num(t, 2)}: p {_num(p0, 2)} → {_num(p1, 2)} "
                      f"<span class={'hit' if hit else 'miss'}>{'✓' if hit else '✗'}</span>")
+    judge = row.get("judge_on_target")
+    if _given(judge):
+        lines.append(f"judge: {'on target' if judge else 'NOT on target'} "
+                     f"<span class={'hit' if judge else 'miss'}>{'✓' if judge else '✗'}</span>")
+    if _given(row.get("entanglement")):
+        given = row.get("unintended_flips")
+        flips: list = list(given) if given is not None and _given(given) else []
+        lines.append(f"entanglement {_num(row['entanglement'])}" +
+                     (f", flipped {_e(', '.join(flips))}" if flips else ""))
     status = row.get("identity_status")
     if status == identity.OK:
         same = "same person" if row.get("same_person") else "DIFFERENT person"
@@ -391,7 +507,8 @@ def _caption(row: dict) -> str:
     return "<br>".join(lines)
 
 
-def _grid_section(shown: pd.DataFrame, thumbs: dict, total: int, grid: int) -> str:
+def _grid_section(shown: pd.DataFrame, thumbs: dict, total: int, grid: int, output: str,
+                  verdicts: Mapping[str, str]) -> str:
     if not total:
         return "<h2>Before and after</h2><p>No edited rows yet.</p>"
     how = (f"all {total} edited rows" if len(shown) == total else
@@ -400,15 +517,87 @@ def _grid_section(shown: pd.DataFrame, thumbs: dict, total: int, grid: int) -> s
     cells = []
     for row in shown.to_dict("records"):
         t = thumbs.get(row["id"], {})
-        cells.append("<figure class=edit><div class=pair>"
+        choices = "".join(
+            f'<label><input type=radio name="v-{_e(row["id"])}" value="{v}"> {v} '
+            f"<kbd>{v[0]}</kbd></label>" for v in VERDICTS)
+        cells.append(f'<figure class=edit tabindex=0 data-id="{_e(row["id"])}">'
+                     "<div class=pair>"
                      + _thumb(t.get("input"), "input", t.get("mask"))
                      + _thumb(t.get("result"), "result", t.get("mask"))
                      + _thumb(t.get("pasted"), "pasted back")
-                     + f"</div><figcaption>{_caption(row)}</figcaption></figure>")
+                     + f"</div><figcaption>{_caption(row)}</figcaption>"
+                     f"<div class=verdict>{choices}</div></figure>")
+    data = json.dumps({"output": output, "verdicts": dict(verdicts)}).replace("</", "<\\/")
     return ("<h2>Before and after</h2>"
             f'<p>Showing {how}.</p><input type="checkbox" id="masks" checked>'
             '<label for="masks"> show the blend mask outline</label>'
-            f'<div class="grid" id="grid">{"".join(cells)}</div>')
+            '<div class=review><b>Review pass:</b> give each edit a verdict: click, or focus an '
+            "edit (Tab, or <kbd>j</kbd>/<kbd>k</kbd> for the next and previous) and press "
+            "<kbd>a</kbd> accept, <kbd>r</kbd> reject, <kbd>u</kbd> unsure (the next edit "
+            "gets the focus). Verdicts stay in this browser while you work; "
+            '<button id="save-verdicts" type=button>Save verdicts</button> writes them to a '
+            "file for <code>maskface export --reviewed FILE</code> (only accepted rows) and "
+            '<code>maskface report --reviewed FILE</code>. <span id="review-count"></span>'
+            "<br><span class=note>The sample is seeded and random, so the share you accept "
+            "estimates the share of the whole job you would accept.</span></div>"
+            f'<div class="grid" id="grid">{"".join(cells)}</div>'
+            f'<script type="application/json" id="review-data">{data}</script>'
+            f"<script>{REVIEW_JS}</script>")
+
+
+# The review pass: verdicts in memory and localStorage (keyed by the output), radio
+# buttons and keys to set them, a button that saves them as the JSON review.py reads.
+REVIEW_JS = """
+(function () {
+  const data = JSON.parse(document.getElementById('review-data').textContent);
+  const key = 'maskface-review:' + data.output;
+  let verdicts = Object.assign({}, data.verdicts);
+  try { Object.assign(verdicts, JSON.parse(localStorage.getItem(key) || '{}')); } catch (e) {}
+  const edits = Array.from(document.querySelectorAll('figure.edit'));
+  const letters = {a: 'accept', r: 'reject', u: 'unsure'};
+  function show() {
+    const counts = {accept: 0, reject: 0, unsure: 0};
+    for (const f of edits) {
+      const v = verdicts[f.dataset.id];
+      f.dataset.verdict = v || '';
+      for (const r of f.querySelectorAll('input[type=radio]')) r.checked = (r.value === v);
+      if (v) counts[v] += 1;
+    }
+    document.getElementById('review-count').textContent =
+      `${counts.accept + counts.reject + counts.unsure} of ${edits.length} reviewed: ` +
+      `${counts.accept} accepted, ${counts.reject} rejected, ${counts.unsure} unsure.`;
+  }
+  function set(id, v) {
+    verdicts[id] = v;
+    try { localStorage.setItem(key, JSON.stringify(verdicts)); } catch (e) {}
+    show();
+  }
+  document.addEventListener('change', e => {
+    const f = e.target.closest('figure.edit');
+    if (f && e.target.type === 'radio') set(f.dataset.id, e.target.value);
+  });
+  document.addEventListener('keydown', e => {
+    const f = document.activeElement && document.activeElement.closest('figure.edit');
+    if (!f || e.ctrlKey || e.metaKey || e.altKey) return;
+    const k = e.key.toLowerCase(), i = edits.indexOf(f);
+    if (letters[k]) { set(f.dataset.id, letters[k]); (edits[i + 1] || f).focus(); }
+    else if (k === 'j' || k === 'arrowright') (edits[i + 1] || f).focus();
+    else if (k === 'k' || k === 'arrowleft') (edits[i - 1] || f).focus();
+    else return;
+    e.preventDefault();
+  });
+  document.getElementById('save-verdicts').addEventListener('click', () => {
+    const body = JSON.stringify({output: data.output, verdicts: verdicts}, null, 1);
+    const a = document.createElement('a');
+    a.href = URL.createObjectURL(new Blob([body], {type: 'application/json'}));
+    a.download = 'review.json';
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+  });
+  show();
+})();
+"""
 
 
 def _failures_section(errors: pd.DataFrame) -> str:
@@ -476,6 +665,14 @@ figure.edit{margin:0;border:1px solid #ddd;border-radius:6px;padding:8px;width:m
 figcaption{font-size:12px;line-height:1.5;margin-top:4px;min-width:320px}
 .hit{color:#1e7a3a;font-weight:700} .miss{color:#c0392b;font-weight:700}
 figure.plot{display:inline-block;margin:0 16px 16px 0} figure.plot img{max-width:100%}
+.review{background:#f4f8ff;border:1px solid #cfe0ff;border-radius:6px;padding:8px 12px;
+ margin:10px 0}
+.verdict{font-size:12px;margin-top:4px} .verdict label{margin-right:8px}
+kbd{border:1px solid #bbb;border-radius:3px;padding:0 3px;font-size:11px}
+figure.edit:focus{outline:3px solid #3b7dd8}
+figure.edit[data-verdict=accept]{border-color:#1e7a3a;background:#f1fbf4}
+figure.edit[data-verdict=reject]{border-color:#c0392b;background:#fdf2f1}
+figure.edit[data-verdict=unsure]{border-color:#b7950b;background:#fdfaee}
 """
 
 
