@@ -93,7 +93,7 @@ def test_where_the_blend_mask_is_zero_the_input_comes_back_bit_for_bit(models, f
 @pytest.fixture(scope="module")
 def m64(models):
     out = copy.copy(models)
-    for name in ("generator", "face_parser", "classifier", "e4e", "lpips"):
+    for name in ("generator", "face_parser", "classifier", "e4e", "lpips", "judge"):
         setattr(out, name, copy.deepcopy(getattr(models, name)).double())
     out.mean_latent = models.mean_latent.double()
     return out

@@ -1,7 +1,12 @@
 """The report's plots (pipeline/results/plots.py): when each is drawn."""
-import pandas as pd
+import base64
+import io
 
-from pipeline.results.plots import identity_histogram, steps_vary
+import pandas as pd
+from PIL import Image
+
+from pipeline.results.plots import (entanglement_histograms, identity_histogram, steps_vary,
+                                    target_probability_histograms)
 
 
 def test_steps_vary_only_between_rows_with_the_same_settings():
@@ -16,3 +21,14 @@ def test_steps_vary_only_between_rows_with_the_same_settings():
 def test_the_identity_histogram_is_an_embedded_png_or_nothing():
     assert identity_histogram(pd.Series([0.2, 0.4, 0.7])).startswith("data:image/png;base64,")
     assert identity_histogram(pd.Series([], dtype=float)) is None
+
+
+def test_per_attribute_histograms_have_a_panel_per_attribute_or_are_nothing():
+    outcomes = pd.DataFrame({"attribute": ["smiling", "smiling", "male", "young", "bald"],
+                             "p_target_after": [0.9, 0.4, 0.7, 0.2, 0.6],
+                             "entanglement": [0.01, 0.03, None, 0.2, 0.0]})
+    for uri in (target_probability_histograms(outcomes), entanglement_histograms(outcomes)):
+        image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+        assert image.width > 2 * image.height          # one row of panels, four at most
+    assert entanglement_histograms(outcomes.assign(entanglement=None)) is None
+    assert target_probability_histograms(outcomes.iloc[:0]) is None

@@ -24,6 +24,7 @@ from jobs.cli import main
 from jobs.run import run_command
 from manifests.schema import read_manifest, write_manifest
 from pipeline.engine.rows import passthrough_columns
+from pipeline.engine.settings import EditConfig, settings_sha256
 from pipeline.job.metrics import passthrough_schema, read_metrics, write_metrics
 from pipeline.job.outputs import Output
 from pipeline.job.plan import plan_job
@@ -162,9 +163,9 @@ def test_every_edit_carries_its_evidence_and_provenance(job):
         assert row["judge_on_target"] in (True, False)
         assert len(row["settings_sha256"]) == 64 and row["code_version"]
         assert row["judge_sha256"] == ok["judge_sha256"].iloc[0] != row["classifier_sha256"]
-    # one settings hash per distinct edit: the smiling rows share theirs, black hair differs
-    assert ok.loc["a.smiling-1", "settings_sha256"] != ok.loc["a.black_hair-1",
-                                                              "settings_sha256"]
+    config = EditConfig.from_overrides(SHORT)              # the job's edit settings, resolved
+    for rid, row in ok.iterrows():
+        assert row["settings_sha256"] == settings_sha256(config.resolve(row["attributes"])), rid
     assert m.loc[m["status"] == "error", "settings_sha256"].isna().all()
 
 

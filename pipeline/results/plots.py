@@ -26,27 +26,34 @@ def _data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _per_attribute(values: dict[str, pd.Series], bins: np.ndarray, color: str, xlabel: str,
+                   line: float | None = None) -> str:
+    """One histogram per attribute, four to a row, on a shared x range (`bins`)."""
+    plt = _pyplot()
+    cols = min(len(values), 4)
+    rows = -(-len(values) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows), squeeze=False)
+    for ax, (attr, v) in zip(axes.flat, values.items()):
+        ax.hist(v, bins=bins, color=color)
+        if line is not None:
+            ax.axvline(line, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_title(f"{attr} (n={len(v)})", fontsize=9)
+        ax.set_xlim(bins[0], bins[-1])
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in list(axes.flat)[len(values):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
 def target_probability_histograms(outcomes: pd.DataFrame) -> str | None:
     """Per attribute, the histogram of the probability of the target's side after the
     edit (attribute_outcomes' p_target_after); 0.5 marks the on-target line."""
     if not len(outcomes):
         return None
-    plt = _pyplot()
-    attrs = sorted(outcomes["attribute"].unique())
-    cols = min(len(attrs), 4)
-    rows = -(-len(attrs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows), squeeze=False)
-    for ax, attr in zip(axes.flat, attrs):
-        values = outcomes.loc[outcomes["attribute"] == attr, "p_target_after"].astype(float)
-        ax.hist(values, bins=np.linspace(0, 1, 21), color="#3b7dd8")
-        ax.axvline(0.5, color="#c0392b", linestyle="--", linewidth=1)
-        ax.set_title(f"{attr} (n={len(values)})", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("P(target) after", fontsize=8)
-    for ax in list(axes.flat)[len(attrs):]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _data_uri(fig)
+    values = {attr: g["p_target_after"].astype(float)
+              for attr, g in outcomes.groupby("attribute", sort=True)}
+    return _per_attribute(values, np.linspace(0, 1, 21), "#3b7dd8", "P(target) after", 0.5)
 
 
 def identity_histogram(distances: pd.Series) -> str | None:
@@ -104,22 +111,11 @@ def preservation_against_steps(ok: pd.DataFrame, points: int = 20_000) -> str | 
 def entanglement_histograms(outcomes: pd.DataFrame) -> str | None:
     """Per edited attribute, the histogram of the edits' entanglement (the mean absolute
     change of the other attributes' probabilities)."""
-    measured = outcomes[pd.to_numeric(outcomes["entanglement"], errors="coerce").notna()]
+    drift = pd.to_numeric(outcomes["entanglement"], errors="coerce")
+    measured = outcomes.assign(entanglement=drift)[drift.notna()]
     if not len(measured):
         return None
-    plt = _pyplot()
-    attrs = sorted(measured["attribute"].unique())
-    cols = min(len(attrs), 4)
-    rows = -(-len(attrs) // cols)
-    top = max(float(measured["entanglement"].astype(float).max()) * 1.1, 0.05)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows), squeeze=False)
-    for ax, attr in zip(axes.flat, attrs):
-        values = measured.loc[measured["attribute"] == attr, "entanglement"].astype(float)
-        ax.hist(values, bins=np.linspace(0, top, 21), color="#8e44ad")
-        ax.set_title(f"{attr} (n={len(values)})", fontsize=9)
-        ax.set_xlim(0, top)
-        ax.set_xlabel("entanglement (other attributes' drift)", fontsize=8)
-    for ax in list(axes.flat)[len(attrs):]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _data_uri(fig)
+    values = {attr: g["entanglement"] for attr, g in measured.groupby("attribute", sort=True)}
+    top = max(float(measured["entanglement"].max()) * 1.1, 0.05)
+    return _per_attribute(values, np.linspace(0, top, 21), "#8e44ad",
+                          "entanglement (other attributes' drift)")
