@@ -140,3 +140,15 @@ def test_each_edit_records_the_hash_of_what_it_ran(models, face):
     m = edit(models, face).metrics
     settings = EditConfig.from_overrides(FEW_STEPS).resolve(["smiling"])
     assert m["settings_sha256"] == settings_sha256(settings)
+
+
+def test_rows_batched_together_keep_their_own_settings_hash(models, face):
+    """smiling and black_hair share a batch (they differ only in per-image settings, the
+    seg weight): each row still records the hash of its own settings."""
+    config = EditConfig.from_overrides(FEW_STEPS)
+    requests = [EditRequest(("smiling",), (1.0,)), EditRequest(("black_hair",), (1.0,))]
+    settings = [config.resolve(r.attributes) for r in requests]
+    assert settings[0] != settings[1] and settings[0].group_key() == settings[1].group_key()
+    results = Editor(models, config).edit(face.repeat(2, 1, 1, 1), requests, settings=settings)
+    assert [r.metrics["settings_sha256"] for r in results] == [
+        settings_sha256(s) for s in settings]

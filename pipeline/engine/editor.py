@@ -289,6 +289,8 @@ class Editor:
                 generated = self.models.generator(latent, noises).to(group.x.dtype)
                 edited = blend(group.x, generated, masks.blend)              # 5. blend
                 metrics = self._metrics(group, generated, edited, masks)     # 6. metrics
+        for m, s, r in zip(metrics, settings, requests):     # each row's own (the group's
+            m["settings_sha256"] = settings_sha256(s, r)     # differ in per-image values)
         seconds = (time.perf_counter() - started) / len(requests)
         return self._results(group, outcome, noises, generated, edited, metrics, seconds)
 
@@ -539,7 +541,6 @@ class Editor:
                 "prob_all_result": all_out[k].float().tolist(),
                 "entanglement": drift[k], "unintended_flips": flips[k],
                 **self._judge_columns(judged, k, r),
-                "settings_sha256": settings_sha256(group.settings, r),
                 "preservation_l1": l1[k].item(),
                 "outside_pixels": int(n_out[k].item() // 3),
                 "outside_mse": mse,
