@@ -14,7 +14,7 @@ import yaml
 
 from manifests.schema import read_manifest
 from pipeline.engine.settings import flatten, parse_set
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, StorageError
 from pipeline.job.spec import JobSpec, JobSpecError, mapping_keys
 
 
@@ -38,19 +38,31 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
 
 
 def run_command(args) -> int:
-    from pipeline.job.driver import run_job
+    from pipeline.job.driver import compact_and_read_history, run_job
+    from pipeline.job.ledger import complete_ids
+    from pipeline.job.outputs import Output
     job = load_job_spec(args.spec, args.set)
     if args.retry_errors:
         job = dataclasses.replace(job, retry_errors=True)
-    # the manifest is validated before any model loads or Ray starts
-    manifest = read_manifest(job.manifest, job.storage_options)
-    if not len(manifest.rows):
+    # the rows to edit are validated before any model loads or Ray starts; the complete
+    # ones (a resume) only by their ids
+    try:
+        history = compact_and_read_history(Output(job.output, job.storage_options))
+    except StorageError as e:
+        print(f"error: the output cannot be read ({e})", file=sys.stderr)
+        return 2
+    manifest = read_manifest(job.manifest, job.storage_options,
+                             complete=complete_ids(history, job.retry_errors))
+    if not manifest.ids:
         print(f"manifest {job.manifest} has no rows: nothing to do (nothing written to "
               f"{job.output})")
         return 0
-    print(f"manifest: {len(manifest.rows)} rows valid; output: {job.output}")
+    done = len(manifest.ids) - len(manifest.rows)
+    print(f"manifest: {len(manifest.ids)} rows ({done} complete already, {len(manifest.rows)} "
+          f"to edit: valid); output: {job.output}")
     try:
-        summary = run_job(manifest.rows, job, manifest.schema, address=args.address)
+        summary = run_job(manifest.rows, job, manifest.schema, address=args.address,
+                          manifest_ids=manifest.ids, history=history)
     except SetupError as e:
         print(f"error: the job stopped: {e}", file=sys.stderr)
         return 2

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,15 +41,18 @@ class ManifestError(ValueError):
 
 @dataclass
 class Manifest:
-    """Validated rows (defaults filled, image URIs resolved) and the file's Arrow schema,
-    whose types the passthrough columns keep in the metrics."""
+    """Validated rows (defaults filled, image URIs resolved), the file's Arrow schema,
+    whose types the passthrough columns keep in the metrics, and every row's id in order.
+    `rows` leaves out the rows read_manifest was told are complete: `ids` has them too."""
     rows: pd.DataFrame
     schema: pa.Schema
+    ids: list[str]
 
 
 def _problems(row: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a row's values (its id is checked apart)."""
     uri = row["image_uri"]
-    problems = [id_problem(row["id"])]
+    problems = []
     if not isinstance(uri, str) or not uri.strip():
         problems.append(f"image_uri must be a non-empty string, got {str(uri)[:120]!r}")
     if "align_quad" in row:
@@ -68,9 +72,12 @@ def _quad_problem(quad: Any) -> str | None:
     return None
 
 
-def validate(table: pa.Table | pd.DataFrame, manifest_uri: str | None = None) -> pd.DataFrame:
+def validate(table: pa.Table | pd.DataFrame, manifest_uri: str | None = None,
+             complete: Collection[str] = frozenset()) -> pd.DataFrame:
     """Check every row; return the rows with defaults filled and image URIs resolved.
 
+    Rows whose id is in `complete` (done in the output already: a run does not redo them)
+    have only their ids checked, and are left out of what is returned.
     Raises ManifestError listing every problem (the first 20 rows, then a count).
     """
     df = table.to_pandas() if isinstance(table, pa.Table) else table.copy()
@@ -80,13 +87,18 @@ def validate(table: pa.Table | pd.DataFrame, manifest_uri: str | None = None) ->
     problems: list[tuple[int, str, str]] = []
     counts = df["id"].value_counts()
     duplicated = set(counts[counts > 1].index)
-    for index, row in enumerate(df.to_dict("records")):
-        reasons = _problems(row)
-        if row["id"] in duplicated:
-            reasons.append(f"duplicate id (appears {counts[row['id']]} times)")
-        for reason in reasons:
-            problems.append((index, row["id"], reason))
+    for index, row_id in enumerate(df["id"]):
+        reason = id_problem(row_id)
+        if reason is None and row_id in duplicated:
+            reason = f"duplicate id (appears {counts[row_id]} times)"
+        if reason:
+            problems.append((index, row_id, reason))
+    todo = np.fromiter((i not in complete for i in df["id"]), dtype=bool, count=len(df))
+    df = df[todo]
+    for index, row in zip(np.flatnonzero(todo), df.to_dict("records")):
+        problems.extend((index, row["id"], reason) for reason in _problems(row))
     if problems:
+        problems.sort(key=lambda p: p[0])
         rows = sorted({p[0] for p in problems})
         lines = [f"row {i} (id {rid!r}): {reason}" for i, rid, reason in problems
                  if i in set(rows[:SHOWN])]
@@ -113,9 +125,11 @@ def _with_defaults(df: pd.DataFrame, manifest_uri: str | None) -> pd.DataFrame:
 
 
 def read_manifest(uri: str, storage_options: Mapping | None = None, max_rows: int = MAX_ROWS,
-                  max_bytes: int = MAX_BYTES) -> Manifest:
+                  max_bytes: int = MAX_BYTES, complete: Collection[str] = frozenset()) -> Manifest:
     """Read and validate a Parquet manifest (a file or a folder of files). One over
-    `max_rows` rows or `max_bytes` bytes is refused from its sizes before it is read."""
+    `max_rows` rows or `max_bytes` bytes is refused from its sizes before it is read.
+    The rows whose ids are in `complete` have their ids checked, not their values: a
+    resumed run does not redo them, and a million of them would take a minute."""
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     if not fs.exists(path):
         raise ManifestError(f"manifest not found: {uri}")
@@ -125,7 +139,8 @@ def read_manifest(uri: str, storage_options: Mapping | None = None, max_rows: in
     except (pa.ArrowInvalid, OSError) as e:
         raise ManifestError(f"{uri}: not a readable Parquet manifest ({e})") from None
     base = uri if not fs.isdir(path) else uri.rstrip("/") + "/"
-    return Manifest(validate(table, base), table.schema)
+    return Manifest(validate(table, base, complete), table.schema,
+                    table.column("id").to_pylist())
 
 
 def _check_size(uri: str, fs, path: str, max_rows: int, max_bytes: int) -> None:

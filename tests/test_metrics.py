@@ -129,6 +129,20 @@ def test_while_running_only_batch_files_are_merged(tmp_path):
     assert compact(out) == 2 and [f.rows for f in metrics_files(out)] == [16]
 
 
+def test_a_run_merges_an_old_outputs_batch_files_before_it_reads_what_is_done(tmp_path):
+    """An output of many small files is read once, by the merge; the history comes from
+    the merged file."""
+    from pipeline.job.driver import compact_and_read_history
+    out = Output(str(tmp_path / "o"))
+    ids = [f"r{k:02d}" for k in range(10)]
+    write_batches(out, ids)
+    write_metrics(out, rows(["r03"], at=99.0, status="error"), METRICS_SCHEMA)
+    history = compact_and_read_history(out).set_index("id")
+    assert sorted(history.index) == ids and list(history.columns) == ["status", "written_at"]
+    assert history.loc["r03", "status"] == "error" and history.loc["r04", "status"] == "ok"
+    assert [f.rows for f in metrics_files(out)] == [11]         # one file, every row written
+
+
 def test_rows_stream_in_batches_newest_only(tmp_path):
     out = Output(str(tmp_path / "o"))
     write_batches(out, [f"r{k}" for k in range(10)])

@@ -85,3 +85,28 @@ def test_an_empty_manifest_is_a_clean_no_op(tmp_path, capsys):
     assert run_command(Namespace(spec=str(spec), set=[], address=None, retry_errors=False)) == 0
     assert "has no rows: nothing to do" in capsys.readouterr().out
     assert not (tmp_path / "out").exists() and ray.is_initialized() == was_running
+
+
+def test_a_resume_checks_only_the_ids_of_the_rows_already_complete(tmp_path):
+    """A resumed run does not redo complete rows, so their values are not checked (a
+    million of them would take a minute); their ids still are, and every other row
+    whole."""
+    rows = pd.DataFrame({"id": ["a", "b", "c", "d"], "image_uri": ["p.png"] * 4,
+                         "attributes": [["smiling"], ["smilng"], ["smiling"], ["male"]],
+                         "targets": [[1.0], [1.0], [1.0], [2.0]]})
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp_path / "m.parquet")
+    uri = str(tmp_path / "m.parquet")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(uri, complete={"b"})
+    assert "row 3 (id 'd'): targets must be numbers in [0, 1]" in str(err.value)
+    assert "id 'b'" not in str(err.value) and "1 manifest row(s)" in str(err.value)
+
+    manifest = read_manifest(uri, complete={"b", "d"})
+    assert manifest.rows["id"].tolist() == ["a", "c"] and manifest.ids == ["a", "b", "c", "d"]
+    assert manifest.rows["image_uri"].tolist() == [str(tmp_path / "p.png")] * 2
+
+    twice = pd.concat([rows, rows.iloc[[1]]], ignore_index=True)
+    with pytest.raises(ManifestError, match=r"row 4 \(id 'b'\): duplicate id \(appears 2 times\)"):
+        validate(twice, complete={"b", "d"})
+    with pytest.raises(ManifestError, match=r"row 0 \(id '\.\./x'\): unsafe id"):
+        validate(rows.assign(id=["../x", "b", "c", "d"]), complete={"../x", "b", "d"})

@@ -26,7 +26,7 @@ from pipeline.engine.rows import passthrough_columns
 from pipeline.errors import STOPPED, SetupError, StorageError
 
 from .access import manifest_home, outside_of
-from .ledger import SUMMARY_COLUMNS, pending_rows, summarize
+from .ledger import HISTORY_COLUMNS, SUMMARY_COLUMNS, among, pending_rows, summarize
 from .metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
                       read_metrics)
 from .outputs import Output
@@ -48,8 +48,8 @@ NODE_LOSS_WAIT_S = 60.0
 
 
 def reads_outside(rows: pd.DataFrame, job: JobSpec) -> dict | None:
-    """Without `inputs.allow`, how many of the manifest's rows read an input (image_uri or
-    source_uri) outside the manifest's own folder (its bucket on S3), said once before
+    """Without `inputs.allow`, how many of the rows a run edits read an input (image_uri
+    or source_uri) outside the manifest's own folder (its bucket on S3), said once before
     any work: the default rule lets them, and a user should know (docs/reliability.md).
     None when the job lists `inputs.allow`."""
     if job.inputs.get("allow") is not None:
@@ -69,20 +69,35 @@ def reads_outside(rows: pd.DataFrame, job: JobSpec) -> dict | None:
     return {"rows": count, "folder": home}
 
 
+def compact_and_read_history(out: Output) -> pd.DataFrame:
+    """Where a run starts from: the output's metrics rows as far as a resume needs them
+    (id, status, written_at), read after its batch files are merged. An old output of
+    many small files (or a run killed between two compactions) is read once, by the
+    merge, and every later read of it is of a few big files."""
+    Compaction(out).run(batch_files_only=True)
+    return read_metrics(out, HISTORY_COLUMNS)
+
+
 def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None = None,
-            address: str | None = None, ray_init_kwargs: Mapping | None = None) -> dict:
-    """Run (or resume) a job over validated manifest rows. Returns the summary dict."""
+            address: str | None = None, ray_init_kwargs: Mapping | None = None, *,
+            manifest_ids: list[str] | None = None, history: pd.DataFrame | None = None) -> dict:
+    """Run (or resume) a job over validated manifest rows. Returns the summary dict.
+
+    `rows` may leave out rows already complete when `manifest_ids` lists every id of the
+    manifest (read_manifest's `complete`); `history`: compact_and_read_history's answer,
+    when the caller has it already."""
     started = time.time()
     out = Output(job.output, job.storage_options)
+    ids = list(rows["id"]) if manifest_ids is None else manifest_ids
     schema = passthrough_schema(manifest_schema, passthrough_columns(rows.columns))
-    history = read_metrics(out, ["id", "status", "written_at"])        # read once
+    history = compact_and_read_history(out) if history is None else history   # read once
     todo = pending_rows(rows, history, job.retry_errors)
-    skipped = len(rows) - len(todo)
+    skipped = len(ids) - len(todo)
     plan = plan_job(todo, job, schema) if len(todo) else None
-    outside = reads_outside(rows, job)
+    outside = reads_outside(todo, job)
     try:
         out.put_json("job.json", {"settings": job.as_dict(), "code_version": code_version(),
-                                  "started_at": started, "rows": len(rows),
+                                  "started_at": started, "rows": len(ids),
                                   "reads_outside_manifest_folder": outside})
     except StorageError as e:
         raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
@@ -91,14 +106,14 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     stopped = None
     if plan is not None:
         try:
-            this_run = _run_with_resumes(todo, len(rows), out, job, plan, history, address,
+            this_run = _run_with_resumes(todo, len(ids), out, job, plan, history, address,
                                          ray_init_kwargs)
         except SetupError as e:
             stopped = e
     if job.retry_errors and stopped is None:
         drop_stale_rows(out)
     Compaction(out).run()                  # the next read of this output is a few files
-    summary = summarize(read_metrics(out, SUMMARY_COLUMNS), set(rows["id"]), this_run, skipped,
+    summary = summarize(read_metrics(out, SUMMARY_COLUMNS), set(ids), this_run, skipped,
                         time.time() - started, job.output)
     summary["this_run"]["started_at"] = started      # the report matches it to job.json's
     if stopped is not None:
@@ -138,14 +153,14 @@ def _run_with_resumes(todo: pd.DataFrame, total: int, out: Output, job: JobSpec,
             if attempt == RESUMES_AFTER_LOSS:
                 raise SetupError(f"Ray lost edit workers {attempt + 1} times ({e}); the job "
                                  "stops. Complete rows stay complete: rerun to resume") from None
-            todo = todo[~todo["id"].isin(_changed(before, out))]
+            todo = todo[~among(todo["id"], _changed(before, out))]
             log.warning("lost edit workers (%s); %d row(s) left: resuming on the nodes still "
                         "alive", e, len(todo))
             _wait_for_lost_nodes(e.nodes)
             if not len(todo):
                 break
-    done = read_metrics(out, ["id", "status", "written_at"])   # after a loss: what this run
-    return done.loc[done["id"].isin(_changed(before, out, done)), ["id", "status"]]  # wrote
+    done = read_metrics(out, HISTORY_COLUMNS)       # after a loss: what this run wrote
+    return done.loc[among(done["id"], _changed(before, out, done)), ["id", "status"]]
 
 
 def _changed(before: dict[str, float], out: Output, done: pd.DataFrame | None = None) -> set:

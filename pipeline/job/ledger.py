@@ -28,6 +28,7 @@ import pandas as pd
 from pipeline.engine.rows import on_target, target_side
 
 OK, ERROR = "ok", "error"          # a metrics row's status
+HISTORY_COLUMNS = ["id", "status", "written_at"]   # what a resume reads of the metrics
 # the metrics columns summary.json is made of (pipeline/job/metrics.py reads only these)
 SUMMARY_COLUMNS = ["id", "status", "error", "attributes", "targets", "prob_input",
                    "prob_result", "judge_prob_result", "entanglement", "unintended_flips"]
@@ -75,7 +76,13 @@ def complete_ids(metrics: pd.DataFrame, retry_errors: bool = False) -> set[str]:
 
 def pending_rows(rows: pd.DataFrame, metrics: pd.DataFrame, retry_errors: bool) -> pd.DataFrame:
     """The manifest rows a run still has to do."""
-    return rows[~rows["id"].isin(complete_ids(metrics, retry_errors))].copy()
+    return rows[~among(rows["id"], complete_ids(metrics, retry_errors))].copy()
+
+
+def among(ids: pd.Series, wanted: set[str]) -> np.ndarray:
+    """Which of `ids` are in `wanted`, as a boolean array. (pandas' isin is five times
+    slower on Arrow-backed strings: seconds at a million rows.)"""
+    return np.fromiter((i in wanted for i in ids), dtype=bool, count=len(ids))
 
 
 def of_manifest(metrics: pd.DataFrame, ids: set[str] | None) -> pd.DataFrame:
@@ -83,7 +90,7 @@ def of_manifest(metrics: pd.DataFrame, ids: set[str] | None) -> pd.DataFrame:
     output may hold the rows of several manifests."""
     if ids is None or not len(metrics):
         return metrics
-    return metrics[metrics["id"].isin(ids)]
+    return metrics[among(metrics["id"], ids)]
 
 
 def attribute_outcomes(metrics: pd.DataFrame) -> pd.DataFrame:
