@@ -351,6 +351,9 @@ def compact(out: Output, most_rows: int = COMPACT_ROWS, batch_files_only: bool =
             if held >= most_rows:
                 replaced += _merge(out, chunk, tables)
                 chunk, tables, held = [], [], 0
+        # held as one table, not one per file: a batch file's 4-row table costs ~50 KB
+        tables = [pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+                  ] if len(tables) > 1 else tables
     if len(chunk) > 1 or (chunk and chunk[0].rows is None):
         replaced += _merge(out, chunk, tables)
     return replaced
