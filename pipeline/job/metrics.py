@@ -25,6 +25,7 @@ import logging
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -194,8 +195,9 @@ def _read_file(out: Output, path: str, columns: Sequence[str] | None) -> pa.Tabl
     """One file's table with the asked columns it has (None: the file is gone, replaced
     by a compaction since the listing), the legacy `image_uri` as `edited_uri`."""
     try:
-        with out.fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+        # a local file through Arrow's own reader: a third faster than a Python file object
+        with (nullcontext(path) if out.local else out.fs.open(path, "rb")) as f, \
+                pq.ParquetFile(f) as parquet:
             names = parquet.schema_arrow.names
             if columns is None:
                 wanted = names
