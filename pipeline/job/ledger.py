@@ -44,8 +44,10 @@ class Counts:
 
     @classmethod
     def of(cls, statuses: Iterable[str], total: int | None = None) -> "Counts":
-        statuses = list(statuses)
-        return cls(ok=statuses.count(OK), error=statuses.count(ERROR), total=total)
+        series = statuses if isinstance(statuses, pd.Series) else pd.Series(list(statuses),
+                                                                              dtype=object)
+        counts = series.value_counts()
+        return cls(ok=int(counts.get(OK, 0)), error=int(counts.get(ERROR, 0)), total=total)
 
     @property
     def done(self) -> int:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
+
 from .ledger import Counts, pending
 
 log = logging.getLogger(__name__)
@@ -88,20 +90,22 @@ def rates(times: Iterable[float], now: float, started_at: float | None,
     recent: rows in the last `window_s`, over that window (or over the time since the
     start, when the run is younger than the window). overall: rows since `started_at`
     over the time since then; without a start, between the first and last row."""
-    times = sorted(float(t) for t in times)
+    at = np.sort(np.asarray(list(times) if not hasattr(times, "__len__") else times,
+                            dtype=float))
     if started_at is not None:
-        times = [t for t in times if t >= started_at]
-    if not times:
+        at = at[at >= started_at]
+    if not len(at):
         return (0.0 if started_at is not None else None), (0.0 if started_at is not None else None)
-    begin = started_at if started_at is not None else times[0]
+    first, last = float(at[0]), float(at[-1])
+    begin = started_at if started_at is not None else first
     since_start = max(now - begin, 1e-9)
     span = min(window_s, since_start)
-    recent = sum(t > now - span for t in times) / span if span > 0 else None
+    recent = int(np.count_nonzero(at > now - span)) / span if span > 0 else None
     overall: float | None
     if started_at is not None:
-        overall = len(times) / since_start
+        overall = len(at) / since_start
     else:
-        overall = (len(times) - 1) / (times[-1] - times[0]) if times[-1] > times[0] else None
+        overall = (len(at) - 1) / (last - first) if last > first else None
     return recent, overall
 
 

@@ -34,8 +34,8 @@ from PIL import Image, ImageFilter
 from pipeline.engine.rows import on_target
 from pipeline.job import identity
 from pipeline.job.images import png_bytes, read_pil
-from pipeline.job.ledger import (ERROR, MOST_FLIPPED, OK, attribute_outcomes, of_manifest,
-                                 this_runs_summary)
+from pipeline.job.ledger import (ERROR, MOST_FLIPPED, OK, among, attribute_outcomes,
+                                 of_manifest, this_runs_summary)
 from pipeline.job.outputs import Output
 from pipeline.job.progress import fmt_duration
 from pipeline.job.metrics import read_metrics
@@ -319,7 +319,7 @@ def _attribute_section(ok: pd.DataFrame, outcomes: pd.DataFrame) -> str:
     judged = outcomes["judge_on_target"].notna().any()
     rows = []
     for attr, g in outcomes.groupby("attribute", sort=True):
-        edits = ok[ok["id"].isin(g["id"])]
+        edits = ok[among(ok["id"], set(g["id"]))]
         judge = g["judge_on_target"].dropna().astype(bool)
         rows.append([_e(attr), str(len(g)), _num(g["on_target"].mean() * 100, 1, " %"),
                      _num(judge.mean() * 100, 1, " %") if len(judge) else "–",
@@ -379,8 +379,8 @@ def _review_section(verdicts: Mapping[str, str], ok: pd.DataFrame,
     edits."""
     mine = {rid: v for rid, v in verdicts.items() if rid in set(ok["id"])}
     figures = acceptance(mine)
-    decided = outcomes[outcomes["id"].isin([rid for rid, v in mine.items()
-                                            if v in ("accept", "reject")])]
+    decided = outcomes[among(outcomes["id"], {rid for rid, v in mine.items()
+                                              if v in ("accept", "reject")})]
     classifier = decided.groupby("id")["on_target"].all()
     judge = decided.dropna(subset=["judge_on_target"]).groupby("id")["judge_on_target"].all()
     low, high = figures["interval"] or (float("nan"), float("nan"))
