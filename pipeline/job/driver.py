@@ -101,7 +101,7 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
                                   "reads_outside_manifest_folder": outside})
     except StorageError as e:
         raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
-    log.info("%d rows: %d already complete, %d to edit", len(rows), skipped, len(todo))
+    log.info("%d rows: %d already complete, %d to edit", len(ids), skipped, len(todo))
     this_run = pd.DataFrame(columns=["id", "status"])
     stopped = None
     if plan is not None:
