@@ -14,7 +14,7 @@ import yaml
 
 from manifests.schema import read_manifest
 from pipeline.engine.settings import flatten, parse_set
-from pipeline.errors import SetupError, StorageError
+from pipeline.errors import SetupError
 from pipeline.job.spec import JobSpec, JobSpecError, mapping_keys
 
 
@@ -48,8 +48,9 @@ def run_command(args) -> int:
     # ones (a resume) only by their ids
     try:
         history = compact_and_read_history(Output(job.output, job.storage_options))
-    except StorageError as e:
-        print(f"error: the output cannot be read ({e})", file=sys.stderr)
+    except OSError as e:                   # fsspec's errors, s3fs's included
+        print(f"error: the output {job.output} cannot be read ({type(e).__name__}: {e}); "
+              "nothing was run", file=sys.stderr)
         return 2
     manifest = read_manifest(job.manifest, job.storage_options,
                              complete=complete_ids(history, job.retry_errors))

@@ -100,8 +100,8 @@ def validate(table: pa.Table | pd.DataFrame, manifest_uri: str | None = None,
     if problems:
         problems.sort(key=lambda p: p[0])
         rows = sorted({p[0] for p in problems})
-        lines = [f"row {i} (id {rid!r}): {reason}" for i, rid, reason in problems
-                 if i in set(rows[:SHOWN])]
+        shown = set(rows[:SHOWN])
+        lines = [f"row {i} (id {rid!r}): {reason}" for i, rid, reason in problems if i in shown]
         more = f"\n... and {len(rows) - SHOWN} more row(s)" if len(rows) > SHOWN else ""
         raise ManifestError(f"{len(rows)} manifest row(s) cannot run:\n" + "\n".join(lines) + more)
     return _with_defaults(df, manifest_uri)

@@ -1,7 +1,7 @@
 """`maskface weights check`: load every network a models spec names and run one forward.
 
-    for result in check_networks(read_spec("weights/models.yaml")):
-        print(result.line())
+    results = list(check_networks(read_spec("weights/models.yaml")))
+    failed = [r.name for r in results if r.error]      # r.line(): one line for a terminal
 
 The generator runs first, from the mean latent; the other networks run on its image, so
 a spec whose networks load but do not fit together (a parser of another size, say)

@@ -340,10 +340,12 @@ def compact(out: Output, most_rows: int = COMPACT_ROWS, batch_files_only: bool =
              if f.rows is None or (not batch_files_only and f.rows < most_rows // 2)]
     if len(small) < 2:
         return 0
-    replaced, chunk, tables, held = 0, [], [], 0
+    tables: list[pa.Table] = []
+    replaced, chunk, held = 0, [], 0
     for start in range(0, len(small), READERS):
         part = small[start:start + READERS]
         read = _read_files(out, part, None)
+        first = len(tables)                # where this read's tables start
         for f in part:
             if f.path not in read:
                 continue                   # gone since the listing: another compaction
@@ -352,10 +354,11 @@ def compact(out: Output, most_rows: int = COMPACT_ROWS, batch_files_only: bool =
             held += read[f.path].num_rows
             if held >= most_rows:
                 replaced += _merge(out, chunk, tables)
-                chunk, tables, held = [], [], 0
-        # held as one table, not one per file: a batch file's 4-row table costs ~50 KB
-        tables = [pa.concat_tables(tables, promote_options="permissive").combine_chunks()
-                  ] if len(tables) > 1 else tables
+                chunk, tables, held, first = [], [], 0, 0
+        # this read's tables held as one: a batch file's 4-row table costs ~50 KB
+        if len(tables) - first > 1:
+            tables[first:] = [pa.concat_tables(tables[first:], promote_options="permissive")
+                              .combine_chunks()]
     if len(chunk) > 1 or (chunk and chunk[0].rows is None):
         replaced += _merge(out, chunk, tables)
     return replaced
