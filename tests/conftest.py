@@ -32,6 +32,14 @@ def tiny_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_models(tiny_dir):
+    """The 64 px tiny networks loaded (the parser at 64), once per test module."""
+    from models.loaders import load_models
+    from models.spec import read_spec
+    return load_models(read_spec(str(tiny_dir / "models.yaml")), parser_size=64)
+
+
 @pytest.fixture(scope="session")
 def tiny32(tmp_path_factory):
     """The tiny checkpoint set at 32 px: the job tests' models."""

@@ -189,6 +189,15 @@ def write_global_checkpoints(out: Path, latent_mean: torch.Tensor) -> dict[str, 
     return paths
 
 
+def faces_near_mean(models, n: int, seed: int) -> torch.Tensor:
+    """`n` images the tiny generator can make: random W+ codes near the mean latent."""
+    g = models.generator
+    torch.manual_seed(seed)
+    w = models.mean_latent.view(1, 1, -1) + 0.3 * torch.randn(n, g.n_latent, g.style_dim)
+    with torch.no_grad():
+        return g(w, g.make_noise(n)).clamp(0, 1)
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -2,11 +2,10 @@ import copy
 
 import pytest
 import torch
+from helpers import faces_near_mean
 
 from models.classifier import ATTRIBUTE_INDEX
 from models.face_parser import CLASS_INDEX, region_masks
-from models.loaders import load_models
-from models.spec import read_spec
 from pipeline.engine.attributes import LOCAL_ATTRIBUTES
 from pipeline.engine.editor import Editor, StartPoint
 from pipeline.engine.rows import EditRequest
@@ -20,18 +19,13 @@ FEW_STEPS = {"steps.latent": 6, "steps.noise": 2, "loss.start_steps.classf": 2,
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dir):
-    return load_models(read_spec(str(tiny_dir / "models.yaml")), parser_size=64)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
 def faces(models):
-    """Three images the tiny generator can make: random W+ codes near the mean."""
-    g = models.generator
-    torch.manual_seed(0)
-    w = models.mean_latent.view(1, 1, -1) + 0.3 * torch.randn(3, g.n_latent, g.style_dim)
-    with torch.no_grad():
-        return g(w, g.make_noise(3)).clamp(0, 1)
+    return faces_near_mean(models, 3, seed=0)
 
 
 def run(models, images, requests, overrides=None, **kwargs):

@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
+from helpers import faces_near_mean
 from torch import nn
 
 from models.celeba import ATTRIBUTE_INDEX, ATTRIBUTES
-from models.loaders import load_models
-from models.spec import read_spec
 from models.tiny import tiny_classifier
 from pipeline.engine.editor import Editor
 from pipeline.engine.entanglement import IMPLIED, entanglement, other_attributes
@@ -24,17 +23,13 @@ FEW_STEPS = {"steps.latent": 4, "steps.noise": 1, "loss.start_steps.classf": 1,
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dir):
-    return load_models(read_spec(str(tiny_dir / "models.yaml")), parser_size=64)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
 def face(models):
-    g = models.generator
-    torch.manual_seed(1)
-    w = models.mean_latent.view(1, 1, -1) + 0.3 * torch.randn(1, g.n_latent, g.style_dim)
-    with torch.no_grad():
-        return g(w, g.make_noise(1)).clamp(0, 1)
+    return faces_near_mean(models, 1, seed=1)
 
 
 class HandClassifier(nn.Module):

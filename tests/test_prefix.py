@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from models.loaders import load_models
-from models.spec import read_spec
 from pipeline.engine.editor import Editor
 from pipeline.engine.rows import EditRequest
 from pipeline.engine.settings import EditConfig
@@ -21,9 +19,8 @@ STEPS = {"steps.latent": 4, "loss.start_steps.classf": 2, "loss.start_steps.seg"
 
 
 @pytest.fixture(scope="module")
-def editor(tiny_dir):
-    models = load_models(read_spec(str(tiny_dir / "models.yaml")), parser_size=64)
-    return Editor(models, EditConfig.from_overrides(STEPS))
+def editor(tiny_models):
+    return Editor(tiny_models, EditConfig.from_overrides(STEPS))
 
 
 def key(editor, image, attribute="smiling", autocast=None, **overrides):
