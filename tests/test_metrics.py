@@ -64,8 +64,8 @@ def test_a_reader_reads_again_only_the_files_that_changed(tmp_path, monkeypatch)
     write_batches(out, [f"r{k}" for k in range(12)])                   # 3 files
     reads = []
     real = m._read_file
-    monkeypatch.setattr(m, "_read_file", lambda o, path, cols: reads.append(path) or
-                        real(o, path, cols))
+    monkeypatch.setattr(m, "_read_file", lambda o, path, *a: reads.append(path) or
+                        real(o, path, *a))
     reader = MetricsReader(out, ["id", "status"])
     assert len(reader.read()) == 12 and len(reads) == 3
     reads.clear()

@@ -293,8 +293,8 @@ def test_status_uses_the_manifest_job_json_names_and_a_watch_rereads_only_change
     write_job(out, shifted(now), START - NOW + now, manifest=manifest)
     files, manifests = [], []
     real_file, real_ids = metrics._read_file, status_module.manifest_ids
-    monkeypatch.setattr(metrics, "_read_file", lambda o, p, c: files.append(p) or
-                        real_file(o, p, c))
+    monkeypatch.setattr(metrics, "_read_file", lambda o, p, *a: files.append(p) or
+                        real_file(o, p, *a))
     monkeypatch.setattr(status_module, "manifest_ids", lambda *a: manifests.append(a) or
                         real_ids(*a))
     reader = status_module.StatusReader(str(tmp_path / "out"))      # no --manifest
