@@ -3,7 +3,7 @@ test (pytest does not collect it).
 
     .venv/bin/python tests/scale_bench.py --rows 10000 100000 1000000 [--s3-latency-ms 20]
         [--layout compacted|small-files|both] [--export-up-to 100000] [--work DIR]
-        [--code CHECKOUT] [--no-local]
+        [--code CHECKOUT] [--no-local] [--commands status resume ...] [--cold]
 
 For each N it writes once, with the project's own writer, a synthetic output of N
 finished rows as the actors write it: one metrics file per batch of 4, every metrics
@@ -12,9 +12,10 @@ of the N rows, summary.json. Row k's image, latent and mask are the k % 1000-th 
 pool of 1,000 of each: the report reads only its grid's sample of them, status and
 resume none, export each once. Each layout is measured on a fresh copy of its metrics:
 compacted as a job leaves it (`compacted`), or left as an output written before
-compaction existed (`small files`); on local disk, and with --s3-latency-ms on the
-local S3 server (moto) behind the tests' fault proxy, which holds every request that
-long (a remote store's round trip). It times, as a user runs them (each command a new
+compaction existed (`small files`; hard links to the written files where the disk
+allows); on local disk (--cold: the page cache emptied before each command), and with
+--s3-latency-ms on the local S3 server (moto) behind the tests' fault proxy, which holds
+every request that long (a remote store's round trip). It times, as a user runs them (each command a new
 process, wall clock), in this order:
 
     status   maskface status OUT --manifest M --json
@@ -56,6 +57,9 @@ from pipeline.job.metrics import write_metrics  # noqa: E402
 from pipeline.job.outputs import Output, npy_bytes  # noqa: E402
 
 CODE = str(ROOT)          # the checkout whose commands are timed (--code)
+ALL_COMMANDS = ("status", "report", "export", "resume")
+COMMANDS = ALL_COMMANDS   # those timed (--commands)
+COLD = False              # page cache emptied before each command (--cold)
 BATCH = 4
 POOL = 1_000              # the row files, shared by row k % POOL
 EDITS = ["smiling", "wearing_lipstick", "black_hair", "big_nose", "male", "young"]
@@ -201,12 +205,22 @@ def local_copy(source: Path, folder: Path, compacted: bool) -> str:
     small files is wanted. Returns its URI."""
     from pipeline.job.metrics import compact
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(source / "out" / "metrics", folder / "out" / "metrics")
+    # hard links where the disk allows: a million rows' 250,000 files in seconds, not a
+    # 15 GB copy (a compaction deletes the copy's names; the source keeps its own)
+    shutil.copytree(source / "out" / "metrics", folder / "out" / "metrics",
+                    copy_function=_link_or_copy)
     out = Output(str(folder / "out"))
     _job_files(source, out, None)
     if compacted:
         compact(out)
     return out.uri
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def s3_copy(source: Path, local_out: str, dest_uri: str, storage: dict) -> None:
@@ -259,7 +273,10 @@ def paths_of(source: Path, out_uri: str, folder: Path, storage: dict | None) -> 
 
 
 def timed(argv: list[str], env: dict | None = None) -> float | str:
-    """Seconds `maskface argv...` took, run from CODE (this checkout, or --code's)."""
+    """Seconds `maskface argv...` took, run from CODE (this checkout, or --code's); with
+    --cold, the page cache emptied first (an output not read since it was written)."""
+    if COLD:
+        drop_page_cache()
     env = dict(env or os.environ)
     env["PYTHONPATH"] = CODE
     began = time.time()
@@ -272,23 +289,34 @@ def timed(argv: list[str], env: dict | None = None) -> float | str:
     return seconds
 
 
+def drop_page_cache() -> None:
+    """Empty Linux's page cache (root only): the next read comes from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root on Linux to empty the page cache: {e}") from None
+
+
 def measure(paths: dict, n: int, export_up_to: int, storage: dict | None = None,
             env: dict | None = None) -> dict:
     """status, report, export, then resume (which compacts an output of small files: the
-    status after it reads the output as the job leaves it)."""
+    status after it reads the output as the job leaves it); only those in COMMANDS."""
     options = ["--storage-options", json.dumps(storage)] if storage else []
     status = ["status", paths["out"], "--manifest", paths["manifest"], "--json", *options]
-    figures = {"status": timed(status, env),
-               "report": timed(["report", paths["out"], "--dest",
-                                str(Path(paths["folder"]) / "report"), *options], env)}
-    if n <= export_up_to:
-        dest = Path(paths["folder"]) / "export"
-        shutil.rmtree(dest, ignore_errors=True)
-        figures["export"] = timed(["export", paths["out"], "--format", "hf-parquet",
-                                   "--dest", str(dest), *options], env)
-    figures["resume"] = timed(["run", paths["job"], "--no-report"], env)
-    figures["status after resume"] = timed(status, env)
-    return figures
+    dest = Path(paths["folder"])
+    shutil.rmtree(dest / "export", ignore_errors=True)
+    commands = {
+        "status": status,
+        "report": ["report", paths["out"], "--dest", str(dest / "report"), *options],
+        "export": (["export", paths["out"], "--format", "hf-parquet",
+                    "--dest", str(dest / "export"), *options] if n <= export_up_to else None),
+        "resume": ["run", paths["job"], "--no-report"],
+        "status after resume": status,
+    }
+    return {name: timed(argv, env) for name, argv in commands.items()
+            if argv is not None and (name in COMMANDS or name.endswith("after resume")
+                                     and "resume" in COMMANDS)}
 
 
 def on_s3(source: Path, local_out: str, work: Path, latency_ms: float,
@@ -340,18 +368,24 @@ def main() -> int:
                         help="time the commands of another checkout (an older commit, for a "
                              "before/after) on the same outputs")
     parser.add_argument("--no-local", action="store_true", help="only the S3 figures")
+    parser.add_argument("--commands", nargs="+", choices=ALL_COMMANDS,
+                        default=list(ALL_COMMANDS),
+                        help="time only these (`resume` includes the status after it)")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before each command (Linux, root): an "
+                             "output not read since it was written, as an old one is")
     parser.add_argument("--s3-small-files-up-to", type=int, default=100_000,
                         help="S3 figures of the small-files layout up to this many rows (a "
                              "million rows are 250,000 uploads to moto)")
     args = parser.parse_args()
-    global CODE
-    CODE = str(Path(args.code).resolve())
+    global CODE, COMMANDS, COLD
+    CODE, COMMANDS, COLD = str(Path(args.code).resolve()), tuple(args.commands), args.cold
     layouts = {"compacted": [True], "small-files": [False], "both": [True, False]}[args.layout]
     for n in args.rows:
         source = written(Path(args.work), n)
         for compacted in layouts:
             layout = "compacted" if compacted else "small files"
-            figures: dict = {"rows": n, "layout": layout, "code": CODE}
+            figures: dict = {"rows": n, "layout": layout, "code": CODE, "cold": COLD}
             folder = source.parent / layout.replace(" ", "-")
             began = time.time()
             out = local_copy(source, folder, compacted)
