@@ -81,7 +81,10 @@ def test_a_reader_reads_again_only_the_files_that_changed(tmp_path, monkeypatch)
     assert again.sort_index().equals(now.sort_index()) and len(reads) == 1
 
 
-def test_compaction_merges_the_batch_files_and_every_row_stays_once(tmp_path):
+@pytest.mark.parametrize("readers", [1, 3, 8])        # a merged file's rows cut from the
+def test_compaction_merges_the_batch_files_and_every_row_stays_once(  # middle of a reader's
+        tmp_path, monkeypatch, readers):                          # share, or from shares of one
+    monkeypatch.setattr(m, "_readers", lambda *a, **k: readers)
     out = Output(str(tmp_path / "o"))
     ids = [f"r{k:03d}" for k in range(30)]
     write_batches(out, ids)
@@ -89,6 +92,8 @@ def test_compaction_merges_the_batch_files_and_every_row_stays_once(tmp_path):
     assert compact(out, most_rows=12) == 8                   # 8 files, into 3 of <= 12+ rows
     names = [f.name for f in metrics_files(out)]
     assert all(n.startswith("compact-") for n in names) and len(names) == 3
+    sizes = sorted(f.rows for f in metrics_files(out))      # cut at the first file that
+    assert sum(sizes) == 30 and 12 <= sizes[1] and sizes[2] < 12 + 4  # reaches 12 rows
     assert sorted(every_row(out)["id"]) == ids               # no copy, none lost
     pd.testing.assert_frame_equal(read_metrics(out).reset_index(drop=True),
                                   before.reset_index(drop=True))

@@ -221,11 +221,12 @@ def _read_file(out: Output, path: str, columns: Sequence[str] | None,
     return table
 
 
-def _readers(out: Output) -> int:
-    """Files read at once. On a local disk a read is CPU-bound, page cache or not: one
-    reader per core (8 readers on 2 cores read batch files 1.3x slower than 2, cold or
-    warm); on an object store each waits on a round trip: READERS."""
-    if not out.local:
+def _readers(out: Output, every_column: bool = False) -> int:
+    """Files read at once: READERS, each mostly waiting (on an object store's round trip,
+    on the disk for a few columns of a file not in the page cache); but one per core when
+    whole files are read from a local disk, where decoding their ~90 columns is the cost
+    (2 readers on 2 cores read batch files 1.3x faster than 8, cold or warm)."""
+    if not (every_column and out.local):
         return READERS
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))       # the cores this process may use
@@ -234,7 +235,7 @@ def _readers(out: Output) -> int:
 
 def _read_files(out: Output, files: Sequence[MetricsFile], columns: Sequence[str] | None
                 ) -> dict[str, pa.Table]:
-    readers = _readers(out)
+    readers = _readers(out, every_column=columns is None)
     threads = len(files) < readers           # a few (merged) files: split each by column
     with ThreadPoolExecutor(max_workers=readers) as pool:
         tables = pool.map(lambda f: _read_file(out, f.path, columns, threads), files)
@@ -255,7 +256,7 @@ def _read_shares(out: Output, files: Sequence[MetricsFile]) -> list[_Share]:
     file after file and combines it into one table. A 4-row batch file costs ~1 ms of
     CPU to read, and combining thousands of them one by one afterwards as much again;
     here both run on every core."""
-    readers = _readers(out)
+    readers = _readers(out, every_column=True)
     threads = len(files) < readers           # a few (merged) files: split each by column
     size = min(-(-len(files) // readers), 256)   # small shares: no reader idles at the end
 
