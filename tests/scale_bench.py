@@ -13,10 +13,11 @@ pool of 1,000 of each: the report reads only its grid's sample of them, status a
 resume none, export each once. Each layout is measured on a fresh copy of its metrics:
 compacted as a job leaves it (`compacted`), or left as an output written before
 compaction existed (`small files`; hard links to the written files where the disk
-allows); on local disk (--cold: the page cache emptied before each command), and with
---s3-latency-ms on the local S3 server (moto) behind the tests' fault proxy, which holds
-every request that long (a remote store's round trip). It times, as a user runs them (each command a new
-process, wall clock), in this order:
+allows), read once (the page cache holds it); on local disk (--cold: the page cache
+emptied before each command instead), and with --s3-latency-ms on the local S3 server
+(moto) behind the tests' fault proxy, which holds every request that long (a remote
+store's round trip). It times, as a user runs them (each command a new process, wall
+clock), in this order:
 
     status   maskface status OUT --manifest M --json
     report   maskface report OUT
@@ -216,6 +217,16 @@ def local_copy(source: Path, folder: Path, compacted: bool) -> str:
     return out.uri
 
 
+def _read_every_file(folder: Path) -> None:
+    """Every file of `folder` read once: in the page cache, as a copy's would be."""
+    def read(path: Path) -> None:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(read, folder.iterdir()))
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -389,6 +400,8 @@ def main() -> int:
             folder = source.parent / layout.replace(" ", "-")
             began = time.time()
             out = local_copy(source, folder, compacted)
+            if not COLD:                   # hard links share the source's cache state
+                _read_every_file(folder / "out" / "metrics")
             print(f"  {layout} copy in {time.time() - began:.0f} s", file=sys.stderr)
             # S3 first: the local resume compacts a copy of small files
             if args.s3_latency_ms is not None and (compacted or n <= args.s3_small_files_up_to):

@@ -26,6 +26,7 @@ import os
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -200,7 +201,7 @@ def _read_file(out: Output, path: str, columns: Sequence[str] | None,
     for a batch's 4 rows read beside many others)."""
     try:
         # a local file through Arrow's own reader: a third faster than a Python file object
-        with (pa.OSFile(path) if out.local else out.fs.open(path, "rb")) as f, \
+        with (nullcontext(path) if out.local else out.fs.open(path, "rb")) as f, \
                 pq.ParquetFile(f) as parquet:
             wanted = None                  # every column (not named: 10% faster)
             if columns is not None:
@@ -221,12 +222,11 @@ def _read_file(out: Output, path: str, columns: Sequence[str] | None,
     return table
 
 
-def _readers(out: Output, every_column: bool = False) -> int:
-    """Files read at once: READERS, each mostly waiting (on an object store's round trip,
-    on the disk for a few columns of a file not in the page cache); but one per core when
-    whole files are read from a local disk, where decoding their ~90 columns is the cost
-    (2 readers on 2 cores read batch files 1.3x faster than 8, cold or warm)."""
-    if not (every_column and out.local):
+def _readers(out: Output) -> int:
+    """Whole files read at once: one per core on a local disk, where decoding a batch
+    file's ~90 columns is the cost (2 readers on 2 cores read them 1.3x faster than 8);
+    READERS on an object store, where each waits on a round trip."""
+    if not out.local:
         return READERS
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))       # the cores this process may use
@@ -235,10 +235,8 @@ def _readers(out: Output, every_column: bool = False) -> int:
 
 def _read_files(out: Output, files: Sequence[MetricsFile], columns: Sequence[str] | None
                 ) -> dict[str, pa.Table]:
-    readers = _readers(out, every_column=columns is None)
-    threads = len(files) < readers           # a few (merged) files: split each by column
-    with ThreadPoolExecutor(max_workers=readers) as pool:
-        tables = pool.map(lambda f: _read_file(out, f.path, columns, threads), files)
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        tables = pool.map(lambda f: _read_file(out, f.path, columns), files)
         return {f.path: t for f, t in zip(files, tables) if t is not None}
 
 
@@ -256,7 +254,7 @@ def _read_shares(out: Output, files: Sequence[MetricsFile]) -> list[_Share]:
     file after file and combines it into one table. A 4-row batch file costs ~1 ms of
     CPU to read, and combining thousands of them one by one afterwards as much again;
     here both run on every core."""
-    readers = _readers(out, every_column=True)
+    readers = _readers(out)
     threads = len(files) < readers           # a few (merged) files: split each by column
     size = min(-(-len(files) // readers), 256)   # small shares: no reader idles at the end
 
@@ -332,7 +330,7 @@ def metrics_schema(out: Output) -> pa.Schema:
                 return pq.read_schema(handle)
         except FileNotFoundError:
             return None
-    with ThreadPoolExecutor(max_workers=_readers(out)) as pool:
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
         schemas = [s for s in pool.map(schema, metrics_files(out)) if s is not None]
     merged = pa.unify_schemas([METRICS_SCHEMA, *schemas], promote_options="permissive")
     if LEGACY.name in merged.names:
@@ -457,7 +455,7 @@ def _finish_interrupted(out: Output, files: list[MetricsFile]) -> list[MetricsFi
             return []
         return json.loads(meta.get(REPLACES, b"[]"))
     merged = [f for f in files if f.rows is not None]
-    with ThreadPoolExecutor(max_workers=_readers(out)) as pool:
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
         named = {path: version for entries in pool.map(replaced, merged)
                  for path, version in entries}
     left = [f for f in files if named.get(f.path) == f.version]
