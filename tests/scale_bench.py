@@ -325,9 +325,9 @@ def measure(paths: dict, n: int, export_up_to: int, storage: dict | None = None,
         "resume": ["run", paths["job"], "--no-report"],
         "status after resume": status,
     }
+    wanted = {*COMMANDS, *(["status after resume"] if "resume" in COMMANDS else [])}
     return {name: timed(argv, env) for name, argv in commands.items()
-            if argv is not None and (name in COMMANDS or name.endswith("after resume")
-                                     and "resume" in COMMANDS)}
+            if argv is not None and name in wanted}
 
 
 def on_s3(source: Path, local_out: str, work: Path, latency_ms: float,

@@ -81,9 +81,11 @@ def test_a_reader_reads_again_only_the_files_that_changed(tmp_path, monkeypatch)
     assert again.sort_index().equals(now.sort_index()) and len(reads) == 1
 
 
-@pytest.mark.parametrize("readers", [1, 3, 8])        # a merged file's rows cut from the
-def test_compaction_merges_the_batch_files_and_every_row_stays_once(  # middle of a reader's
-        tmp_path, monkeypatch, readers):                          # share, or from shares of one
+# readers: a merged file's rows cut from the middle of one reader's share (1, 3), or
+# gathered from shares of one file each (8)
+@pytest.mark.parametrize("readers", [1, 3, 8])
+def test_compaction_merges_the_batch_files_and_every_row_stays_once(tmp_path, monkeypatch,
+                                                                    readers):
     monkeypatch.setattr(m, "_readers", lambda *a, **k: readers)
     out = Output(str(tmp_path / "o"))
     ids = [f"r{k:03d}" for k in range(30)]

@@ -123,7 +123,7 @@ LEGACY = pa.field("image_uri", pa.string())   # `edited_uri`'s name in older out
 FOLDER = "metrics"
 COMPACT_ROWS = 250_000        # rows of a file compaction makes, at most
 COMPACT_EVERY = 5_000         # rows between two compactions while a job runs
-READERS = 32                  # files an object store's reader asks for at once
+READERS = 32                  # files read at once (whole files on a local disk: `_readers`)
 CHUNK_FILES = 2_048           # files a compaction or an export reads before it goes on
 _COMPACT_NAME = re.compile(r"compact-(\d+)-")
 
