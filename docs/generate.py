@@ -41,7 +41,7 @@ def _table(head: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> str:
 
 
 def job_spec() -> str:
-    from pipeline.job.spec import keys
+    from pipeline.runner.spec import keys
     return _table(("key", "default", "meaning"),
                   ((f"`{k.name}`", _value(k.default), k.help) for k in keys()))
 
@@ -53,7 +53,7 @@ def _fields(cls, prefix: str) -> str:
 
 
 def job_spec_inputs() -> str:
-    from pipeline.job.access import InputPolicy
+    from pipeline.runner.access import InputPolicy
     return _fields(InputPolicy, "inputs")
 
 
@@ -70,7 +70,7 @@ def edit_settings() -> str:
 
 
 def metrics_columns() -> str:
-    from pipeline.job.metrics import METRICS_COLUMNS
+    from pipeline.output.metrics import METRICS_COLUMNS
     return _table(("column", "type", "what it holds"),
                   ((f"`{name}`", f"`{kind}`", doc) for name, kind, doc in METRICS_COLUMNS))
 

@@ -5,17 +5,17 @@ import json
 import posixpath
 import sys
 
-import fsspec
 import numpy as np
 
 from manifests.align import LANDMARK_LICENCE, Aligner, align_photos
 from manifests.builders import list_images
-from pipeline.job.images import paste, png_bytes, read_pil, write_bytes
+from pipeline.output.images import paste, png_bytes, read_pil
+from pipeline.store.storage import filesystem, write_bytes
 
 
 def run_align(args) -> int:
     aligner = Aligner(size=args.size, on_multiple=args.multiple)
-    fs, path = fsspec.core.url_to_fs(args.input)
+    fs, path = filesystem(args.input)
     sources = list(list_images(args.input).values()) if fs.isdir(path) else [args.input]
     out = args.output.rstrip("/")
     aligned, failed = align_photos(sources, out, aligner)
@@ -23,8 +23,7 @@ def run_align(args) -> int:
         print(f"skipped {uri}: {reason}", file=sys.stderr)
     quads = {posixpath.basename(a.crop_uri): {"source_uri": a.source_uri, "align_quad": a.quad}
              for a in aligned}
-    with fsspec.open(f"{out}/quads.json", "w") as f:
-        json.dump(quads, f, indent=2)
+    write_bytes(f"{out}/quads.json", json.dumps(quads, indent=2).encode())
     print(f"aligned {len(quads)} of {len(sources)} photo(s) into {out} (quads in quads.json)")
     print(f"note: {LANDMARK_LICENCE}")
     return 1 if failed else 0

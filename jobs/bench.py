@@ -38,7 +38,9 @@ from pipeline.engine.bench import (PRESETS, bench_models, bench_schedule, deviat
 from pipeline.engine.editor import Editor
 from pipeline.engine.rows import EditRequest
 from pipeline.engine.runtime import AUTOCAST, Runtime, fp32_precision
-from pipeline.engine.settings import EditConfig, parse_set
+from pipeline.engine.settings import EditConfig
+
+from .options import parse_set
 
 AUTO_BATCH_CAP = 64         # --batch auto: the most a GPU probe tries
 IMPORTED = time.perf_counter()
@@ -295,9 +297,9 @@ def run_pipeline_bench(args) -> int:
     from models.loaders import load_models
     from models.spec import REQUIRED, read_spec
     from models.tiny import make_tiny
-    from pipeline.job.driver import run_job
-    from pipeline.job.images import read_image
-    from pipeline.job.spec import JobSpec
+    from pipeline.runner.driver import run_job
+    from pipeline.output.images import read_image
+    from pipeline.runner.spec import JobSpec
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     n, batch = args.pipeline, parse_batches(args.batch[-1:], torch.device("cpu"))[0]

@@ -20,10 +20,12 @@ from pipeline.engine.editor import Editor
 from pipeline.engine.rows import BLENDS, MODES, EditRequest, unique_stems
 from pipeline.engine.runtime import Runtime
 from pipeline.engine.schedule import Schedule
-from pipeline.engine.settings import (EditConfig, apply_mean_latent, parse_set, read_overrides,
-                                      required_networks)
+from pipeline.engine.settings import EditConfig, apply_mean_latent, required_networks
 from pipeline.errors import RowError
-from pipeline.job.images import encode_png, read_image, write_bytes
+from pipeline.output.images import encode_png, read_image
+from pipeline.store.storage import write_bytes
+
+from .options import parse_set, read_overrides
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import yaml
 
 from manifests.schema import read_manifest
-from pipeline.engine.settings import flatten, parse_set
 from pipeline.errors import SetupError
-from pipeline.job.spec import JobSpec, JobSpecError, mapping_keys
+from pipeline.runner.spec import JobSpec, JobSpecError, mapping_keys
+from pipeline.store.uris import flatten
+
+from .options import parse_set
 
 
 def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
@@ -38,9 +40,9 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
 
 
 def run_command(args) -> int:
-    from pipeline.job.driver import compact_and_read_history, run_job
-    from pipeline.job.ledger import complete_ids
-    from pipeline.job.outputs import Output
+    from pipeline.runner.driver import compact_and_read_history, run_job
+    from pipeline.output.ledger import complete_ids
+    from pipeline.output.layout import Output
     job = load_job_spec(args.spec, args.set)
     if args.retry_errors:
         job = dataclasses.replace(job, retry_errors=True)

@@ -3,7 +3,7 @@
 The StyleGAN2 FFHQ generator only understands faces aligned the way FFHQ was: 68 dlib
 landmarks -> eye and mouth centres -> an oriented square quad around the face -> a
 warp of that quad to a square image. The way back, `paste` (an edited crop blended into
-its photo), lives with the image files in pipeline/job/images.py, where the job's
+its photo), lives with the image files in pipeline/output/images.py, where the job's
 paste-back uses it too.
 
 Needs the `align` extra (`pip install .[align]`): dlib (the `dlib-bin` wheel) and dlib's
@@ -20,10 +20,11 @@ from typing import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from models.identity import LANDMARK_MODEL, dlib_model_file
 from pipeline.engine.rows import unique_stems
 from pipeline.errors import RowError
-from pipeline.job.identity import LANDMARK_MODEL, dlib_model_file
-from pipeline.job.images import crop_to_source, png_bytes, read_pil, write_bytes
+from pipeline.output.images import crop_to_source, png_bytes, read_pil
+from pipeline.store.storage import write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-import fsspec
 import pandas as pd
 
 from models.celeba import ATTRIBUTES
+from pipeline.store.storage import filesystem, open_uri
 from pipeline.engine.rows import safe_stem
 
 from .schema import ManifestError, validate
@@ -110,7 +110,7 @@ def parse_attribute_file(text: str, report: Report) -> tuple[list[str], dict[str
 
 def list_images(images_uri: str, storage_options: Mapping | None = None) -> dict[str, str]:
     """{file name: URI} for the images in a folder (or matching a glob)."""
-    fs, path = fsspec.core.url_to_fs(images_uri, **dict(storage_options or {}))
+    fs, path = filesystem(images_uri, storage_options)
     paths = fs.glob(path) if any(c in path for c in "*?[") else (
         fs.ls(path, detail=False) if fs.isdir(path) else [])
     if not paths:
@@ -122,7 +122,7 @@ def list_images(images_uri: str, storage_options: Mapping | None = None) -> dict
 
 def read_text(uri: str, storage_options: Mapping | None = None) -> str:
     try:
-        with fsspec.open(uri, "r", **dict(storage_options or {})) as f:
+        with open_uri(uri, "r", storage_options) as f:
             return f.read()
     except FileNotFoundError:
         raise ManifestError(f"file not found: {uri}") from None

@@ -19,13 +19,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.checkpoints import resolve_uri
+from pipeline.store.storage import filesystem, open_uri
+from pipeline.store.uris import resolve_uri
 from pipeline.engine.rows import REQUIRED_COLUMNS, default_seed, id_problem, is_null, row_problems
 
 SHOWN = 20
@@ -130,7 +130,7 @@ def read_manifest(uri: str, storage_options: Mapping | None = None, max_rows: in
     `max_rows` rows or `max_bytes` bytes is refused from its sizes before it is read.
     The rows whose ids are in `complete` have their ids checked, not their values: a
     resumed run does not redo them, and a million of them would take a minute."""
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         raise ManifestError(f"manifest not found: {uri}")
     try:
@@ -160,5 +160,5 @@ def _check_size(uri: str, fs, path: str, max_rows: int, max_bytes: int) -> None:
 def write_manifest(df: pd.DataFrame, uri: str, storage_options: Mapping | None = None) -> None:
     """Validate, then write a Parquet manifest to any fsspec URI."""
     validate(df)
-    with fsspec.open(uri, "wb", **dict(storage_options or {})) as f:
+    with open_uri(uri, "wb", storage_options) as f:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)

@@ -10,14 +10,15 @@ import hashlib
 import logging
 import os
 import pickle
-import posixpath
 import re
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-import fsspec
 from filelock import FileLock
+
+from pipeline.store.storage import filesystem, replaced_atomically
+from pipeline.store.uris import is_local, redact
 
 if TYPE_CHECKING:       # torch is imported where a checkpoint is loaded: URI helpers stay light
     import torch
@@ -45,25 +46,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def resolve_uri(uri: str, base: str | None) -> str:
-    """A URI relative to the file `base` names (a spec's or a manifest's own URI): paths
-    are joined to base's folder; URLs, absolute and home (~) paths are kept as given."""
-    if base is None or "://" in uri or uri.startswith(("/", "~")):
-        return uri
-    return posixpath.join(posixpath.dirname(base), uri)
-
-
-def redact(text: str) -> str:
-    """Text fit for logs and errors: URL credentials (user:password@) and query strings
-    (signed URLs, tokens) replaced by ***."""
-    text = re.sub(r"(://)[^/@\s'\"]+@", r"\1***@", text)
-    return re.sub(r"\?[^\s'\"]*", "?***", text)
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def local_file(uri: str, sha256: str | None = None, storage_options: Mapping | None = None
                ) -> Path:
     """A local path holding the bytes of `uri`, verified against `sha256` when given.
@@ -89,26 +71,25 @@ def local_file(uri: str, sha256: str | None = None, storage_options: Mapping | N
             log.warning("cached copy of %s does not match its sha256; fetching again", name)
             dest.unlink()
         if not dest.is_file():
-            tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-            try:
-                fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-                log.info("copying %s into the node cache %s", name, dest)
-                fs.get_file(path, str(tmp))
-            except FileNotFoundError:
-                tmp.unlink(missing_ok=True)
-                raise CheckpointError(f"{name}: file not found") from None
-            except Exception as e:
-                tmp.unlink(missing_ok=True)
-                raise CheckpointError(f"{name}: could not copy into the node cache: "
-                                      f"{type(e).__name__}: {redact(str(e))}") from None
-            if sha256:
-                try:
+            with replaced_atomically(dest) as tmp:
+                _copy_into(uri, tmp, name, storage_options)
+                if sha256:
                     _verify(tmp, sha256, name)
-                except CheckpointError:
-                    tmp.unlink(missing_ok=True)
-                    raise
-            os.replace(tmp, dest)
     return dest
+
+
+def _copy_into(uri: str, tmp: Path, name: str, storage_options: Mapping | None) -> None:
+    """The bytes of `uri` into the local file `tmp`, through the storage layer (its retry
+    policy); CheckpointError when they cannot be had."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        log.info("copying %s into the node cache %s", name, tmp.parent)
+        fs.get_file(path, str(tmp))
+    except FileNotFoundError:
+        raise CheckpointError(f"{name}: file not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{name}: could not copy into the node cache: "
+                              f"{type(e).__name__}: {redact(str(e))}") from None
 
 
 def _verify(path: Path, expected: str, uri: str) -> None:

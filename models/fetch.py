@@ -22,7 +22,9 @@ from typing import Callable, Mapping
 
 import yaml
 
-from .checkpoints import redact, sha256_file
+from pipeline.store.uris import redact
+
+from .checkpoints import sha256_file
 from .nvidia_pickle import CONVERTER_VERSION, PickleError, convert_pickle
 from .spec import NETWORKS, MeanLatent, ModelsSpec, WeightRef, write_spec
 

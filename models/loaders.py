@@ -16,8 +16,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .checkpoints import (CheckpointError, cache_dir, load_strict, local_file, redact,
-                          require_mapping, safe_load, sha256_file)
+from pipeline.store.storage import replaced_atomically
+from pipeline.store.uris import redact
+
+from .checkpoints import (CheckpointError, cache_dir, load_strict, local_file, require_mapping,
+                          safe_load, sha256_file)
 from .classifier import BranchedTiny
 from .e4e import E4E_OPTIONS_TYPE, E4EInitializer, Encoder4Editing
 from .face_parser import FaceParser
@@ -194,9 +197,8 @@ def mean_latent(generator: Loaded, options: MeanLatent) -> torch.Tensor:
     log.info("computing the mean latent over %d samples (seed %d)", options.samples, options.seed)
     w = compute_mean_latent(generator.module, options.samples, options.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(w, tmp)
-    tmp.replace(path)
+    with replaced_atomically(path) as tmp:
+        torch.save(w, tmp)
     return w
 
 

@@ -46,7 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, load_strict, local_file, redact, sha256_file
+from pipeline.store.storage import replaced_atomically
+from pipeline.store.uris import redact
+
+from .checkpoints import CheckpointError, load_strict, local_file, sha256_file
 from .stylegan2 import Generator
 
 log = logging.getLogger(__name__)
@@ -405,9 +408,8 @@ def convert_pickle(src: str, dest: str | os.PathLike, source_sha256: str | None 
         checkpoint["latent_avg"] = latent_avg
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, dest)
+    with replaced_atomically(dest) as tmp:
+        torch.save(checkpoint, tmp)
     params = sum(v.numel() for k, v in state_dict.items()
                  if not k.startswith("noises.") and not k.endswith(".kernel"))
     log.info("wrote %s: %d px, %d mapping layers, %d parameters", dest, config["size"],

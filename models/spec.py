@@ -17,10 +17,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import fsspec
 import yaml
 
-from .checkpoints import resolve_uri
+from pipeline.store.storage import open_uri, write_bytes
+from pipeline.store.uris import resolve_uri
+
 
 NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk", "judge")
 REQUIRED = ("generator", "face_parser", "classifier")
@@ -119,7 +120,7 @@ def read_spec(uri: str, storage_options: Mapping | None = None) -> ModelsSpec:
     """The models spec at `uri` (any fsspec URI), checked; SpecError names the file and
     the problem. Relative checkpoint URIs resolve against the spec's own folder."""
     try:
-        with fsspec.open(uri, "r", **dict(storage_options or {})) as f:
+        with open_uri(uri, "r", storage_options) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise SpecError(f"models spec not found: {uri}") from None
@@ -136,5 +137,4 @@ def write_spec(spec: ModelsSpec, uri: str, header: str = "",
     text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    with fsspec.open(uri, "w", **dict(storage_options or {})) as f:
-        f.write(text)
+    write_bytes(uri, text.encode(), storage_options)

@@ -1,7 +1,7 @@
 """The kinds of failure, and where each ends.
 
     RowError      this input, this edit: recorded on its row as status=error; the job goes on.
-      ImageError    the bytes are no usable image (pipeline/job/images.py): corrupt, too small,
+      ImageError    the bytes are no usable image (pipeline/output/images.py): corrupt, too small,
                     too large, an unsupported format
       InputRefused  the URI is outside the job's `inputs.allow`: refused before any request
       StorageError  the storage would not give or take this row's object (missing, denied,
@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 # The status of the rows an actor hands back instead of its batch's results when the job
-# must end (a SetupError): never recorded, so those rows stay pending (pipeline/job/stage.py).
+# must end (a SetupError): never recorded, so those rows stay pending (pipeline/runner/stage.py).
 STOPPED = "stopped"
 
 

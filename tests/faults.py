@@ -36,7 +36,7 @@ def _first_time(name: str) -> bool:
 
 def install() -> None:
     from pipeline.engine.editor import Editor
-    from pipeline.job.outputs import Output
+    from pipeline.output.layout import Output
 
     edit, put = Editor.edit, Output.put
 

@@ -251,7 +251,7 @@ def drop_metrics_rows(out, ids) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.job.metrics import metrics_paths
+    from pipeline.output.metrics import metrics_paths
     for path in metrics_paths(out):
         with out.fs.open(path, "rb") as f:
             table = pq.read_table(f)

@@ -54,8 +54,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from models.celeba import ATTRIBUTES  # noqa: E402
-from pipeline.job.metrics import write_metrics  # noqa: E402
-from pipeline.job.outputs import Output, npy_bytes  # noqa: E402
+from pipeline.output.metrics import write_metrics  # noqa: E402
+from pipeline.output.layout import Output, npy_bytes  # noqa: E402
 
 CODE = str(ROOT)          # the checkout whose commands are timed (--code)
 ALL_COMMANDS = ("status", "report", "export", "resume")
@@ -153,7 +153,7 @@ def written(work: Path, n: int) -> Path:
     import pyarrow as pa
 
     from manifests.schema import write_manifest
-    from pipeline.job.metrics import passthrough_schema
+    from pipeline.output.metrics import passthrough_schema
     folder = work / f"n{n}" / "written"
     if (folder / "ready").exists():
         return folder
@@ -204,7 +204,7 @@ def local_copy(source: Path, folder: Path, compacted: bool) -> str:
     URIs still name `source`'s row files, which status, resume and report never list),
     job.json and summary.json; compacted as a job leaves it, unless an old output of
     small files is wanted. Returns its URI."""
-    from pipeline.job.metrics import compact
+    from pipeline.output.metrics import compact
     shutil.rmtree(folder, ignore_errors=True)
     # hard links where the disk allows: a million rows' 250,000 files in seconds, not a
     # 15 GB copy (a compaction deletes the copy's names; the source keeps its own)
@@ -262,7 +262,7 @@ def s3_copy(source: Path, local_out: str, dest_uri: str, storage: dict) -> None:
 
 
 def _job_files(source: Path, out: Output, storage: dict | None) -> None:
-    from pipeline.job.spec import JobSpec
+    from pipeline.runner.spec import JobSpec
     job = JobSpec(manifest=str(source / "manifest.parquet"), output=out.uri,
                   models="unused.yaml", storage_options=storage or {})
     summary = json.loads((source / "summary.json").read_text())
@@ -274,7 +274,7 @@ def _job_files(source: Path, out: Output, storage: dict | None) -> None:
 
 def paths_of(source: Path, out_uri: str, folder: Path, storage: dict | None) -> dict:
     """What `measure` needs; the job spec of a resume of `out_uri`, written into `folder`."""
-    from pipeline.job.spec import JobSpec
+    from pipeline.runner.spec import JobSpec
     folder.mkdir(parents=True, exist_ok=True)
     job = JobSpec(manifest=str(source / "manifest.parquet"), output=out_uri,
                   models="unused.yaml", storage_options=storage or {})

@@ -5,8 +5,8 @@ import os
 import pytest
 
 from pipeline.errors import InputRefused
-from pipeline.job.access import InputPolicy
-from pipeline.job.outputs import Output
+from pipeline.output.layout import Output
+from pipeline.runner.access import InputPolicy
 
 
 def refused(policy, uri):
@@ -94,5 +94,5 @@ def test_outputs_stay_under_the_output_prefix(tmp_path):
         with pytest.raises(ValueError, match="would leave the output folder"):
             out.put(rel, b"x")
     with pytest.raises(ValueError):
-        out.uri_of("images", "../x")
+        out.put_row_file("images", "../x", b"x")
     assert not (tmp_path / "escape.png").exists() and not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from manifests.align import Aligner, AlignError  # noqa: E402
 from manifests.schema import read_manifest  # noqa: E402
-from pipeline.job.images import paste, quad_to_crop  # noqa: E402
+from pipeline.output.images import paste, quad_to_crop  # noqa: E402
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
 

@@ -21,8 +21,8 @@ from ray_cluster import BIN
 from jobs.cli import main
 from manifests.schema import write_manifest
 from models.tiny import make_tiny
-from pipeline.job.metrics import metrics_paths, read_metrics
-from pipeline.job.outputs import Output
+from pipeline.output.metrics import metrics_paths, read_metrics
+from pipeline.output.layout import Output
 from pipeline.results.status import read_status
 
 pytestmark = pytest.mark.cluster

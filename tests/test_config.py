@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.engine.settings import (SCHEMA, ConfigError, EditConfig, EditSettings, StepSettings,
-                                      parse_set, read_overrides)
+from jobs.options import parse_set, read_overrides
+from pipeline.engine.settings import SCHEMA, ConfigError, EditConfig, EditSettings, StepSettings
 
 ORIGINAL_CONFIG_YML = """
 optimizer: {lr_latent: 0.001, lr_noise: 0.1, reinit: true}

@@ -8,8 +8,8 @@ import uuid
 import pandas as pd
 import pytest
 
-from pipeline.job.metrics import METRICS_SCHEMA, write_metrics
-from pipeline.job.outputs import Output
+from pipeline.output.metrics import METRICS_SCHEMA, write_metrics
+from pipeline.output.layout import Output
 from pipeline.results import export
 from pipeline.results.export import label_names, labels_after
 from pipeline.results.review import ReviewError, read_verdicts

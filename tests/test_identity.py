@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.job.identity import SAME_PERSON_THRESHOLD, load_identity
+from models.identity import SAME_PERSON_THRESHOLD, load_identity
 
 pytest.importorskip("dlib", reason="the identity metric needs the align extra (dlib)")
 skimage_data = pytest.importorskip("skimage.data")

@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipeline.engine.resize import resize
 from pipeline.errors import RowError
-from pipeline.job.access import InputPolicy
-from pipeline.job.images import (ImageError, crop_to_source, decode_image, encode_png, paste,
+from pipeline.runner.access import InputPolicy
+from pipeline.output.images import (ImageError, crop_to_source, decode_image, encode_png, paste,
                                  quad_to_crop, read_image, to_uint8)
 
 
@@ -111,7 +111,7 @@ def test_a_decompression_bomb_is_refused_with_memory_bounded(tmp_path):
     (tmp_path / "big.png").write_bytes(png_bomb(7000, 7000))   # 49 MP: over 40 MP, under PIL's limit
     script = f"""
 import resource, sys
-from pipeline.job.images import ImageError, read_image
+from pipeline.output.images import ImageError, read_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for name in ("bomb.png", "big.png"):
     try:

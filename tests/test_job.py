@@ -15,11 +15,11 @@ from PIL import Image
 
 from jobs.run import load_job_spec, run_command
 from manifests.schema import ManifestError, read_manifest, validate, write_manifest
-from pipeline.job.metrics import metrics_paths, read_metrics
-from pipeline.job.outputs import Output
-from pipeline.job.plan import image_groups
-from pipeline.job.spec import JobSpecError
-from pipeline.job.stage import unpack
+from pipeline.output.metrics import metrics_paths, read_metrics
+from pipeline.output.layout import Output
+from pipeline.runner.plan import image_groups
+from pipeline.runner.spec import JobSpecError
+from pipeline.runner.stage import unpack
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from models.checkpoints import CheckpointError, cache_dir, local_file, redact, sha256_file
+from models.checkpoints import CheckpointError, cache_dir, local_file, sha256_file
+from pipeline.store.uris import redact
 from models.loaders import load_models
 from models.spec import REQUIRED, read_spec
 from models.tiny import make_tiny

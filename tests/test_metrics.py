@@ -1,4 +1,4 @@
-"""The metrics dataset (pipeline/job/metrics.py): reads of only the columns asked, the
+"""The metrics dataset (pipeline/output/metrics.py): reads of only the columns asked, the
 newest row per id, a reader that reads again only what changed, compaction that a kill
 at any instant leaves with every row once, on local disk and on a real S3 server."""
 import json
@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import metrics as m
-from pipeline.job.metrics import (METRICS_SCHEMA, MetricsReader, compact, iter_metrics,
+from pipeline.output import metrics as m
+from pipeline.output.metrics import (METRICS_SCHEMA, MetricsReader, compact, iter_metrics,
                                   metrics_files, metrics_paths, read_metrics, write_metrics)
-from pipeline.job.outputs import Output
+from pipeline.output.layout import Output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_a_read_takes_the_columns_asked_and_the_newest_row_of_each_id(tmp_path):
                        "image_uri": ["o/images/c.png", "in/d.png"], "written_at": [3.0, 3.0]})
     pq.write_table(legacy, tmp_path / "o" / "metrics" / "part-legacy.parquet")
     read = read_metrics(out, ["id", "edited_uri", "identity_status"]).set_index("id")
-    assert read.loc["c", "edited_uri"] == "o/images/c.png"
+    assert read.loc["c", "edited_uri"] == f"{tmp_path}/o/images/c.png"    # located
     assert pd.isna(read.loc["d", "edited_uri"])                # an error row's was its input
     assert read["identity_status"].isna().all()
     assert set(read_metrics(out).columns) >= set(METRICS_SCHEMA.names)
@@ -139,7 +139,7 @@ def test_while_running_only_batch_files_are_merged(tmp_path):
 def test_a_run_merges_an_old_outputs_batch_files_before_it_reads_what_is_done(tmp_path):
     """An output of many small files is read once, by the merge; the history comes from
     the merged file."""
-    from pipeline.job.driver import compact_and_read_history
+    from pipeline.runner.driver import compact_and_read_history
     out = Output(str(tmp_path / "o"))
     ids = [f"r{k:02d}" for k in range(10)]
     write_batches(out, ids)
@@ -164,8 +164,8 @@ def test_rows_stream_in_batches_newest_only(tmp_path):
 # ---- a compaction killed at any instant -------------------------------------------------
 KILLED = """
 import json, os, signal, sys
-from pipeline.job import metrics
-from pipeline.job.outputs import Output
+from pipeline.output import metrics
+from pipeline.output.layout import Output
 uri, options, point = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 out = Output(uri, options)
 put, rm = Output.put, out.fs.rm

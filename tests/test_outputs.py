@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job.ledger import pending_rows
-from pipeline.job.metrics import (METRICS_SCHEMA, drop_stale_rows, metrics_paths,
+from pipeline.output.ledger import pending_rows
+from pipeline.output.metrics import (METRICS_SCHEMA, drop_stale_rows, metrics_paths,
                                   passthrough_schema, read_metrics, write_metrics)
-from pipeline.job.outputs import Output
+from pipeline.output.layout import Output
 
 
 def rows(ids, status="ok", at=1.0, **extra):
@@ -53,7 +53,8 @@ def test_outputs_written_before_the_rename_are_read_and_resumed(tmp_path):
     out = Output(str(tmp_path / "o"))
     read = read_metrics(out).set_index("id")
     assert "image_uri" not in read.columns
-    assert read.loc["a", "edited_uri"] == "o/images/a.png" and pd.isna(read.loc["b", "edited_uri"])
+    located = f"{tmp_path}/o/images/a.png"        # where the output is now, as every reader
+    assert read.loc["a", "edited_uri"] == located and pd.isna(read.loc["b", "edited_uri"])
     manifest = pd.DataFrame({"id": ["a", "b", "c"]})
     assert pending_rows(manifest, read_metrics(out), retry_errors=False)["id"].tolist() == ["c"]
     assert pending_rows(manifest, read_metrics(out), retry_errors=True)["id"].tolist() == ["b", "c"]
@@ -64,7 +65,20 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     out.put_json("summary.json", {"rows": 3})
     out.put_npy("latents/a.npy", __import__("numpy").zeros((2, 3), "float32"))
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["latents", "summary.json"]
-    assert out.uri_of("images", "a") == f"{tmp_path}/o/images/a.png"
+
+
+def test_row_files_are_recorded_relative_to_the_output_and_located_where_it_is_now(tmp_path):
+    out = Output(str(tmp_path / "o"))
+    assert out.put_row_file("images", "a", b"png") == "images/a.png"
+    here = f"{tmp_path}/o/images/a.png"
+    assert (tmp_path / "o" / "images" / "a.png").read_bytes() == b"png"
+    # what this and older outputs recorded: a key, a path relative to the job's folder,
+    # an absolute path elsewhere, an s3:// URI: all are the output's own file
+    for recorded in ("images/a.png", "demo-out/run/images/a.png", "/old/place/images/a.png",
+                     "s3://bucket/run/images/a.png"):
+        assert out.locate(recorded) == here
+    assert out.locate(None) is None and out.locate(float("nan")) is None
+    assert out.locate("/photos/in.png") == "/photos/in.png"      # not a row file: as given
 
 
 def test_passthrough_columns_keep_their_types_and_may_not_shadow_metrics():
@@ -88,7 +102,7 @@ import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
 from pipeline.errors import StorageError
-from pipeline.job.outputs import Output
+from pipeline.output.layout import Output
 out = Output({str(out)!r})
 for name in ("a.png", "b.png"):
     try:

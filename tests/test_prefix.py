@@ -1,4 +1,4 @@
-"""The shared-prefix key and cache (pipeline/job/prefix.py). That an edit branched from a
+"""The shared-prefix key and cache (pipeline/runner/prefix.py). That an edit branched from a
 prefix equals the edit from scratch is tests/test_engine.py's; that a job computes each
 prefix once and a later job reuses it is tests/test_stage.py's."""
 import logging
@@ -10,9 +10,9 @@ import torch
 from pipeline.engine.editor import Editor
 from pipeline.engine.rows import EditRequest
 from pipeline.engine.settings import EditConfig
-from pipeline.job import prefix
-from pipeline.job.outputs import Output
-from pipeline.job.prefix import PrefixCache, prefix_key
+from pipeline.runner import prefix
+from pipeline.output.layout import Output
+from pipeline.runner.prefix import PrefixCache, prefix_key
 
 STEPS = {"steps.latent": 4, "loss.start_steps.classf": 2, "loss.start_steps.seg": 2,
          "parser_size": 64}
@@ -63,6 +63,6 @@ def test_the_cache_keeps_prefixes_in_the_output_and_drops_what_it_cannot_read(
     assert again.get("never") is None
     (tmp_path / "out" / "prefixes" / "cut.npy").write_bytes(
         np.lib.format.magic(1, 0) + b"\x10\x00{'descr")         # a torn write
-    with caplog.at_level(logging.WARNING, logger="pipeline.job.outputs"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.output.layout"):
         assert again.get("cut") is None                        # computed again, not used
     assert "prefixes/cut.npy" in caplog.text

@@ -29,9 +29,9 @@ from s3_faults import FaultProxy
 
 from jobs.run import run_command
 from manifests.schema import write_manifest
-from pipeline.job.metrics import metrics_paths
-from pipeline.job.outputs import Output
-from pipeline.job.storage import S3_ATTEMPTS, S3FS_RETRIES
+from pipeline.output.metrics import metrics_paths
+from pipeline.output.layout import Output
+from pipeline.store.storage import S3_ATTEMPTS, S3FS_RETRIES
 
 BUCKET = "reliability"
 # Recognisable fake credentials: every worker has them; no output or log may.
@@ -234,7 +234,7 @@ def test_s3_faults_are_retried_a_bounded_number_of_times_then_end_their_rows(
     assert len(parts) == len(set(parts)) + 1
     assert [f.rsplit("/", 1)[-1][:8] for f in metrics_paths(Output(out, opts))] == ["compact-"]
     # persistent faults: the rows end in error with the storage's reason, after a bounded
-    # number of attempts (pipeline/job/storage.py): S3_ATTEMPTS on 5xx; on dropped connections
+    # number of attempts (pipeline/store/storage.py): S3_ATTEMPTS on 5xx; on dropped connections
     # S3_ATTEMPTS x S3FS_RETRIES^2 for a read (s3fs wraps it twice), each sent up to twice
     assert "storage error while reading" in rows.loc["p0", "error"]
     assert "internal error" in rows.loc["p0", "error"]
@@ -279,7 +279,7 @@ def test_each_row_of_the_retry_budget_is_exactly_the_requests_made(proxy, s3_ser
     error. The same fault once: exactly one request more, then success (but a 403, which
     is no retried fault)."""
     from pipeline.errors import StorageError
-    from pipeline.job.images import read_bytes
+    from pipeline.store.storage import read_bytes
     fs, opts = s3_server["fs"], s3_options(proxy)
     fs.pipe_file(f"{BUCKET}/budget/x.png", PHOTO.read_bytes())
 
@@ -306,7 +306,7 @@ def test_a_missing_object_is_asked_for_once(proxy, s3_server, s3_credentials):
     """404: one HEAD, not retried; s3fs then lists the prefix once, to tell a missing file
     from a folder."""
     from pipeline.errors import StorageError
-    from pipeline.job.images import read_bytes
+    from pipeline.store.storage import read_bytes
     try:
         with pytest.raises(StorageError, match="not found"):
             read_bytes(f"s3://{BUCKET}/budget/missing.png", 10 ** 7, s3_options(proxy))
@@ -386,14 +386,14 @@ def test_without_an_allow_list_reads_outside_the_manifest_folder_are_said_and_do
             "absolute": str(outside / "photo.png"),
             "file-uri": f"file://{outside}/photo.png"}
     out = tmp_path / "out"
-    caplog.set_level(logging.INFO, logger="pipeline.job.driver")
+    caplog.set_level(logging.INFO, logger="pipeline.runner.driver")
     rc, log = job(tmp_path, rows_of(list(uris), list(uris.values())), tiny32, capfd,
                   output=str(out), actors=1)
     assert rc == 0, log[-3000:]
     assert (every_row(str(out))["status"] == "ok").all()           # the default reads them
     folder = os.path.realpath(tmp_path)
     said = f"4 of 5 row(s) read inputs outside the manifest's folder {folder}"
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.job.driver"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner.driver"]
     where = [k for k, line in enumerate(lines) if line.startswith(said)]
     work = next(k for k, line in enumerate(lines) if "already complete" in line)
     assert len(where) == 1 and where[0] < work                      # once, before any work
@@ -432,18 +432,18 @@ def test_a_row_that_kills_every_actor_ends_the_job_after_the_resumes_run_out(
     as a setup error; the rows that finished stay complete, the bad one pending, and a
     rerun without it completes the rest. The retry counts are the job's own constants,
     made small here so that the test takes seconds instead of minutes."""
-    from pipeline.job import driver
+    from pipeline.runner import driver
     monkeypatch.setattr(driver, "ACTOR_TASK_RETRIES", 0)
     monkeypatch.setattr(driver, "RESUMES_AFTER_LOSS", 1)
     monkeypatch.setattr(driver, "NODE_LOSS_WAIT_S", 1.0)
     ids = ["a0", "a1", "die-0"]
     rows = rows_of(ids, [str(PHOTO)] * 3)
     out = tmp_path / "out"
-    caplog.set_level(logging.INFO, logger="pipeline.job.driver")
+    caplog.set_level(logging.INFO, logger="pipeline.runner.driver")
     rc, log = job(tmp_path, rows, tiny32, capfd, output=str(out), actors=1, batch_size=1)
     assert rc == 2, log[-3000:]
     assert "error: the job stopped: Ray lost edit workers 2 times" in log
-    resumes = [r for r in caplog.records if r.name == "pipeline.job.driver"
+    resumes = [r for r in caplog.records if r.name == "pipeline.runner.driver"
                and r.getMessage().startswith("lost edit workers (")]
     assert len(resumes) == 1                                     # one resume, then the end
     done = every_row(str(out)).set_index("id")

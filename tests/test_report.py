@@ -25,14 +25,14 @@ from jobs.run import run_command
 from manifests.schema import read_manifest, write_manifest
 from pipeline.engine.rows import passthrough_columns
 from pipeline.engine.settings import EditConfig, settings_sha256
-from pipeline.job.metrics import passthrough_schema, read_metrics, write_metrics
-from pipeline.job.outputs import Output
-from pipeline.job.plan import plan_job
-from pipeline.job.spec import JobSpec
-from pipeline.job.stage import EditStage
+from pipeline.output.metrics import passthrough_schema, read_metrics, write_metrics
+from pipeline.output.layout import Output
+from pipeline.runner.plan import plan_job
+from pipeline.runner.spec import JobSpec
+from pipeline.runner.stage import EditStage
 from pipeline.results.report import write_report
 
-# the metrics columns pipeline/job/identity.py fills, which older outputs lack
+# the metrics columns models/identity.py fills, which older outputs lack
 IDENTITY_COLUMNS = ["identity_distance", "same_person", "identity_status", "identity_seconds"]
 # the evidence columns (entanglement, the judge, provenance), which older outputs lack too
 EVIDENCE_COLUMNS = ["prob_all_input", "prob_all_result", "entanglement", "unintended_flips",

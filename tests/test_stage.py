@@ -12,12 +12,12 @@ from PIL import Image
 from manifests.schema import validate
 from models.spec import REQUIRED, SpecError
 from pipeline.errors import STOPPED, JobStopped, StorageError
-from pipeline.job.images import ImageError
-from pipeline.job.metrics import passthrough_schema, read_metrics
-from pipeline.job.outputs import Output
-from pipeline.job.plan import image_groups, plan_job
-from pipeline.job.spec import JobSpec
-from pipeline.job.stage import EditStage, FailureStreak
+from pipeline.output.images import ImageError
+from pipeline.output.metrics import passthrough_schema, read_metrics
+from pipeline.output.layout import Output
+from pipeline.runner.plan import image_groups, plan_job
+from pipeline.runner.spec import JobSpec
+from pipeline.runner.stage import EditStage, FailureStreak
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import pytest
 
 from jobs.cli import main
 from manifests.schema import write_manifest
-from pipeline.job.metrics import METRICS_SCHEMA, write_metrics
-from pipeline.job.outputs import Output
-from pipeline.job.progress import DriverProgress, Figures, rates
+from pipeline.output.metrics import METRICS_SCHEMA, write_metrics
+from pipeline.output.layout import Output
+from pipeline.runner.progress import DriverProgress, Figures, rates
 from pipeline.results.status import compute_status, read_status, render
 
 NOW = 1_800_000_000.0          # a fixed clock: every figure below is exact
@@ -231,7 +231,7 @@ def test_status_starts_without_loading_torch(tmp_path):
 
 
 def test_driver_progress_lines_without_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.job.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.runner.progress")
 
     def lines():
         return [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
@@ -259,7 +259,7 @@ def test_driver_progress_bar_in_a_terminal():
 
 
 def test_ray_data_progress_bars_only_with_verbose():
-    from pipeline.job.progress import ray_data_progress_wanted
+    from pipeline.runner.progress import ray_data_progress_wanted
     root = logging.getLogger()
     level = root.level
     try:
@@ -272,7 +272,7 @@ def test_ray_data_progress_bars_only_with_verbose():
 
 
 def test_progress_interval_from_the_environment(monkeypatch):
-    from pipeline.job.progress import interval_from_env
+    from pipeline.runner.progress import interval_from_env
     monkeypatch.setenv("MASKFACE_PROGRESS_INTERVAL_S", "5")
     assert interval_from_env() == 5
     monkeypatch.setenv("MASKFACE_PROGRESS_INTERVAL_S", "soon")
@@ -285,7 +285,7 @@ def test_progress_interval_from_the_environment(monkeypatch):
 
 def test_status_uses_the_manifest_job_json_names_and_a_watch_rereads_only_changes(
         tmp_path, monkeypatch):
-    from pipeline.job import metrics
+    from pipeline.output import metrics
     from pipeline.results import status as status_module
     now = time.time()
     out = Output(str(tmp_path / "out"))

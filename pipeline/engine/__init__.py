@@ -15,6 +15,8 @@
     batch_size.py   the largest batch that fits a GPU, probed
     bench.py        measuring the engine (`maskface bench` only; the job never imports it)
 
-May import: torch, numpy, `models`, `pipeline.errors`. Never fsspec, PIL, pandas, pyarrow
-or Ray: an edit is tensors in, tensors out.
+May import (an allow-list, held by `lint-imports`): the standard library, torch, numpy,
+`models`, `pipeline.errors` and `pipeline.store.uris` (dotted keys). Nothing else: no
+storage, PIL, pandas, pyarrow, YAML or Ray; an edit is tensors in, tensors out, and its
+files are read only by `models`' loaders.
 """

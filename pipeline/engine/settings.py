@@ -24,9 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-import yaml
-
 from models.spec import MEAN_LATENT_SOURCES, REQUIRED
+from pipeline.store.uris import flatten
 
 from . import attributes as attr_table
 from . import rows
@@ -197,18 +196,6 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
-def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{'steps': {'latent': 5}, 'loss.weights.seg': 0} -> {'steps.latent': 5, 'loss.weights.seg': 0}."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, full + "."))
-        else:
-            out[full] = value
-    return out
-
-
 def _coerce(key: str, value: Any) -> Any:
     info = SCHEMA[key]
     if value is None and info.default is None:
@@ -343,23 +330,3 @@ def apply_mean_latent(spec, settings: EditSettings):
     if not changes:
         return spec
     return dataclasses.replace(spec, mean_latent=dataclasses.replace(spec.mean_latent, **changes))
-
-
-def read_overrides(text: str) -> dict[str, Any]:
-    """An edit settings file (YAML, nested or dotted keys, e.g. the original's config.yml)
-    as dotted keys; EditConfig.from_overrides checks them."""
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError("an edit config file must hold a mapping of settings")
-    return flatten(data)
-
-
-def parse_set(items: Iterable[str]) -> dict[str, str]:
-    """`--set a.b=v` items -> {'a.b': 'v'} (values are coerced by EditConfig)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else value
-    return out

@@ -7,6 +7,7 @@
     review.py   a reviewer's verdicts, saved by the report's review pass, read back
 
 Reads only what a job leaves under its output (job.json, summary.json, metrics/ and the
-files the metrics rows name), through `pipeline.job`'s reader. May import `pipeline.job`,
-`pipeline.engine`, `pipeline.errors` and `models`; never `manifests` or `jobs`.
+files the metrics rows name), through the output room (pipeline/output/) and the storage
+layer (pipeline/store/). May import those, `pipeline.engine`, `pipeline.errors` and
+`models`; never the runner (`pipeline.runner`), `manifests` or `jobs`.
 """

@@ -38,16 +38,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.engine.rows import on_target, target_side
-from pipeline.job.ledger import OK
-from pipeline.job.metrics import iter_metrics, metrics_paths, metrics_schema, read_metrics
-from pipeline.job.outputs import Output
+from pipeline.output.layout import Output
+from pipeline.output.ledger import OK
+from pipeline.output.metrics import iter_metrics, metrics_paths, metrics_schema, read_metrics
+from pipeline.store.storage import read_many
 from pipeline.results.review import ACCEPT
 
 log = logging.getLogger(__name__)
@@ -141,22 +141,14 @@ def _read_images(rows: pd.DataFrame, storage_options: Mapping | None
     """Each row's edited PNG bytes; None for failed rows; the reason for unreadable ones.
     One concurrent fetch per filesystem (on S3: one GET per image, many in flight)."""
     uris = [u if isinstance(u, str) else None for u in rows["edited_uri"]]
-    found: dict[str, bytes | str] = {}
-    by_protocol: dict[str, list[str]] = {}
-    for uri in filter(None, uris):
-        by_protocol.setdefault(fsspec.utils.get_protocol(uri), []).append(uri)
-    for group in by_protocol.values():
-        fs, _ = fsspec.core.url_to_fs(group[0], **dict(storage_options or {}))
-        paths = {uri: fs._strip_protocol(uri) for uri in group}
-        try:
-            got = fs.cat(sorted(set(paths.values())), on_error="return")
-        except Exception as e:                 # noqa: BLE001 -- said per row, as below
-            got = {path: e for path in paths.values()}
-        for uri, path in paths.items():
-            data = got.get(path, FileNotFoundError(path))
-            found[uri] = (data if isinstance(data, bytes)
-                          else f"edited image {uri}: {type(data).__name__}: {data}")
-    return [found[u] if u is not None else None for u in uris]
+    found = read_many(filter(None, uris), storage_options)
+
+    def image(uri: str | None) -> bytes | str | None:
+        data = None if uri is None else found[uri]
+        if data is None or isinstance(data, bytes):
+            return data
+        return f"edited image {uri}: {type(data).__name__}: {data}"
+    return [image(u) for u in uris]
 
 
 class _ParquetShards:

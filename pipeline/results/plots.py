@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from pipeline.job.identity import SAME_PERSON_THRESHOLD
+from models.identity import SAME_PERSON_THRESHOLD
 
 
 def _pyplot():

@@ -15,7 +15,7 @@ preservation, plots, a before/after grid (a seeded sample of at most `grid` edit
 large jobs) with a review pass (a verdict per edit, saved to a file), the reviewer's
 figures when a verdicts file is given, and the failures. The counts and rates are
 `maskface status`'s (pipeline/results/status.py); the on-target rule is summary.json's
-(pipeline/job/ledger.py attribute_outcomes); verdicts are pipeline/results/review.py's.
+(pipeline/output/ledger.py attribute_outcomes); verdicts are pipeline/results/review.py's.
 """
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from models import identity
 from pipeline.engine.rows import on_target
-from pipeline.job import identity
-from pipeline.job.images import png_bytes, read_pil
-from pipeline.job.ledger import (ERROR, MOST_FLIPPED, OK, among, attribute_outcomes,
-                                 of_manifest, this_runs_summary)
-from pipeline.job.outputs import Output
-from pipeline.job.progress import fmt_duration
-from pipeline.job.metrics import read_metrics
+from pipeline.output.figures import fmt_duration
+from pipeline.output.images import png_bytes, read_pil
+from pipeline.output.layout import Output
+from pipeline.output.ledger import (ERROR, MOST_FLIPPED, OK, among, attribute_outcomes,
+                                    of_manifest, this_runs_summary)
+from pipeline.output.metrics import read_metrics
 from pipeline.results.review import VERDICTS, acceptance, read_verdicts
 from pipeline.results.status import (STATUS_COLUMNS, JobFiles, JobStatus, compute_status,
                                      manifest_ids, read_job_files)

@@ -23,7 +23,8 @@ import json
 import math
 from typing import Mapping
 
-import fsspec
+from pipeline.store.storage import open_uri
+
 
 VERDICTS = ("accept", "reject", "unsure")
 ACCEPT = "accept"
@@ -36,7 +37,7 @@ class ReviewError(ValueError):
 def read_verdicts(uri: str, storage_options: Mapping | None = None) -> dict[str, str]:
     """The verdicts by id from a JSON file the report saved, or a CSV (id, verdict)."""
     try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+        with open_uri(uri, "rb", storage_options) as f:
             data = f.read()
     except FileNotFoundError:
         raise ReviewError(f"verdicts file not found: {uri}") from None

@@ -7,7 +7,7 @@ Status reads only the metrics rows, job.json and summary.json, never images, so 
 works on local disk and S3 alike, while the job runs or after it ended. A row counts
 once its metrics row exists (the job's own rule for "complete"). Times are the rows'
 `written_at`. The figures (done, pending, rates, ETA) are the driver's progress's
-(pipeline/job/progress.py).
+(pipeline/runner/progress.py).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from pipeline.job.ledger import ERROR, Counts, of_manifest, this_runs_summary
-from pipeline.job.metrics import MetricsReader
-from pipeline.job.outputs import Output
-from pipeline.job.progress import (DEFAULT_WINDOW_S, Figures, fmt_duration, fmt_rate, per_hour,
-                                   rates)
+from pipeline.output.figures import (DEFAULT_WINDOW_S, Figures, fmt_duration, fmt_rate, per_hour,
+                                     rates)
+from pipeline.output.layout import Output
+from pipeline.output.ledger import ERROR, Counts, of_manifest, this_runs_summary
+from pipeline.output.metrics import MetricsReader
+from pipeline.store.storage import filesystem
 
 
 # ---- status from the metrics -----------------------------------------------------------------
@@ -55,7 +56,7 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
     """The figures of one output's metrics rows (one row per id, as `read_metrics` gives),
     against the manifest's ids (or, when they are not known, its `total` rows).
     `summary`: summary.json, which a run writes when it ends; it counts only when it is
-    this run's (pipeline/job/ledger.py), and then the run has ended or stopped."""
+    this run's (pipeline/output/ledger.py), and then the run has ended or stopped."""
     now = time.time() if now is None else now
     columns = ["id", "status", "error", "node", "actor", "written_at"]
     rows = metrics[columns].copy() if len(metrics) else pd.DataFrame(columns=columns)
@@ -114,16 +115,15 @@ def _throughput(rows: pd.DataFrame, keys: list[str], now: float, until: float,
 
 def manifest_ids(manifest_uri: str, storage_options: Mapping | None = None) -> set[str]:
     """Only the `id` column of a manifest (a Parquet file or folder): cheap on big ones."""
-    import fsspec
     import pyarrow.dataset as pads
-    fs, path = fsspec.core.url_to_fs(manifest_uri, **dict(storage_options or {}))
+    fs, path = filesystem(manifest_uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"manifest not found: {manifest_uri}")
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["id"])
     return set(table.column("id").to_pylist())
 
 
-# what status reads of each metrics row (pipeline/job/metrics.py reads only these)
+# what status reads of each metrics row (pipeline/output/metrics.py reads only these)
 STATUS_COLUMNS = ["id", "status", "error", "node", "actor", "written_at"]
 
 
@@ -133,7 +133,7 @@ class JobFiles:
     output: str
     job: dict | None            # job.json: the latest run's spec and start
     summary: dict | None        # summary.json: written when a run ends
-    metrics: pd.DataFrame       # one row per id, the columns asked (pipeline/job/metrics.py)
+    metrics: pd.DataFrame       # one row per id, the columns asked (pipeline/output/metrics.py)
 
     @property
     def started_at(self) -> float | None:

@@ -5,7 +5,7 @@ needs once, in `__init__`, and edits manifest rows in `__call__`. The job hands 
 image groups (all the edit rows of one input image: see `plan.image_groups`),
 which it edits `batch_size` rows at a time (on a GPU, the largest size up to that which
 fits, probed once). Rows carry URIs, not pixels: the actor reads each image once,
-branches its local edits from the image's shared inversion prefix (pipeline/job/prefix.py),
+branches its local edits from the image's shared inversion prefix (pipeline/runner/prefix.py),
 writes the image, latent, mask (and noise) files, then each batch's metrics file, and
 returns the metrics rows.
 
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from models.checkpoints import redact
+from models.identity import load_identity
 from models.loaders import load_models
 from pipeline.engine.batch_size import auto_batch_size
 from pipeline.engine.editor import Editor, EditResult, StartPoint
@@ -43,15 +43,15 @@ from pipeline.engine.schedule import shared_prefix
 from pipeline.errors import STOPPED, JobStopped, RowError, SetupError, StorageError
 
 from .access import InputPolicy
-from .identity import load_identity
-from .images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
-from .ledger import OK
-from .metrics import write_metrics
-from .outputs import Output, npy_bytes, npz_bytes
+from pipeline.output.images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
+from pipeline.output.layout import Output, npy_bytes, npz_bytes
+from pipeline.output.ledger import OK
+from pipeline.output.metrics import write_metrics
+from pipeline.store.storage import is_outage
+from pipeline.store.uris import redact
 from .plan import JobPlan
 from .prefix import PrefixCache, branch_points, start_for
 from .spec import JobSpec
-from .storage import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ PER_ATTRIBUTE = ("prob_input", "prob_result", "judge_prob_input", "judge_prob_re
 
 class EditStage:
     """One actor of the job: `job` is the job spec, `plan` what the driver decided
-    (pipeline/job/plan.py), `cpu_threads` the torch threads of a CPU actor (None on GPUs:
+    (pipeline/runner/plan.py), `cpu_threads` the torch threads of a CPU actor (None on GPUs:
     torch's own choice)."""
 
     def __init__(self, job: JobSpec, plan: JobPlan, cpu_threads: int | None = None):
@@ -180,8 +180,9 @@ class EditStage:
             try:
                 image = self._images.get(row["image_uri"])
                 if image is None:
+                    self.inputs.check(row["image_uri"])          # before any request
                     image = read_image(row["image_uri"], self.editor.resolution,
-                                       self.job.storage_options, self.inputs, check_access=True)
+                                       self.job.storage_options, self.inputs)
                     self._images[row["image_uri"]] = image
                 request = EditRequest.from_row(row)
             except RowError as e:
@@ -266,8 +267,8 @@ class EditStage:
         quad = row.get("align_quad")
         if (self.job.paste_back and not is_null(row.get("source_uri")) and quad is not None
                 and len(quad) == 8):
-            photo = read_pil(row["source_uri"], self.job.storage_options, self.inputs,
-                             check_access=True)
+            self.inputs.check(row["source_uri"])
+            photo = read_pil(row["source_uri"], self.job.storage_options, self.inputs)
             edited = Image.fromarray(to_uint8(result.edited))
             try:
                 pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .outputs import Output
+from .layout import Output
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
 ]
 METRICS_SCHEMA = pa.schema([(name, kind) for name, kind, _ in METRICS_COLUMNS])
 LEGACY = pa.field("image_uri", pa.string())   # `edited_uri`'s name in older outputs
+# The columns naming a row's files: recorded relative to the output (`images/<id>.png`),
+# given by every reader as URIs where the output is now (`Output.locate`).
+ROW_FILE_COLUMNS = ("edited_uri", "latent_uri", "mask_uri", "noises_uri", "pasted_uri")
 
 FOLDER = "metrics"
 COMPACT_ROWS = 250_000        # rows of a file compaction makes, at most
@@ -305,7 +308,7 @@ class MetricsReader:
         new = [f for p, f in listing.items() if p not in self._tables]
         for path, table in _read_files(self.out, new, self.columns).items():
             self._tables[path] = (listing[path].version, table)
-        return _newest((t for _, t in self._tables.values()), self.asked)
+        return _located(self.out, _newest((t for _, t in self._tables.values()), self.asked))
 
 
 def read_metrics(out: Output, columns: Sequence[str] | None = None,
@@ -317,8 +320,15 @@ def read_metrics(out: Output, columns: Sequence[str] | None = None,
     wanted = pa.array(sorted(set(ids)), pa.string())
     reader = MetricsReader(out, columns)
     tables = _read_files(out, metrics_files(out), reader.columns)
-    return _newest((t.filter(pc.is_in(t["id"], value_set=wanted)) for t in tables.values()),
-                   reader.asked)
+    return _located(out, _newest((t.filter(pc.is_in(t["id"], value_set=wanted))
+                                  for t in tables.values()), reader.asked))
+
+
+def _located(out: Output, df: pd.DataFrame) -> pd.DataFrame:
+    """The row-file columns as URIs where the output is now (what is recorded stays)."""
+    located = {name: [out.locate(v) for v in df[name]]
+               for name in ROW_FILE_COLUMNS if name in df.columns and len(df)}
+    return df.assign(**located) if located else df
 
 
 def metrics_schema(out: Output) -> pa.Schema:
@@ -340,7 +350,8 @@ def metrics_schema(out: Output) -> pa.Schema:
 
 def iter_metrics(out: Output, rows: int = 1000) -> Iterator[pd.DataFrame]:
     """Every column of every id's newest row, `rows` at a time (memory: one batch and the
-    ids), in file order: a first pass reads ids and times only."""
+    ids), in file order: a first pass reads ids and times only. Row files located as
+    `read_metrics` gives them."""
     files = metrics_files(out)
     newest = read_metrics(out, ["id", "written_at"]).set_index("id")["written_at"].to_dict()
     sent: set[str] = set()
@@ -357,10 +368,10 @@ def iter_metrics(out: Output, rows: int = 1000) -> Iterator[pd.DataFrame]:
             count += len(df)
             while count >= rows:
                 batch = pd.concat(pending, ignore_index=True)
-                yield _with_columns(batch.iloc[:rows])
+                yield _located(out, _with_columns(batch.iloc[:rows]))
                 pending, count = [batch.iloc[rows:]], len(batch) - rows
     if count:
-        yield _with_columns(pd.concat(pending, ignore_index=True))
+        yield _located(out, _with_columns(pd.concat(pending, ignore_index=True)))
 
 
 def _in_chunks(files: Sequence[MetricsFile]) -> Iterator[list[MetricsFile]]:

@@ -29,7 +29,7 @@ from pipeline.engine.rows import on_target, target_side
 
 OK, ERROR = "ok", "error"          # a metrics row's status
 HISTORY_COLUMNS = ["id", "status", "written_at"]   # what a resume reads of the metrics
-# the metrics columns summary.json is made of (pipeline/job/metrics.py reads only these)
+# the metrics columns summary.json is made of (pipeline/output/metrics.py reads only these)
 SUMMARY_COLUMNS = ["id", "status", "error", "attributes", "targets", "prob_input",
                    "prob_result", "judge_prob_result", "entanglement", "unintended_flips"]
 MOST_FLIPPED = 5                   # the other attributes per_attribute names, most often first

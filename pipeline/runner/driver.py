@@ -26,10 +26,10 @@ from pipeline.engine.rows import passthrough_columns
 from pipeline.errors import STOPPED, SetupError, StorageError
 
 from .access import manifest_home, outside_of
-from .ledger import HISTORY_COLUMNS, SUMMARY_COLUMNS, among, pending_rows, summarize
-from .metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
+from pipeline.output.ledger import HISTORY_COLUMNS, SUMMARY_COLUMNS, among, pending_rows, summarize
+from pipeline.output.metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
                       read_metrics)
-from .outputs import Output
+from pipeline.output.layout import Output
 from .plan import JobPlan, code_version, image_groups, plan_job, schedule_order
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .spec import JobSpec
@@ -176,7 +176,7 @@ def _written(out: Output, done: pd.DataFrame | None = None) -> dict[str, float]:
 class Compaction:
     """The batch files the actors write, merged by the driver: every COMPACT_EVERY rows
     while the job runs (the batch files since the last time into one), and when it ends
-    (the merged files into files of up to COMPACT_ROWS rows; pipeline/job/metrics.py).
+    (the merged files into files of up to COMPACT_ROWS rows; pipeline/output/metrics.py).
     A compaction that fails is said and left for the next one: it only makes reads
     faster."""
 

@@ -25,7 +25,7 @@ from pipeline.engine.schedule import shared_prefix
 from pipeline.engine.settings import EditSettings
 from pipeline.errors import StorageError
 
-from .outputs import Output
+from pipeline.output.layout import Output
 
 log = logging.getLogger(__name__)
 

@@ -18,45 +18,36 @@ hidden files, hidden folders of a home directory (`~/.aws`, `~/.ray`, `~/.ssh`, 
 the system's folders (SYSTEM_DIRS); no other protocol, and so no `http(s)://` host, is
 ever allowed unless listed. List `inputs.allow` for any manifest you did not build.
 
-The same section holds the limits every image read obeys (pipeline/job/images.py):
+The same section holds the limits every image read obeys (pipeline/output/images.py):
 `max_bytes`, `max_pixels`, `min_side`, and `square` (how a non-square image is made
 square: `crop` its centre, or `stretch` it as the original MaskFaceGAN does).
 """
 from __future__ import annotations
 
 import os
-import posixpath
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
-from models.checkpoints import redact
+from pipeline.store.uris import redact
 from pipeline.errors import InputRefused
+from pipeline.output.images import SQUARE, ImageLimits
 
 DEFAULT_RULE = ("local files but hidden ones, those in a home's hidden folders and in system "
                 "folders, and s3:// objects")
 SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/run", "/boot", "/var/run", "/var/lib",
                "/var/log")
-SQUARE = ("crop", "stretch")
 LOCAL = ("file", "local")
 
 
 @dataclass(frozen=True)
-class InputPolicy:
-    """Where inputs may come from, and the limits on each image (see the module doc)."""
+class InputPolicy(ImageLimits):
+    """Where inputs may come from (`allow`, see the module doc), and the limits on each
+    image (ImageLimits: pipeline/output/images.py)."""
     allow: tuple[str, ...] | None = field(default=None, metadata={"help": (
         "the URI prefixes (local folders, `s3://bucket/prefix/`, `http(s)://host:port/path/`) "
         "the job may read images from; anything else is a row error before any request. "
         "Unset: " + DEFAULT_RULE)})
-    max_bytes: int = field(default=64 * 2**20, metadata={"help": (
-        "an image file over this many bytes is refused before it is read")})
-    max_pixels: int = field(default=40_000_000, metadata={"help": (
-        "an image declaring more pixels (width x height) is refused before it is decoded")})
-    min_side: int = field(default=32, metadata={"help": (
-        "an image smaller than this on its shorter side, in pixels, is refused")})
-    square: str = field(default="crop", metadata={"help": (
-        "how a non-square image is made square: `crop` its centre, or `stretch` it (the "
-        "original's way)")})
 
     @classmethod
     def from_spec(cls, data: Mapping[str, Any] | None) -> "InputPolicy":
@@ -204,11 +195,3 @@ def _homes() -> set[str]:
     if os.path.isdir("/home"):
         homes.update(f"/home/{name}" for name in os.listdir("/home"))
     return homes
-
-
-def under(root: str, rel: str) -> str:
-    """`root/rel` for an output key; a `rel` that could leave `root` raises ValueError."""
-    parts = rel.split("/")
-    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
-        raise ValueError(f"output path {rel!r} would leave the output folder")
-    return posixpath.join(root, rel)

@@ -1,27 +1,46 @@
-"""Image files in and out, through fsspec (local paths, s3://, ...)."""
+"""Image files in and out, through the storage layer (local paths, s3://, ...): the
+formats a job decodes, the limits every read obeys, conversions, the alignment quad and
+paste-back. Which URIs a job may read at all is the job's own rule
+(pipeline/runner/access.py), checked before any of these reads."""
 from __future__ import annotations
 
 import io
 import logging
 import warnings
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.checkpoints import redact
 from pipeline.engine.resize import resize
 from pipeline.errors import RowError
-
-from .access import InputPolicy
-from .storage import STORAGE_ERRORS, filesystem, storage_error
+from pipeline.store.storage import ReadRefused, read_bytes
+from pipeline.store.uris import redact
 
 log = logging.getLogger(__name__)
+
+SQUARE = ("crop", "stretch")
 
 
 class ImageError(RowError):
     """An input image that cannot be used: unreadable, unsupported, too small or too large."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The limits on each image a job reads (the job spec's `inputs.*` keys, beside
+    `inputs.allow`: pipeline/runner/access.py's InputPolicy holds both)."""
+    max_bytes: int = field(default=64 * 2**20, metadata={"help": (
+        "an image file over this many bytes is refused before it is read")})
+    max_pixels: int = field(default=40_000_000, metadata={"help": (
+        "an image declaring more pixels (width x height) is refused before it is decoded")})
+    min_side: int = field(default=32, metadata={"help": (
+        "an image smaller than this on its shorter side, in pixels, is refused")})
+    square: str = field(default="crop", metadata={"help": (
+        "how a non-square image is made square: `crop` its centre, or `stretch` it (the "
+        "original's way)")})
 
 
 # Decoders this job runs on untrusted bytes; others (GIF, PSD, ICO, ...) are refused.
@@ -62,7 +81,7 @@ def _what_it_is(data: bytes) -> str:
     return "not an image in an accepted format"
 
 
-def open_image(data: bytes, name: str, policy: InputPolicy) -> Image.Image:
+def open_image(data: bytes, name: str, policy: ImageLimits) -> Image.Image:
     """The image's header, checked: an accepted format, declared size within the policy's
     limits. No pixel is decoded here, so a decompression bomb costs nothing."""
     if not data:
@@ -125,65 +144,42 @@ def square(im: Image.Image, how: str) -> Image.Image:
 
 
 def decode_image(data: bytes, resolution: int, name: str = "image",
-                 policy: InputPolicy | None = None) -> torch.Tensor:
+                 policy: ImageLimits | None = None) -> torch.Tensor:
     """Bytes of an accepted image file -> [3, resolution, resolution] float in [0, 1].
 
     Checked against the policy's limits before decoding, converted to RGB (`to_rgb`),
     made square (`square`), then resized as the original does: area when shrinking,
     bilinear when enlarging.
     """
-    policy = policy or InputPolicy()
+    policy = policy or ImageLimits()
     rgb = square(to_rgb(open_image(data, name, policy), name), policy.square)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
     return resize(x, resolution)[0]
 
 
-def read_bytes(uri: str, max_bytes: int, storage_options: Mapping | None = None) -> bytes:
-    """A file's bytes, refused when over `max_bytes`: its size is asked first, and the read
-    itself stops one byte past the limit (a size the storage does not report, or a file
-    that grew, cannot make it read more)."""
-    name = redact(uri)
-    fs, path = filesystem(uri, storage_options)
+def _read_bytes(uri: str, max_bytes: int, storage_options: Mapping | None = None) -> bytes:
+    """An image file's bytes, refused (ImageError) when it is a folder or over
+    `max_bytes` (pipeline/store/storage.py's capped read)."""
     try:
-        info = fs.info(path)
-        if info.get("type") == "directory":
-            raise ImageError(f"{name}: is a directory")
-        size = info.get("size")
-        if size is not None and size > max_bytes:
-            raise ImageError(f"{name}: {size:,} bytes, over the limit of {max_bytes:,}: "
-                             "refused before reading")
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
-    except ImageError:
-        raise
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory") from None
-    except STORAGE_ERRORS as e:
-        raise storage_error(e, uri, "reading") from None
-    if len(data) > max_bytes:
-        raise ImageError(f"{name}: over the limit of {max_bytes:,} bytes: refused")
-    return data
+        return read_bytes(uri, max_bytes, storage_options)
+    except ReadRefused as e:
+        raise ImageError(str(e)) from None
 
 
 def read_image(uri: str, resolution: int, storage_options: Mapping | None = None,
-               policy: InputPolicy | None = None, check_access: bool = False) -> torch.Tensor:
-    """An input image, as `decode_image` gives it. With `check_access`, the URI is first
-    checked against the policy's allow-list (a manifest's URIs; the CLI's own files are
-    the user's choice)."""
-    policy = policy or InputPolicy()
-    if check_access:
-        policy.check(uri)
-    return decode_image(read_bytes(uri, policy.max_bytes, storage_options), resolution,
+               policy: ImageLimits | None = None) -> torch.Tensor:
+    """An input image, as `decode_image` gives it."""
+    policy = policy or ImageLimits()
+    return decode_image(_read_bytes(uri, policy.max_bytes, storage_options), resolution,
                         redact(uri), policy)
 
 
 def read_pil(uri: str, storage_options: Mapping | None = None,
-             policy: InputPolicy | None = None, check_access: bool = False) -> Image.Image:
+             policy: ImageLimits | None = None) -> Image.Image:
     """A photo as an RGB PIL image, at its own size (converted as `to_rgb` does)."""
-    policy = policy or InputPolicy()
-    if check_access:
-        policy.check(uri)
-    data = read_bytes(uri, policy.max_bytes, storage_options)
+    policy = policy or ImageLimits()
+    data = _read_bytes(uri, policy.max_bytes, storage_options)
     return to_rgb(open_image(data, redact(uri), policy), redact(uri))
 
 
@@ -202,14 +198,6 @@ def png_bytes(image: Image.Image) -> bytes:
 def encode_png(image: torch.Tensor) -> bytes:
     """A [3, H, W] or [1, H, W] tensor as PNG bytes (clamped to [0, 1], 8-bit)."""
     return png_bytes(Image.fromarray(to_uint8(image)))
-
-
-def write_bytes(uri: str, data: bytes, storage_options: Mapping | None = None) -> None:
-    fs, path = filesystem(uri, storage_options)
-    parent = path.rsplit("/", 1)[0]
-    if parent and parent != path:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
 
 
 # -- the alignment quad: crop <-> source photo (see manifests/align.py) --------------------

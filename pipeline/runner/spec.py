@@ -17,10 +17,11 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from pipeline.engine.runtime import Runtime
-from pipeline.engine.settings import ConfigError, EditConfig, flatten
+from pipeline.engine.settings import ConfigError, EditConfig
+from pipeline.store.storage import refuse_credentials
+from pipeline.store.uris import flatten
 
 from .access import InputPolicy
-from .storage import refuse_credentials
 
 
 class JobSpecError(ValueError):

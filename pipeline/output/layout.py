@@ -1,19 +1,23 @@
-"""The output layout of a job under one fsspec URI, and its writes.
+"""The output layout of a job under one URI (local or any fsspec store), and its writes.
 
     images/<id>.png      edited image            latents/<id>.npy   W+ latent, float32
     masks/<id>.png       blend mask, 8-bit       noises/<id>.npz    noise maps (optional)
     pasted/<id>.png      the edit pasted back into the full photo (paste_back, aligned rows)
-    prefixes/<key>.npy   shared inversion prefixes (pipeline/job/prefix.py)
+    prefixes/<key>.npy   shared inversion prefixes (pipeline/runner/prefix.py)
     metrics/*.parquet    one row per manifest row (written last: a row with a metrics
-                         row is complete; pipeline/job/metrics.py)
+                         row is complete; pipeline/output/metrics.py)
     job.json, summary.json
 
 The per-row files are ROW_FILES: `Output.put_row_file(kind, id, data)` writes one and
-returns the URI the metrics row records.
+returns what the metrics row records: its key relative to the output (`images/<id>.png`),
+so an output moved or copied elsewhere still finds its files. `Output.locate(recorded)`
+gives a recorded value's URI where the output is now; it also reads the values older
+outputs recorded (the URI at write time, absolute or relative to the job's folder).
 
-Every write is whole or absent: on local disk a file is written under a hidden temporary
-name and renamed; on object stores one PUT is atomic already. A failed write raises
-StorageError (pipeline/errors.py) naming the object and the storage's reason.
+Every write is whole or absent (pipeline/store/storage.py `put_file`): on local disk a
+file is written under a hidden temporary name and renamed; on object stores one PUT is
+atomic already. A failed write raises StorageError (pipeline/errors.py) naming the
+object and the storage's reason.
 """
 from __future__ import annotations
 
@@ -21,14 +25,13 @@ import contextlib
 import io
 import json
 import logging
-import os
-import uuid
-from typing import BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 
-from .access import under
-from .storage import STORAGE_ERRORS, filesystem, storage_error
+from pipeline.store.storage import (STORAGE_ERRORS, filesystem, is_local_fs, put_file,
+                                    replaced_atomically, storage_error)
+from pipeline.store.uris import under
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +53,33 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 class Output:
     """One job's output folder (local or any fsspec URI): whole-or-absent writes, the
-    per-row files and JSON files (the metrics dataset: pipeline/job/metrics.py)."""
+    per-row files and JSON files (the metrics dataset: pipeline/output/metrics.py)."""
 
     def __init__(self, uri: str, storage_options: Mapping | None = None):
         self.uri = uri.rstrip("/")
         self.fs, self.root = filesystem(self.uri, storage_options)
-        self.local = "file" in _protocols(self.fs)
-
-    def uri_of(self, kind: str, row_id: str) -> str:
-        """The URI of one row's file of a kind (ROW_FILES)."""
-        return f"{self.uri}/{_row_key(kind, row_id)}"
+        self.local = is_local_fs(self.fs)
 
     def put_row_file(self, kind: str, row_id: str, data: bytes) -> str:
-        """Write one row's file of a kind (ROW_FILES); returns its URI."""
-        self.put(_row_key(kind, row_id), data)
-        return self.uri_of(kind, row_id)
+        """Write one row's file of a kind (ROW_FILES); returns its key under the output
+        (`images/<id>.png`), which the metrics row records."""
+        key = row_key(kind, row_id)
+        self.put(key, data)
+        return key
+
+    def locate(self, recorded: Any) -> str | None:
+        """The URI, where this output is now, of a row file a metrics row recorded (None
+        for a null). Row files live in ROW_FILES' folders directly under the output, so
+        the recorded value's last two segments name it whatever the output's place was
+        when it was written (a key, an absolute path, a path relative to the folder the
+        job ran in, an s3:// URI)."""
+        if not isinstance(recorded, str) or not recorded:
+            return None
+        folder, _, name = recorded.rstrip("/").rpartition("/")
+        kind = folder.rpartition("/")[2]
+        if kind not in ROW_FILES or not name:
+            return recorded                 # not a row file of an output: as recorded
+        return f"{self.uri}/{kind}/{name}"
 
     def path_of(self, rel: str) -> str:
         """The filesystem path of a key under the output (never outside it)."""
@@ -72,26 +87,10 @@ class Output:
 
     def put(self, rel: str, data: bytes) -> None:
         """Write one file whole, or raise StorageError and leave nothing new behind."""
-        path = self.path_of(rel)
         try:
-            if self.local:
-                self._put_local(path, data)
-            else:
-                self.fs.pipe_file(path, data)
+            put_file(self.fs, self.path_of(rel), data)
         except STORAGE_ERRORS as e:
             raise storage_error(e, f"{self.uri}/{rel}", "writing") from None
-
-    def _put_local(self, path: str, data: bytes) -> None:
-        folder, _, name = path.rpartition("/")
-        self.fs.makedirs(folder, exist_ok=True)
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
-        try:
-            self.fs.pipe_file(tmp, data)
-            os.replace(tmp, path)            # atomic; fails on a folder (shutil.move would not)
-        except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
-            raise
 
     @contextlib.contextmanager
     def writer(self, rel: str) -> Iterator[BinaryIO]:
@@ -106,16 +105,9 @@ class Output:
             except STORAGE_ERRORS as e:
                 raise storage_error(e, f"{self.uri}/{rel}", "writing") from None
             return
-        folder, _, name = path.rpartition("/")
-        self.fs.makedirs(folder, exist_ok=True)
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+        with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+            yield f
 
     def put_json(self, rel: str, obj) -> None:
         self.put(rel, json.dumps(obj, indent=2, default=str).encode())
@@ -145,10 +137,6 @@ class Output:
             return None
 
 
-def _row_key(kind: str, row_id: str) -> str:
+def row_key(kind: str, row_id: str) -> str:
+    """A row's file of a kind, as its key under the output: `images/<id>.png`."""
     return under(kind, f"{row_id}.{ROW_FILES[kind]}")
-
-
-def _protocols(fs) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
