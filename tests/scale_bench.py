@@ -266,7 +266,7 @@ def _job_files(source: Path, out: Output, storage: dict | None) -> None:
     job = JobSpec(manifest=str(source / "manifest.parquet"), output=out.uri,
                   models="unused.yaml", storage_options=storage or {})
     summary = json.loads((source / "summary.json").read_text())
-    out.put_json("job.json", {"settings": job.as_dict(), "code_version": "scale-bench",
+    out.put_json("job.json", {"spec": job.as_dict(), "code_version": "scale-bench",
                               "started_at": summary["this_run"]["started_at"],
                               "rows": summary["manifest"]["rows"]})
     out.put_json("summary.json", {"output": out.uri, **summary})

@@ -1,4 +1,5 @@
 """The main job on a real local Ray cluster (two logical GPUs) and a real S3 server."""
+import json
 import os
 import shutil
 from argparse import Namespace
@@ -15,10 +16,13 @@ from PIL import Image
 
 from jobs.run import load_job_spec, run_command
 from manifests.schema import ManifestError, read_manifest, validate, write_manifest
-from pipeline.output.metrics import metrics_paths, read_metrics
+from pipeline.engine.runtime import Runtime
+from pipeline.engine.settings import EditConfig, EditSettings
 from pipeline.output.layout import Output
+from pipeline.output.metrics import metrics_paths, read_metrics
+from pipeline.runner.access import InputPolicy
 from pipeline.runner.plan import image_groups
-from pipeline.runner.spec import JobSpecError
+from pipeline.runner.spec import JobSpec, JobSpecError
 from pipeline.runner.stage import unpack
 
 
@@ -82,7 +86,13 @@ def test_two_gpu_actors_each_load_once_and_a_bad_row_fails_alone(ray_cluster, tm
     assert summary["this_run"]["ok"] == 7 and summary["this_run"]["error"] == 1
     assert summary["manifest"] == {"rows": 8, "ok": 7, "error": 1, "pending": 0}
     job = yaml.safe_load((tmp_path / "out" / "job.json").read_text())
-    assert job["settings"]["batch_size"] == 1 and job["code_version"]
+    assert job["spec"]["batch_size"] == 1 and job["code_version"]
+    # each distinct edit's settings as the engine ran them: the report resolves nothing
+    [smiling] = job["edits"]
+    assert smiling["attributes"] == ["smiling"] and smiling["mode"] == "local"
+    assert smiling["settings"]["steps.latent"] == SHORT["steps.latent"]
+    assert smiling["settings"]["loss.weights.seg"] == 0.0        # derived: no hair attribute
+    assert job["edit_base"]["loss.weights.seg"] != 0.0
 
 
 # ---- S3 end to end ------------------------------------------------------------------------
@@ -246,9 +256,28 @@ def test_set_overrides_spec_and_edit_keys(tmp_path):
                                     "inputs.allow=[s3://data/faces/]", "inputs.min_side=64",
                                     "runtime.autocast=bf16", "share_prefix=false"])
     assert settings.batch_size == 8 and settings.save_noises is True
-    assert settings.inputs == {"allow": ["s3://data/faces/"], "min_side": 64}
-    assert settings.runtime == {"autocast": "bf16"} and settings.share_prefix is False
-    assert settings.edit["steps.latent"] == 9 and settings.edit["parser_size"] == 32
+    assert settings.inputs == InputPolicy(allow=("s3://data/faces/",), min_side=64)
+    assert settings.runtime == Runtime(autocast="bf16") and settings.share_prefix is False
+    assert settings.edit.overrides["steps.latent"] == 9 and settings.edit.base.parser_size == 32
+
+
+def test_the_spec_is_parsed_once_into_typed_values_and_given_back_as_plain_ones(tmp_path):
+    """edit, runtime and inputs are held typed (no module below the CLI parses their
+    mappings again); as_dict gives them back plain, and from_dict reads that again."""
+    spec = load_job_spec(write_spec(tmp_path / "job.yaml", manifest="m.parquet", output="o",
+                                    models="m.yaml", edit={"steps": {"latent": 7}},
+                                    runtime={"check_every": 5}, inputs={"max_bytes": 100}))
+    assert isinstance(spec.edit, EditConfig) and isinstance(spec.edit.base, EditSettings)
+    assert spec.edit.base.steps.latent == 7
+    assert isinstance(spec.runtime, Runtime) and spec.runtime.check_every == 5
+    assert isinstance(spec.inputs, InputPolicy) and spec.inputs.max_bytes == 100
+    plain = spec.as_dict()
+    assert plain["edit"]["steps.latent"] == 7 and plain["runtime"]["check_every"] == 5
+    assert plain["inputs"]["max_bytes"] == 100 and plain["inputs"]["allow"] is None
+    assert json.loads(json.dumps(plain)) == plain                # job.json holds it as is
+    assert JobSpec.from_dict(plain) == spec
+    empty = JobSpec.from_dict({"manifest": "m", "output": "o", "models": "s", "inputs": None})
+    assert empty.inputs == InputPolicy() and empty.edit.base == EditConfig.from_overrides().base
 
 
 def test_a_run_killed_partway_resumes_without_redoing_or_duplicating(ray_cluster, tmp_path,

@@ -73,7 +73,8 @@ def test_the_stage_edits_writes_and_records_each_row(tiny_dir, photos, tmp_path,
     assert out.loc["r2", "status"] == "error" and "broken.png: not a readable image" in out.loc["r2", "error"]
     assert out.loc["r2", "input_uri"] == str(photos / "broken.png") and pd.isna(out.loc["r2", "edited_uri"])
     assert out.loc["r0", "input_uri"] == str(photos / "p0.png")
-    assert Image.open(out.loc["r1", "edited_uri"]).size == (64, 64)
+    assert out.loc["r1", "edited_uri"] == "images/r1.png"      # relative to the output
+    assert Image.open(tmp_path / "out" / "images" / "r1.png").size == (64, 64)
     assert out["label"].tolist() == [7, 8, 9] and (out["actor_model_loads"] == 1).all()
     assert not ray.is_initialized()          # a stage used directly starts no Ray instance
     assert out.loc["r1", "steps"] == 3 + 2 and out.loc["r0", "mode"] == "local"
@@ -204,10 +205,12 @@ def test_an_images_local_edits_branch_from_one_prefix_kept_in_the_output(tiny_di
                            output="scratch", share_prefix=False)
     alone = scratch(todo).set_index("id")
     assert alone["prefix"].isna().all()
-    for rid in out.index:      # float32 rounding of another batch can tip an Adam step (lr
-        a = np.load(out.loc[rid, "latent_uri"])                 # 0.001); a wrong prefix is off
-        b = np.load(alone.loc[rid, "latent_uri"])               # by far more (exact in float64:
-        np.testing.assert_allclose(a, b, rtol=0, atol=5e-3)     # tests/test_engine.py)
+    # float32 rounding of another batch can tip an Adam step (lr 0.001); a wrong prefix is
+    # off by far more (exact in float64: tests/test_engine.py)
+    for rid in out.index:
+        a = np.load(stage.output.locate(out.loc[rid, "latent_uri"]))
+        b = np.load(scratch.output.locate(alone.loc[rid, "latent_uri"]))
+        np.testing.assert_allclose(a, b, rtol=0, atol=5e-3)
 
     more = edits(photos, [(0, "bushy_eyebrows"), (1, "wavy_hair")])      # same recon masks
     later, _ = stage_for(more, str(tiny_dir / "models.yaml"), tmp_path, edit=PREFIX)  # a later job

@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipeline.output.figures import (DEFAULT_WINDOW_S, Figures, fmt_duration, fmt_rate, per_hour,
                                      rates)
+from pipeline.output.jobfile import spec_of
 from pipeline.output.layout import Output
 from pipeline.output.ledger import ERROR, Counts, of_manifest, this_runs_summary
 from pipeline.output.metrics import MetricsReader
@@ -142,11 +143,11 @@ class JobFiles:
     @property
     def job_manifest(self) -> str | None:
         """The manifest job.json names."""
-        return ((self.job or {}).get("settings") or {}).get("manifest")
+        return spec_of(self.job).get("manifest")
 
     @property
     def job_storage_options(self) -> dict:
-        return ((self.job or {}).get("settings") or {}).get("storage_options") or {}
+        return spec_of(self.job).get("storage_options") or {}
 
 
 def read_job_files(output_uri: str, storage_options: Mapping | None = None,

@@ -29,6 +29,7 @@ from .access import manifest_home, outside_of
 from pipeline.output.ledger import HISTORY_COLUMNS, SUMMARY_COLUMNS, among, pending_rows, summarize
 from pipeline.output.metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
                       read_metrics)
+from pipeline.output.jobfile import FILE, job_record
 from pipeline.output.layout import Output
 from .plan import JobPlan, code_version, image_groups, plan_job, schedule_order
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
@@ -52,7 +53,7 @@ def reads_outside(rows: pd.DataFrame, job: JobSpec) -> dict | None:
     or source_uri) outside the manifest's own folder (its bucket on S3), said once before
     any work: the default rule lets them, and a user should know (docs/reliability.md).
     None when the job lists `inputs.allow`."""
-    if job.inputs.get("allow") is not None:
+    if job.inputs.allow is not None:
         return None
     try:
         home = manifest_home(job.manifest)
@@ -96,9 +97,10 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     plan = plan_job(todo, job, schema) if len(todo) else None
     outside = reads_outside(todo, job)
     try:
-        out.put_json("job.json", {"settings": job.as_dict(), "code_version": code_version(),
-                                  "started_at": started, "rows": len(ids),
-                                  "reads_outside_manifest_folder": outside})
+        out.put_json(FILE, job_record(
+            job.as_dict(), job.edit.base.as_dict(), plan.edits() if plan else [],
+            code_version=code_version(), started_at=started, rows=len(ids),
+            reads_outside_manifest_folder=outside))
     except StorageError as e:
         raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
     log.info("%d rows: %d already complete, %d to edit", len(ids), skipped, len(todo))

@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from models.loaders import check_spec_names
 from models.spec import ModelsSpec, read_spec
-from pipeline.engine.settings import (EditConfig, EditSettings, apply_mean_latent,
-                                      required_networks, settings_key)
+from pipeline.engine.settings import (EditSettings, apply_mean_latent, required_networks,
+                                      settings_key)
 
 from .spec import JobSpec
 
@@ -37,11 +37,17 @@ class JobPlan:
     def settings_of(self, attributes, mode) -> EditSettings:
         return self.resolved[settings_key(attributes, mode)]
 
+    def edits(self) -> list[dict]:
+        """Each distinct edit with its resolved settings, as job.json records them."""
+        return [{"attributes": list(attributes), "mode": settings.mode,
+                 "settings": settings.as_dict()}
+                for (attributes, _), settings in sorted(self.resolved.items())]
+
 
 def plan_job(todo: pd.DataFrame, job: JobSpec, schema: pa.Schema) -> JobPlan:
     """Resolve each distinct edit once; a network the edits need that the models spec
     lacks is an error here, before any row runs."""
-    config = EditConfig.from_overrides(job.edit)
+    config = job.edit
     keys = {settings_key(a, m) for a, m in zip(todo["attributes"], todo["mode"])}
     resolved = {key: config.resolve(*key) for key in keys}
     networks = required_networks(resolved.values())

@@ -5,12 +5,15 @@
 Every key is a field below, in the pattern of the edit settings
 (pipeline/engine/settings.py): the field holds its default, the line the docs show, and
 its check. A value of the wrong type, out of range, or an unknown key raises
-JobSpecError naming the key. The four mappings are checked by what they configure:
-`edit` by EditConfig (and kept as dotted keys), `inputs` by InputPolicy, `runtime` by
-Runtime; `storage_options` may not hold credentials.
+JobSpecError naming the key. Three mappings are parsed here, once, into the values the
+job uses: `edit` into an EditConfig (the edit settings, resolved per attribute group by
+the plan), `runtime` into a Runtime, `inputs` into an InputPolicy; `storage_options`
+stays a mapping, refused if it holds credentials. `as_dict` gives the plain values back
+(what job.json records, and what `from_dict` reads again).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -19,7 +22,6 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 from pipeline.engine.runtime import Runtime
 from pipeline.engine.settings import ConfigError, EditConfig
 from pipeline.store.storage import refuse_credentials
-from pipeline.store.uris import flatten
 
 from .access import InputPolicy
 
@@ -34,10 +36,20 @@ Check = Callable[[str, Any], "str | None"]     # (key, value) -> what is wrong, 
 def key(default: Any, help: str, check: Check | None = None) -> Any:
     """One key of the spec: its default (MISSING: required), the line the docs show, and
     the check of a value of the right type. A mapping default is copied per spec."""
-    metadata = {"help": help, "check": check}
+    metadata = {"help": help, "check": check, "parse": None}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+Parse = Callable[[Mapping[str, Any]], Any]    # a mapping -> its typed value; ValueError
+
+
+def parsed(parse: Parse, plain: Callable[[Any], dict], help: str) -> Any:
+    """A mapping key parsed into a typed value (`parse`; its ValueError is the problem),
+    and the value given back as a plain mapping (`plain`). Unset: the empty mapping's."""
+    return field(default_factory=lambda: parse({}),
+                 metadata={"help": help, "check": None, "parse": parse, "plain": plain})
 
 
 def _at_least(low: float, words: str) -> Check:
@@ -50,28 +62,25 @@ def _above_zero(name: str, value: Any) -> str | None:
     return None if value > 0 else f"{name} must be > 0, got {value!r}"
 
 
-def _edit(name: str, value: Any) -> str | None:
+def _edit(value: Mapping[str, Any]) -> EditConfig:
     try:
-        EditConfig.from_overrides(value)
+        return EditConfig.from_overrides(value)
     except ConfigError as e:
-        return f"{name}: {e}"
-    return None
+        raise ValueError(f"edit: {e}") from None
 
 
-def _inputs(name: str, value: Any) -> str | None:
+def _runtime(value: Mapping[str, Any]) -> Runtime:
     try:
-        InputPolicy.from_spec(value)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _runtime(name: str, value: Any) -> str | None:
-    try:
-        Runtime(**value)
+        return Runtime(**value)
     except (TypeError, ValueError) as e:
-        return f"{name}: {e}; keys: {', '.join(f.name for f in dataclasses.fields(Runtime))}"
-    return None
+        raise ValueError(f"runtime: {e}; keys: "
+                         f"{', '.join(f.name for f in dataclasses.fields(Runtime))}") from None
+
+
+def _plain_inputs(policy: InputPolicy) -> dict[str, Any]:
+    values = dataclasses.asdict(policy)
+    values["allow"] = None if policy.allow is None else list(policy.allow)
+    return values
 
 
 def _storage(name: str, value: Any) -> str | None:
@@ -92,8 +101,9 @@ class JobSpec:
     manifest: str = key(MISSING, "manifest URI (Parquet)")
     output: str = key(MISSING, "output URI (local path, `s3://...`)")
     models: str = key(MISSING, "models spec URI")
-    edit: dict = key({}, "edit settings, same keys as `maskface edit --set`, nested or "
-                         "dotted (Editing settings)", _edit)
+    edit: EditConfig = parsed(_edit, lambda config: config.overrides,
+                              "edit settings, same keys as `maskface edit --set`, nested or "
+                              "dotted (Editing settings)")
     batch_size: int = key(4, "rows per engine call; on a GPU with `auto_batch`, the most it "
                              "may use", _POSITIVE)
     auto_batch: bool = key(True, "a GPU actor probes, once, the largest batch up to "
@@ -104,7 +114,8 @@ class JobSpec:
     share_prefix: bool = key(True, "each image's shared inversion prefix runs once and every "
                                    "local edit of it branches from there; kept under "
                                    "`prefixes/` for later jobs")
-    runtime: dict = key({}, "how the engine runs (the `runtime.*` keys below)", _runtime)
+    runtime: Runtime = parsed(_runtime, dataclasses.asdict,
+                              "how the engine runs (the `runtime.*` keys below)")
     actors: int | None = key(None, "actor count; unset: one per GPU, or 1 CPU actor on a "
                                    "cluster without GPUs", _POSITIVE)
     cpu_threads: int = key(2, "torch threads of a CPU actor", _POSITIVE)
@@ -123,11 +134,23 @@ class JobSpec:
                                                "of 1800 s kills slow batches)", _above_zero)
     retry_errors: bool = key(False, "recompute the rows that ended in error, as "
                                     "`--retry-errors`")
-    inputs: dict = key({}, "what the job may read and the limits on each image (the "
-                           "`inputs.*` keys below)", _inputs)
+    inputs: InputPolicy = parsed(InputPolicy.from_spec, _plain_inputs,
+                                 "what the job may read and the limits on each image (the "
+                                 "`inputs.*` keys below)")
     stop_after_failed_batches: int = key(3, "stop the job when this many whole batches in a "
                                             "row fail the same way (0: never)",
                                          _at_least(0, "an integer >= 0 (0: never stop)"))
+
+    def __post_init__(self):
+        """A parsed key given as a plain mapping (`JobSpec(edit={...})` in code) is
+        parsed here, as `from_dict` parses it: the spec holds only typed values."""
+        for f in dataclasses.fields(self):
+            value, parse = getattr(self, f.name), f.metadata["parse"]
+            if parse is not None and isinstance(value, Mapping):
+                try:
+                    object.__setattr__(self, f.name, parse(value))
+                except ValueError as e:
+                    raise JobSpecError(str(e)) from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "job spec") -> "JobSpec":
@@ -144,47 +167,55 @@ class JobSpec:
         values = {}
         for k in keys():
             if k.name in data:
-                problem = k.problem(data[k.name])
-                if problem:
-                    raise JobSpecError(f"{where}: {problem}")
-                values[k.name] = k.normal(data[k.name])
+                try:
+                    values[k.name] = k.value(data[k.name])
+                except ValueError as e:
+                    raise JobSpecError(f"{where}: {e}") from None
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        """Every key and value (what job.json records under `settings`)."""
-        return dataclasses.asdict(self)
+        """Every key with its plain value, the parsed mappings given back as mappings:
+        what job.json records under `spec`, and what `from_dict` reads again."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            plain = f.metadata.get("plain")
+            out[f.name] = plain(value) if plain else copy.deepcopy(value)
+        return out
 
 
 class Key(NamedTuple):
     """One key of the spec, as the docs and the checks see it."""
     name: str
-    kind: type                 # str, int, float, bool or dict
+    kind: type                 # str, int, float, bool or dict (a mapping, parsed or kept)
     optional: bool             # None is a value (`actors`)
-    default: Any               # MISSING for a required key
+    default: Any               # MISSING for a required key; a mapping key's: {}
     help: str
     check: Check | None
+    parse: Parse | None        # a mapping key's parser into its typed value
 
     @property
     def required(self) -> bool:
         return self.default is MISSING
 
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with a value for this key, or None."""
-        if value is None and (self.optional or self.kind is dict):
-            return None                       # `actors: null`; `inputs:` left empty
-        if (not isinstance(value, _ACCEPTS[self.kind])
-                or (isinstance(value, bool) and self.kind is not bool)
-                or (isinstance(value, str) and not value.strip())):
-            return f"{self.name} must be {_KIND_WORDS[self.kind]}, got {value!r}"
-        return self.check(self.name, value) if self.check else None
-
-    def normal(self, value: Any) -> Any:
-        """The value as the spec keeps it: floats as floats, `edit` as dotted keys."""
+    def value(self, given: Any) -> Any:
+        """The value the spec keeps for what was given: checked (ValueError says what is
+        wrong), floats as floats, a parsed mapping as its typed value."""
+        if given is None and (self.optional or self.kind is dict):
+            given = {} if self.kind is dict else None     # `inputs:` left empty; `actors: null`
+        elif (not isinstance(given, _ACCEPTS[self.kind])
+                or (isinstance(given, bool) and self.kind is not bool)
+                or (isinstance(given, str) and not given.strip())):
+            raise ValueError(f"{self.name} must be {_KIND_WORDS[self.kind]}, got {given!r}")
+        elif self.check:
+            problem = self.check(self.name, given)
+            if problem:
+                raise ValueError(problem)
+        if self.parse is not None:
+            return self.parse(given)
         if self.kind is dict:
-            return flatten(value or {}) if self.name == "edit" else dict(value or {})
-        if value is None:
-            return None
-        return float(value) if self.kind is float else value
+            return dict(given)
+        return float(given) if self.kind is float and given is not None else given
 
 
 _KIND_WORDS = {str: "a non-empty string", int: "an integer", float: "a number",
@@ -197,11 +228,13 @@ def keys() -> Iterator[Key]:
     """The spec's keys in order, with their types, defaults, help and checks."""
     hints = typing.get_type_hints(JobSpec)
     for f in dataclasses.fields(JobSpec):
-        kind = hints[f.name]
+        parse = f.metadata["parse"]
+        kind = dict if parse else hints[f.name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        default = f.default if f.default_factory is MISSING else f.default_factory()
+        default = ({} if parse else f.default if f.default_factory is MISSING
+                   else f.default_factory())
         yield Key(f.name, args[0] if args else kind, bool(args), default,
-                  f.metadata["help"], f.metadata["check"])
+                  f.metadata["help"], f.metadata["check"], parse)
 
 
 def mapping_keys() -> tuple[str, ...]:

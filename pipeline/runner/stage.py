@@ -38,11 +38,9 @@ from models.loaders import load_models
 from pipeline.engine.batch_size import auto_batch_size
 from pipeline.engine.editor import Editor, EditResult, StartPoint
 from pipeline.engine.rows import EditRequest, is_null
-from pipeline.engine.runtime import Runtime
 from pipeline.engine.schedule import shared_prefix
 from pipeline.errors import STOPPED, JobStopped, RowError, SetupError, StorageError
 
-from .access import InputPolicy
 from pipeline.output.images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from pipeline.output.layout import Output, npy_bytes, npz_bytes
 from pipeline.output.ledger import OK
@@ -75,7 +73,7 @@ class EditStage:
             torch.set_num_threads(cpu_threads)
         self.job, self.plan = job, plan
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.runtime = Runtime(**job.runtime)
+        self.runtime = job.runtime
         self.runtime.apply(torch.device(self.device))       # this actor's process
         self.editor = Editor(load_models(plan.models, device=self.device,
                                          parser_size=plan.parser_size, networks=plan.networks,
@@ -87,7 +85,7 @@ class EditStage:
         self.output = Output(job.output, job.storage_options)
         self.prefixes = PrefixCache(self.output) if job.share_prefix else None
         self._images: dict[str, torch.Tensor] = {}     # this call's decoded inputs, by URI
-        self.inputs = InputPolicy.from_spec(job.inputs)
+        self.inputs = job.inputs
         self.placement = self._placement()
         self.face_identity = load_identity()      # dlib's face descriptors (the align extra)
         self.streak = FailureStreak(job.stop_after_failed_batches, self.placement["node"])
