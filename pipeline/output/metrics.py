@@ -35,10 +35,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from models.spec import NETWORKS
+
 from .layout import Output
 
 log = logging.getLogger(__name__)
 
+NETWORK_NOTES = {"e4e": " (null when not loaded)", "lpips_trunk": " (null when not loaded)",
+                 "judge": " (null without one)"}
 # The metrics columns every row has, with what each holds; the manifest's passthrough
 # columns follow them (`passthrough_schema`). The docs' column table is made from this.
 METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -103,12 +107,8 @@ METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("actor", pa.string(), "the Ray actor that ran it"),
     ("gpu_ids", pa.string(), "the GPUs that actor held"),
     ("actor_model_loads", pa.int64(), "how often that actor loaded the models (1)"),
-    ("generator_sha256", pa.string(), "sha256 of the generator checkpoint"),
-    ("face_parser_sha256", pa.string(), "sha256 of the face parser checkpoint"),
-    ("classifier_sha256", pa.string(), "sha256 of the classifier checkpoint"),
-    ("e4e_sha256", pa.string(), "sha256 of the e4e checkpoint (null when not loaded)"),
-    ("lpips_trunk_sha256", pa.string(), "sha256 of the LPIPS trunk (null when not loaded)"),
-    ("judge_sha256", pa.string(), "sha256 of the judge checkpoint (null without one)"),
+    *[(f"{name}_sha256", pa.string(), f"sha256 of the {name.replace('_', ' ')} checkpoint"
+       + NETWORK_NOTES.get(name, "")) for name in NETWORKS],
     ("settings_sha256", pa.string(), "sha256 of the edit settings the row ran with "
                                      "([canonical JSON](outputs.md#provenance))"),
     ("code_version", pa.string(), "the maskface version (and git commit) that wrote the row"),

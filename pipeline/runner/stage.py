@@ -35,6 +35,7 @@ from PIL import Image
 
 from models.identity import load_identity
 from models.loaders import load_models
+from models.spec import NETWORKS
 from pipeline.engine.batch_size import auto_batch_size
 from pipeline.engine.editor import Editor, EditResult, StartPoint
 from pipeline.engine.rows import EditRequest, is_null
@@ -44,7 +45,7 @@ from pipeline.errors import STOPPED, JobStopped, RowError, SetupError, StorageEr
 from pipeline.output.images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from pipeline.output.layout import Output, npy_bytes, npz_bytes
 from pipeline.output.ledger import OK
-from pipeline.output.metrics import write_metrics
+from pipeline.output.metrics import METRICS_SCHEMA, write_metrics
 from pipeline.store.storage import is_outage
 from pipeline.store.uris import redact
 from .plan import JobPlan
@@ -53,12 +54,6 @@ from .spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-NETWORK_HASH_COLUMNS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk",
-                        "judge")
-METRIC_COLUMNS = ("preservation_l1", "outside_pixels", "outside_mse", "outside_psnr",
-                  "recon_mse", "region_portion_before", "region_portion_after", "steps",
-                  "seconds", "mode", "prob_all_input", "prob_all_result", "entanglement",
-                  "unintended_flips", "judge_on_target", "settings_sha256")
 # per edited attribute in the engine's metrics, a list aligned with `attributes` here
 PER_ATTRIBUTE = ("prob_input", "prob_result", "judge_prob_input", "judge_prob_result")
 
@@ -247,7 +242,7 @@ class EditStage:
             "size": float(row["size"]), "seed": int(row["seed"]),
             "mode": None, **self.placement, "actor_model_loads": self.model_loads,
             "tiny_models": self.models.tiny, "code_version": self.plan.code_version,
-            **{f"{name}_sha256": hashes.get(name) for name in NETWORK_HASH_COLUMNS}})
+            **{f"{name}_sha256": hashes.get(name) for name in NETWORKS}})
         return record
 
     def _write(self, row: dict, result: EditResult, image: torch.Tensor) -> dict[str, Any]:
@@ -276,7 +271,8 @@ class EditStage:
             record["pasted_uri"] = out.put_row_file("pasted", row_id, png_bytes(pasted))
         m = result.metrics
         attrs = list(m["prob_input"])
-        record.update({k: m[k] for k in METRIC_COLUMNS})
+        record.update({k: v for k, v in m.items()           # the engine's values, as named
+                       if k in METRICS_SCHEMA.names and k not in PER_ATTRIBUTE})
         record.update({k: None if m[k] is None else [m[k][a] for a in attrs]
                        for k in PER_ATTRIBUTE})
         record.update(self.face_identity.compare_one(to_uint8(image), to_uint8(result.edited)))
@@ -286,9 +282,10 @@ class EditStage:
 class FailureStreak:
     """The failure streak, on one actor: `limit` whole batches in a row that failed the
     same way raise JobStopped. A batch failed whole when every row of it failed with the
-    same engine exception type, or on a storage outage of the same kind (pipeline/
-    storage.py: not a missing or denied object); a bad input is the row's own business
-    and never counts. Any other batch resets the count; a limit of 0 never stops."""
+    same engine exception type, or on a storage outage of the same kind
+    (pipeline/store/storage.py `is_outage`: not a missing or denied object); a bad input
+    is the row's own business and never counts. Any other batch resets the count; a
+    limit of 0 never stops."""
 
     def __init__(self, limit: int, node: str):
         self.limit, self.node = limit, node
