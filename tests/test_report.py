@@ -1,12 +1,18 @@
 """The report, the export and summary.json of one small real job: tiny models, a real
 local Ray, its inputs and output on a real S3 server (moto on 127.0.0.1). The report
 is opened in a real headless Chromium; the exports are loaded with pandas, pyarrow and
-Hugging Face `datasets`."""
+Hugging Face `datasets`. The report's figures (pipeline/results/report_data.py) are
+also checked without any HTML, on small metrics frames and job.json dicts, and its
+page's templates as package data."""
+import ast
+import importlib.resources
 import io
 import json
+import math
 import os
 import re
 import time
+from collections import Counter
 from argparse import Namespace
 from pathlib import Path
 
@@ -25,12 +31,17 @@ from jobs.run import run_command
 from manifests.schema import read_manifest, write_manifest
 from pipeline.engine.rows import passthrough_columns
 from pipeline.engine.settings import EditConfig, settings_sha256
+from pipeline.output.jobfile import job_record
+from pipeline.output.ledger import attribute_outcomes
 from pipeline.output.metrics import passthrough_schema, read_metrics, write_metrics
 from pipeline.output.layout import Output
 from pipeline.runner.plan import plan_job
 from pipeline.runner.spec import JobSpec
 from pipeline.runner.stage import EditStage
-from pipeline.results.report import write_report
+from pipeline.results import report_data
+from pipeline.results.report import render_page, write_report
+from pipeline.results.review import VERDICTS
+from pipeline.results.status import JobFiles, compute_status
 
 # the metrics columns models/identity.py fills, which older outputs lack
 IDENTITY_COLUMNS = ["identity_distance", "same_person", "identity_status", "identity_seconds"]
@@ -187,6 +198,22 @@ def test_maskface_run_writes_the_report_next_to_the_output_on_s3(job):
     assert page.count('name="v-') == 4 * 3 and "Save verdicts" in page   # the review pass
     assert "steps.latent" in page and "paste_back" in page       # the resolved config
     assert "testing" not in page                                 # no credentials
+
+
+def test_the_report_shows_the_settings_job_json_recorded_for_each_edit(job):
+    """The configuration is job.json's as the run recorded it: the edit base (what the
+    spec set, marked) and one entry per distinct edit the rows ran."""
+    config = report_data.configuration(read_json(job["fs"], f"{BUCKET}/out/job.json"))
+    assert config is not None and config["recorded"]
+    base = {s["setting"]: s for s in config["base"]}
+    for key, value in SHORT.items():
+        assert base[key]["value"] == value and base[key]["by_spec"], key
+    assert not any(s["by_spec"] for k, s in base.items() if k not in SHORT)
+    ok = job["metrics"][job["metrics"]["status"] == "ok"]
+    assert sorted(e["attributes"] for e in config["edits"]) == sorted(
+        {tuple(a): list(a) for a in ok["attributes"]}.values())
+    page = job["fs"].cat(f"{BUCKET}/out/report/index.html").decode()
+    assert "Edit settings (resolved)" in page and "predates recorded settings" not in page
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +439,244 @@ def test_export_refuses_a_passthrough_column_it_would_overwrite(tmp_path, capsys
                  "--dest", str(tmp_path / "x")]) == 1
     assert "column(s) ['image']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ---- the report's figures, without HTML (pipeline/results/report_data.py) --------------------
+def small_metrics() -> pd.DataFrame:
+    """Three edits and a failure: one fully measured, one without an identity distance
+    (no face), one from before the evidence and identity columns existed."""
+    return pd.DataFrame({
+        "id": ["r1", "r2", "r3", "e1"],
+        "status": ["ok", "ok", "ok", "error"],
+        "error": [None, None, None, "boom:\n   a bad  file"],
+        "node": ["n"] * 4, "actor": ["a"] * 4, "written_at": [1.0, 2.0, 3.0, 4.0],
+        "attributes": [["smiling"], ["smiling", "bangs"], ["bangs"], ["smiling"]],
+        "targets": [[1.0], [1.0, 0.0], [1.0], [1.0]],
+        "prob_input": [[0.2], [0.6, 0.9], [0.1], None],
+        "prob_result": [[0.8], [0.4, 0.1], [0.9], None],
+        "judge_prob_result": [[0.7], [0.6, 0.8], None, None],
+        "entanglement": [0.1, 0.3, None, None],
+        "unintended_flips": [["male"], [], None, None],
+        "preservation_l1": [0.01, 0.03, 0.02, None],
+        "outside_psnr": [30.0, 20.0, 25.0, None],
+        "identity_distance": [0.3, None, None, None],
+        "same_person": [True, None, None, None],
+        "identity_status": ["ok", "no face in the input", None, None],
+        "identity_seconds": [0.02, 0.01, None, None],
+        "settings_sha256": ["s1", "s2", None, None], "code_version": ["v1", "v1", None, None],
+        "steps": [3, 3, 3, None], "mode": ["local", "local", "local", None],
+        "tiny_models": [False, False, False, None],
+        "generator_sha256": ["g"] * 3 + [None], "input_uri": ["in/r1.png", "in/r2.png",
+                                                              "in/r3.png", "in/<e1>.png"],
+    })
+
+
+def per_edit_outcomes(rows: pd.DataFrame) -> dict[str, list[dict]]:
+    """Per attribute, each edit's figures, by the rule written out independently: on the
+    target's side of 0.5 (the judge's when it has one)."""
+    out: dict[str, list[dict]] = {}
+    for _, row in rows[rows["status"] == "ok"].iterrows():
+        judge = row["judge_prob_result"] or [None] * len(row["attributes"])
+        for a, t, p0, p1, j in zip(row["attributes"], row["targets"], row["prob_input"],
+                                   row["prob_result"], judge):
+            side = t >= 0.5
+            out.setdefault(a, []).append({
+                "hit": (p1 >= 0.5) == side, "before": (p0 >= 0.5) == side,
+                "judge": None if j is None else (j >= 0.5) == side,
+                "p_after": p1 if side else 1 - p1, "l1": row["preservation_l1"],
+                "entanglement": row["entanglement"]})
+    return out
+
+
+def close(a, b) -> bool:
+    return (a is None and b is None) or math.isclose(a, b) or (math.isnan(a) and math.isnan(b))
+
+
+def test_report_data_attribute_rows_match_the_on_target_rule(tmp_path):
+    rows = small_metrics()
+    ok = report_data.edited(rows)
+    outcomes = attribute_outcomes(rows)
+    got = {r["attribute"]: r for r in report_data.attribute_rows(ok, outcomes)}
+    expected = per_edit_outcomes(rows)
+    assert sorted(got) == sorted(expected)
+    for attr, edits in expected.items():
+        row, n = got[attr], len(edits)
+        assert row["rows"] == n
+        assert close(row["on_target"], sum(e["hit"] for e in edits) / n)
+        assert close(row["flipped"], sum(e["hit"] and not e["before"] for e in edits) / n)
+        judged = [e["judge"] for e in edits if e["judge"] is not None]
+        assert close(row["judge_on_target"], sum(judged) / len(judged) if judged else None)
+        assert close(row["p_target_after"], float(np.mean([e["p_after"] for e in edits])))
+        assert close(row["preservation_l1"], float(np.mean([e["l1"] for e in edits])))
+        measured = [e["entanglement"] for e in edits if pd.notna(e["entanglement"])]
+        assert close(row["entanglement"], float(np.mean(measured)) if measured else math.nan)
+    assert report_data.judged(outcomes)
+    assert not report_data.judged(attribute_outcomes(
+        rows.assign(judge_prob_result=[None] * len(rows))))
+
+
+def test_report_data_entanglement_counts_the_flips_of_measured_edits_only():
+    rows = small_metrics()
+    got = {r["attribute"]: r for r in
+           report_data.entanglement_rows(attribute_outcomes(rows))}
+    ok = rows[(rows["status"] == "ok") & rows["entanglement"].notna()]
+    for attr in {a for attrs in rows["attributes"] for a in attrs}:
+        edits = ok[[attr in a for a in ok["attributes"]]]
+        if not len(edits):
+            assert attr not in got
+            continue
+        flips = Counter(f for fl in edits["unintended_flips"] for f in fl)
+        assert got[attr]["edits"] == len(edits)
+        assert close(got[attr]["max"], float(edits["entanglement"].max()))
+        assert close(got[attr]["with_flip"],
+                     sum(len(f) > 0 for f in edits["unintended_flips"]) / len(edits))
+        assert dict(map(tuple, got[attr]["most_flipped"])) == dict(flips)
+
+
+def test_report_data_identity_counts_every_status_and_measures_the_rest():
+    rows = small_metrics()
+    ok = report_data.edited(rows)
+    expected = Counter("not recorded" if pd.isna(s) else s for s in ok["identity_status"])
+    assert report_data.identity_counts(ok) == dict(expected)
+    figures = report_data.identity_figures(ok)
+    distances = ok["identity_distance"].dropna()
+    assert figures["measured"] == len(distances)
+    assert close(figures["mean_distance"], float(distances.mean()))
+    others = {o["status"]: o for o in figures["other"]}
+    assert set(others) == set(expected) - {"ok"}
+    assert {o["status"]: o["edits"] for o in others.values()} == {
+        s: n for s, n in expected.items() if s != "ok"}
+    assert others["not recorded"]["reason"] == "not_recorded"
+    assert others["no face in the input"]["reason"] == "no_face"
+    assert report_data.identity_counts(ok.iloc[:0]) == {}
+
+
+def spec_and_edits() -> tuple[dict, dict, list[dict]]:
+    """A job spec, the edit base its overrides make, and two edits' resolved settings."""
+    spec = {"manifest": "m.parquet", "output": "out", "models": "weights/models.yaml",
+            "edit": {"steps.latent": 7}, "batch_size": 4, "paste_back": True}
+    base = {"steps.latent": 7, "steps.noise": 10, "loss.weights.seg": 0.5, "mode": "auto"}
+    edits = [{"attributes": ["smiling"], "mode": "local",
+              "settings": {**base, "loss.weights.seg": 0.0, "mode": "local"}},
+             {"attributes": ["black_hair"], "mode": "local", "settings": dict(base)}]
+    return spec, base, edits
+
+
+def test_report_data_configuration_of_a_job_json_with_recorded_settings():
+    spec, base, edits = spec_and_edits()
+    config = report_data.configuration(job_record(spec, base, edits, code_version="v"))
+    assert config is not None and config["recorded"]
+    assert dict(config["spec"]) == {k: json.dumps(v) for k, v in spec.items() if k != "edit"}
+    assert [(s["setting"], s["value"], s["by_spec"]) for s in config["base"]] == [
+        (k, v, k in spec["edit"]) for k, v in base.items()]
+    by_edit = {tuple(e["attributes"]): dict(e["differs"]) for e in config["edits"]}
+    for edit in edits:
+        assert by_edit[tuple(edit["attributes"])] == {
+            k: v for k, v in edit["settings"].items() if base[k] != v}
+    assert report_data.models_table({"spec": spec}, small_metrics())["spec"] == spec["models"]
+
+
+def test_report_data_configuration_of_an_older_job_json_has_the_overrides_only():
+    spec, _, _ = spec_and_edits()
+    config = report_data.configuration({"settings": spec, "code_version": "v"})
+    assert config is not None and not config["recorded"]
+    assert config["base"] == [] and config["edits"] == []
+    assert dict(config["overrides"]) == spec["edit"]
+    assert [k for k, _ in config["spec"]] == [k for k in spec if k != "edit"]
+    assert report_data.models_table({"settings": spec}, small_metrics())["spec"] == spec["models"]
+    assert report_data.configuration(None) is None
+
+
+def test_report_data_grid_sample_failures_and_provenance():
+    rows = small_metrics()
+    ok = report_data.edited(rows)
+    sample = report_data.grid_sample(ok, 2)
+    assert len(sample) == 2 and set(sample["id"]) <= set(ok["id"])
+    assert list(sample["id"]) == list(report_data.grid_sample(ok, 2)["id"])    # seeded
+    assert [a[0] for a in sample["attributes"]] == sorted(a[0] for a in sample["attributes"])
+    assert sorted(report_data.grid_sample(ok, 10)["id"]) == sorted(ok["id"])
+    captions = {c["id"]: c for c in report_data.grid_figures(ok, len(ok), 10)["edits"]}
+    for _, row in ok.iterrows():
+        hits = [(p >= 0.5) == (t >= 0.5) for p, t in zip(row["prob_result"], row["targets"])]
+        assert [a["hit"] for a in captions[row["id"]]["attributes"]] == hits
+    assert captions["r3"]["judge"] is None and captions["r3"]["entanglement"] is None
+    errors = report_data.failed(rows)
+    failures = report_data.failure_rows(errors, shown=0)
+    assert failures["total"] == failures["more"] == len(errors) and failures["rows"] == []
+    reasons = [r["reason"] for r in report_data.failure_rows(errors)["rows"]]
+    assert reasons == [" ".join(e.split()) for e in errors["error"]]
+    made = {p["column"]: p for p in report_data.provenance(rows)}
+    for column in ("settings_sha256", "code_version"):
+        assert made[column]["count"] == ok[column].dropna().nunique()
+        assert made[column]["missing"] == int(ok[column].isna().sum())
+
+
+def test_report_data_review_figures_compare_the_reviewer_with_the_classifier():
+    rows = small_metrics()
+    ok, outcomes = report_data.edited(rows), attribute_outcomes(rows)
+    verdicts = {"r1": "accept", "r2": "reject", "r3": "unsure", "gone": "accept"}
+    figures = report_data.review_figures(verdicts, ok, outcomes)
+    mine = {k: v for k, v in verdicts.items() if k in set(ok["id"])}
+    decided = [k for k, v in mine.items() if v in ("accept", "reject")]
+    assert figures["verdicts"] == len(mine) and figures["left_out"] == len(verdicts) - len(mine)
+    assert figures["decided"] == len(decided)
+    assert close(figures["rate"], sum(mine[k] == "accept" for k in decided) / len(decided))
+    expected = per_edit_outcomes(rows[rows["id"].isin(decided)])
+    all_hit = {rid: all(hit) for rid, hit in [
+        (r["id"], [(p >= 0.5) == (t >= 0.5) for p, t in zip(r["prob_result"], r["targets"])])
+        for _, r in rows[rows["id"].isin(decided)].iterrows()]}
+    assert expected and close(figures["classifier"], sum(all_hit.values()) / len(all_hit))
+    assert figures["low"] <= figures["rate"] <= figures["high"]
+
+
+# ---- the page: templates as package data, every value escaped --------------------------------
+def test_the_templates_ship_as_package_data():
+    templates = importlib.resources.files("pipeline.results") / "templates"
+    for name in ("report.html.j2", "report.js", "report.css"):
+        assert (templates / name).is_file(), name
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'pipeline = ["results/templates/*"]' in pyproject
+
+
+MARKUP = ("<script", "<style", "<div", "<table", "</")
+
+
+def test_no_html_css_or_javascript_in_the_results_rooms_python_strings():
+    room = Path(__file__).parent.parent / "pipeline" / "results"
+    found = []
+    for path in sorted(room.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found += [(path.name, node.lineno, m) for m in MARKUP
+                          if m in node.value.lower()]
+    assert len(list(room.rglob("*.py"))) >= 6 and found == []
+
+
+def small_report(job: dict | None, grid: int = 10, verdicts: dict | None = None) -> str:
+    """The page of small_metrics() and `job` (a job.json), with no thumbnails."""
+    rows = small_metrics()
+    status = compute_status(rows, output="out", total=len(rows) + 1, now=100.0)
+    files = JobFiles("out", job, None, rows)
+    shown = report_data.grid_sample(report_data.edited(rows), grid)
+    data = report_data.gather(files, status, rows, shown, report_data.failed(rows), grid,
+                              verdicts)
+    return render_page(data, {})
+
+
+def test_the_page_escapes_every_value_and_says_what_an_older_output_lacks():
+    spec, base, edits = spec_and_edits()
+    hostile = "<img src=x onerror=alert(1)>"
+    spec = {**spec, "models": hostile, "edit": {"steps.latent": hostile}}
+    page = small_report({"settings": spec, "code_version": hostile})
+    assert hostile not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "in/&lt;e1&gt;.png" in page and "in/<e1>.png" not in page
+    assert "predates recorded settings" in page and "Edit settings (resolved)" not in page
+    assert f"PARTIAL REPORT: {len(small_metrics())} of {len(small_metrics()) + 1}" in page
+    assert "Failures (1)" in page and 'id="review"' not in page
+    recorded = small_report(job_record(spec_and_edits()[0], base, edits), grid=1,
+                            verdicts={"r1": "accept"})
+    assert "Edit settings (resolved)" in recorded and "predates" not in recorded
+    assert "loss.weights.seg=0.0" in recorded and 'id="review"' in recorded
+    assert recorded.count('name="v-') == len(VERDICTS)   # a grid of one
+    data = json.loads(re.search(r'id="review-data">(.*?)</script>', recorded).group(1))
+    assert data == {"output": "out", "verdicts": {"r1": "accept"}}

@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline.output.figures import (DEFAULT_WINDOW_S, Figures, fmt_duration, fmt_rate, per_hour,
                                      rates)
-from pipeline.output.jobfile import spec_of
+from pipeline.output.jobfile import FILE, spec_of
 from pipeline.output.layout import Output
 from pipeline.output.ledger import ERROR, Counts, of_manifest, this_runs_summary
 from pipeline.output.metrics import MetricsReader
@@ -132,22 +132,22 @@ STATUS_COLUMNS = ["id", "status", "error", "node", "actor", "written_at"]
 class JobFiles:
     """What a job leaves under its output, read once: the input of status and report."""
     output: str
-    job: dict | None            # job.json: the latest run's spec and start
+    record: dict | None         # job.json: the latest run's spec, edits and start
     summary: dict | None        # summary.json: written when a run ends
     metrics: pd.DataFrame       # one row per id, the columns asked (pipeline/output/metrics.py)
 
     @property
     def started_at(self) -> float | None:
-        return (self.job or {}).get("started_at")
+        return (self.record or {}).get("started_at")
 
     @property
     def job_manifest(self) -> str | None:
         """The manifest job.json names."""
-        return spec_of(self.job).get("manifest")
+        return spec_of(self.record).get("manifest")
 
     @property
     def job_storage_options(self) -> dict:
-        return spec_of(self.job).get("storage_options") or {}
+        return spec_of(self.record).get("storage_options") or {}
 
 
 def read_job_files(output_uri: str, storage_options: Mapping | None = None,
@@ -156,12 +156,12 @@ def read_job_files(output_uri: str, storage_options: Mapping | None = None,
     """job.json, summary.json and the metrics rows (`columns` of them; a `reader` reads
     only what changed since its last read); FileNotFoundError when there is no job."""
     out = reader.out if reader is not None else Output(output_uri, storage_options)
-    job = out.get_json("job.json")
+    record = out.get_json(FILE)
     metrics = (reader or MetricsReader(out, columns)).read()
-    if job is None and not len(metrics):
+    if record is None and not len(metrics):
         raise FileNotFoundError(f"no job output at {output_uri}: neither job.json nor metrics/ "
                                 "(wrong URI, or the job has not started yet)")
-    return JobFiles(output_uri, job, out.get_json("summary.json"), metrics)
+    return JobFiles(output_uri, record, out.get_json("summary.json"), metrics)
 
 
 class StatusReader:
