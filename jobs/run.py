@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 import yaml
 
 from manifests.schema import read_manifest
 from pipeline.errors import SetupError
 from pipeline.runner.spec import JobSpec, JobSpecError, mapping_keys
+from pipeline.store.storage import open_uri
 from pipeline.store.uris import flatten
 
 from .options import parse_set
@@ -24,7 +24,8 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
     """The job spec at `path`, with `--set key=value` overrides applied (`edit.steps.latent=9`
     and `inputs.allow=[...]` reach inside the mapping keys)."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        with open_uri(path, "r") as f:            # a path, or any URI (s3://...)
+            data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise JobSpecError(f"job spec not found: {path}") from None
     if not isinstance(data, dict):

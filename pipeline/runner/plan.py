@@ -29,7 +29,7 @@ class JobPlan:
     load (mean-latent overrides applied) and the metrics schema they write."""
     resolved: dict[tuple, EditSettings]     # by settings_key(attributes, mode)
     networks: tuple[str, ...]
-    models: ModelsSpec
+    models_spec: ModelsSpec
     parser_size: int
     schema: pa.Schema                       # metrics columns, passthrough columns included
     code_version: str = "unknown"           # what every row records it was written by
@@ -51,11 +51,12 @@ def plan_job(todo: pd.DataFrame, job: JobSpec, schema: pa.Schema) -> JobPlan:
     keys = {settings_key(a, m) for a, m in zip(todo["attributes"], todo["mode"])}
     resolved = {key: config.resolve(*key) for key in keys}
     networks = required_networks(resolved.values())
-    models = apply_mean_latent(read_spec(job.models, job.storage_options), config.base)
-    check_spec_names(models, networks, job.models)
-    if models.judge is not None:           # no edit needs it; every edit is measured by it
+    models_spec = apply_mean_latent(read_spec(job.models, job.storage_options), config.base)
+    check_spec_names(models_spec, networks, job.models)
+    if models_spec.judge is not None:           # no edit needs it; every edit is measured by it
         networks += ("judge",)
-    return JobPlan(resolved, networks, models, config.base.parser_size, schema, code_version())
+    return JobPlan(resolved, networks, models_spec, config.base.parser_size, schema,
+                   code_version())
 
 
 def code_version() -> str:

@@ -70,7 +70,7 @@ class EditStage:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runtime = job.runtime
         self.runtime.apply(torch.device(self.device))       # this actor's process
-        self.editor = Editor(load_models(plan.models, device=self.device,
+        self.editor = Editor(load_models(plan.models_spec, device=self.device,
                                          parser_size=plan.parser_size, networks=plan.networks,
                                          storage_options=job.storage_options),
                              runtime=self.runtime)
