@@ -24,132 +24,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from pipeline.engine.batch_size import auto_batch_size
-from pipeline.engine.bench import (PRESETS, bench_models, bench_schedule, deviation,
-                                   early_stop_steps, peak_memory, peak_rates, phase_times,
-                                   step_kinds, time_kind, warm_up)
-from pipeline.engine.editor import Editor
-from pipeline.engine.rows import EditRequest
-from pipeline.engine.runtime import AUTOCAST, Runtime, fp32_precision
-from pipeline.engine.settings import EditConfig
+from pipeline.bench.document import AUTO_BATCH_CAP, BenchPlan, bench_document
+from pipeline.bench.engine import PRESETS
+from pipeline.bench.payback import compare_documents
+from pipeline.engine.runtime import AUTOCAST, Runtime
 
 from .options import parse_set
-
-AUTO_BATCH_CAP = 64         # --batch auto: the most a GPU probe tries
-IMPORTED = time.perf_counter()
-
-
-def seconds_since_process_start() -> float:
-    """Wall seconds since this process started (Linux: /proc; elsewhere since this module
-    was imported)."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")    # starttime, in ticks
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - IMPORTED
-
-
-def measure(models, runtime: Runtime, mode: str, batch: int, steps: int,
-            overrides: dict) -> dict:
-    """One runtime at one batch size: phases, kinds, the whole edit extrapolated from them,
-    FLOPs (MFU is added once the peak is known)."""
-    settings, schedule = bench_schedule(mode, overrides)
-    phases = phase_times(models, settings, batch, steps, runtime)
-    kinds = {}
-    for kind in step_kinds(schedule):
-        kinds[kind.name] = {"count": kind.count,
-                            **time_kind(models, runtime, overrides, kind, mode, batch, steps)}
-    edit_s = sum(k["count"] * k["seconds"] for k in kinds.values())
-    flops = sum(k["count"] * k["flops"] for k in kinds.values())
-    return {
-        "batch": batch, "phases_ms_per_step": {k: round(v * 1e3, 2) for k, v in phases.items()},
-        "kinds": kinds, "steps_per_edit": schedule.total_iterations,
-        "extrapolated_seconds_per_edit": edit_s / batch,
-        "extrapolated_images_per_hour": 3600 * batch / edit_s,
-        "flops_per_edit": flops / batch, "achieved_flops_per_s": flops / edit_s}
-
-
-def prefix_saving(result: dict, attributes: int = 14, prefixes: int = 2) -> dict:
-    """Steps and time a shared inversion prefix saves over `attributes` local edits of one
-    image (CelebA-HQ's 14, with two recon masks: with and without the ears)."""
-    recon = result["kinds"].get("recon")
-    if recon is None:
-        return {}
-    edit_steps = result["steps_per_edit"]
-    edit_s = result["extrapolated_seconds_per_edit"] * result["batch"]
-    prefix_steps, prefix_s = recon["count"], recon["count"] * recon["seconds"]
-    without = attributes * edit_steps
-    with_prefix = prefixes * prefix_steps + attributes * (edit_steps - prefix_steps)
-    time_without = attributes * edit_s
-    time_with = prefixes * prefix_s + attributes * (edit_s - prefix_s)
-    return {"steps_without": without, "steps_with": with_prefix,
-            "steps_saved": 1 - with_prefix / without, "time_saved": 1 - time_with / time_without}
 
 
 def run_bench(args) -> int:
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    asked = parse_batches(args.batch, device)
-    runtime = Runtime(channels_last=args.channels_last,
-                      compile="auto" if args.compile is None else args.compile,
-                      autocast=args.autocast, tf32=args.tf32)
-    # the plain path first: runtimes differ in process-wide state (reuse_memory), and the
-    # first run of a process is the one that meets glibc's own settings
-    runtimes = {**({"baseline": Runtime.plain()} if args.baseline else {}), "default": runtime}
-    models = bench_models(args.preset, args.mode, str(device))
-    overrides = {"parser_size": PRESETS[args.preset][1]}
-    started_s = seconds_since_process_start()        # imports and the networks built
-    probe_s = 0.0
-    if None in asked:                                # GPU only (parse_batches)
-        runtime.apply(device)
-        began = time.perf_counter()
-        probed = auto_batch_size(models, runtime, args.mode, AUTO_BATCH_CAP,
-                                 overrides["parser_size"])
-        probe_s = time.perf_counter() - began
-    batches = [size or probed for size in asked]
-    warm = {label: warm_up(models, rt, args.mode, batches[0], overrides)
-            for label, rt in runtimes.items()}
-    runtime.apply(device)
-    dtype = AUTOCAST.get(args.autocast or "", torch.float32)
-    peaks = [peak_rates(device, dtype)]
-    report = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "device": str(device), "autocast": args.autocast,
-                      "fp32_precision": fp32_precision() if device.type == "cuda" else
-                      {"matmul": "ieee", "conv": "ieee"},
-                      "flops_method": "torch.utils.flop_counter.FlopCounterMode: matmuls and "
-                                      "convolutions, forward and backward"},
-              "preset": args.preset, "mode": args.mode,
-              "runtime": {**vars(runtime), "compiled": runtime.compiles(models)}, "runs": {}}
-    for batch in batches:               # interleaved, so a drifting machine hits both alike
-        for label, rt in runtimes.items():
-            report["runs"].setdefault(label, []).append(
-                measure(models, rt, args.mode, batch, args.steps, overrides))
-            peaks.append(peak_rates(device, dtype))
-    report["env"]["peak_flops_per_s"] = peak = max(max(p.values()) for p in peaks)
-    report["env"]["peak_samples"] = peaks      # their spread: how noisy the machine was
-    for runs in report["runs"].values():
-        for r in runs:
-            r["mfu"] = r["achieved_flops_per_s"] / peak
-    report["warm_up"] = warm_up_report(warm, started_s, probe_s, batches[0])
-    report["peak_memory_bytes"] = peak_memory(device)
-    if args.baseline:
-        report["deviation_from_baseline"] = deviation(models, runtime, args.mode, overrides)
-        report["warm_up"]["payback_over_baseline_edits"] = payback_edits(
-            report["runs"]["baseline"][0], warm["baseline"]["first_use_s"],
-            report["runs"]["default"][0], warm["default"]["first_use_s"])
-    if args.mode == "local":
-        report["prefix_saving_14_attributes"] = prefix_saving(report["runs"]["default"][0])
-    if args.early_stop is not None:
-        report["early_stop"] = early_stop_steps(models, runtime, args.mode, batches[0],
-                                                {**overrides, **parse_set(args.early_stop)})
+    plan = BenchPlan(
+        preset=args.preset, mode=args.mode, device=device,
+        batches=parse_batches(args.batch, device), steps=args.steps, baseline=args.baseline,
+        runtime=Runtime(channels_last=args.channels_last,
+                        compile="auto" if args.compile is None else args.compile,
+                        autocast=args.autocast, tf32=args.tf32),
+        early_stop=None if args.early_stop is None else parse_set(args.early_stop))
+    report = bench_document(plan)
     print_table(report)
     text = json.dumps(report, indent=2, default=str)
     if args.json:
@@ -160,49 +58,18 @@ def run_bench(args) -> int:
     return 0
 
 
-def warm_up_report(warm: dict, started_s: float, probe_s: float, batch: int) -> dict:
-    """The warm-up, whole: process start to the networks built (imports, model building),
-    the batch probe, and each runtime's first short edit beyond what it costs warm
-    (compilation, first uses). The first runtime measured met a fresh process; a later
-    one shares what the first already paid (say so when quoting it)."""
-    first = next(iter(warm))
-    return {"batch": batch, "process_start_to_networks_s": started_s, "probe_s": probe_s,
-            "runs": warm, "first_measured": first,
-            "whole_s": {label: started_s + probe_s + w["first_use_s"]
-                        for label, w in warm.items()}}
-
-
-def payback_edits(slower_run: dict, slower_warm_up_s: float, faster_run: dict,
-                  faster_warm_up_s: float) -> float | None:
-    """After how many edits a faster path's extra warm-up is paid back by its faster
-    edits (0: it warms up no slower; None: its edits are not faster)."""
-    extra = faster_warm_up_s - slower_warm_up_s
-    saved = (slower_run["extrapolated_seconds_per_edit"]
-             - faster_run["extrapolated_seconds_per_edit"])
-    if extra <= 0:
-        return 0.0
-    return extra / saved if saved > 0 else None
-
-
 def run_payback(args) -> int:
     """--payback EAGER.json COMPILED.json: two bench runs of the same preset, batch and
     device, each in its own process."""
     eager, compiled = (json.loads(Path(p).read_text()) for p in args.payback)
-    for name, r in (("eager", eager), ("compiled", compiled)):
-        if "warm_up" not in r:
-            raise SystemExit(f"bench --payback: the {name} JSON has no warm_up (an older bench)")
-    keys = [(r["preset"], r["mode"], r["env"]["device"], r["runs"]["default"][0]["batch"])
-            for r in (eager, compiled)]
-    if keys[0] != keys[1]:
-        raise SystemExit(f"bench --payback: the runs differ (preset, mode, device, batch): "
-                         f"{keys[0]} against {keys[1]}")
-    e_run, c_run = eager["runs"]["default"][0], compiled["runs"]["default"][0]
-    e_warm = eager["warm_up"]["whole_s"]["default"]
-    c_warm = compiled["warm_up"]["whole_s"]["default"]
-    edits = payback_edits(e_run, e_warm, c_run, c_warm)
-    print(f"warm-up, whole: {e_warm:.1f} s eager, {c_warm:.1f} s compiled; an edit "
-          f"(extrapolated): {e_run['extrapolated_seconds_per_edit']:.1f} s eager, "
-          f"{c_run['extrapolated_seconds_per_edit']:.1f} s compiled")
+    try:
+        compared = compare_documents(eager, compiled)
+    except ValueError as e:
+        raise SystemExit(f"bench --payback: {e}") from None
+    warm, edit, edits = (compared["warm_up_s"], compared["seconds_per_edit"],
+                         compared["payback_edits"])
+    print(f"warm-up, whole: {warm['eager']:.1f} s eager, {warm['compiled']:.1f} s compiled; an "
+          f"edit (extrapolated): {edit['eager']:.1f} s eager, {edit['compiled']:.1f} s compiled")
     print("compiling never pays back: its edits are no faster" if edits is None else
           f"compiling pays back its warm-up after {edits:.1f} edit(s)")
     return 0
@@ -280,64 +147,25 @@ def print_table(report: dict) -> None:
               f"steps, {saving['time_saved']:.1%} less time", file=sys.stderr)
 
 
-PIPELINE_EDIT = {"steps.latent": 40, "steps.noise": 10, "loss.start_steps.classf": 20,
-                 "loss.start_steps.seg": 20, "dynamic_masking_iters": 10, "parser_size": 64}
-
-
-def run_pipeline_bench(args) -> int:
+def run_job_bench(args) -> int:
     """Images per hour through `maskface run` (local Ray) against the engine called
     directly in this process, on the same rows with tiny 64 px models."""
-    import tempfile
-    from pathlib import Path
-
-    import pandas as pd
-
     from jobs.demo import PHOTO
-    from manifests.schema import validate, write_manifest
-    from models.loaders import load_models
-    from models.spec import REQUIRED, read_spec
-    from models.tiny import make_tiny
-    from pipeline.runner.driver import run_job
-    from pipeline.output.images import read_image
-    from pipeline.runner.spec import JobSpec
+    from pipeline.bench.job import PIPELINE_EDIT, job_bench   # pandas and Ray: only here
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    n, batch = args.pipeline, parse_batches(args.batch[-1:], torch.device("cpu"))[0]
-    work = Path(tempfile.mkdtemp(prefix="maskface-bench-"))
-    spec_path = make_tiny(work / "weights", resolution=64)
-    rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "image_uri": [str(PHOTO)] * n,
-                         "attributes": [["smiling"]] * n, "targets": [[1.0]] * n})
-    write_manifest(rows, str(work / "m.parquet"))
-    job = JobSpec(manifest=str(work / "m.parquet"), output=str(work / "out"),
-                  models=str(spec_path), edit=PIPELINE_EDIT, batch_size=batch, actors=1,
-                  cpu_threads=torch.get_num_threads())
-    start = time.perf_counter()
-    run_job(validate(rows), job)
-    pipe_total = time.perf_counter() - start
-    written = pd.read_parquet(work / "out" / "metrics")["written_at"].sort_values().to_numpy()
-    first_batch = written[batch - 1]
-    pipe_steady = (len(written) - batch) / (written[-1] - first_batch)
-
-    config = EditConfig.from_overrides(PIPELINE_EDIT)
-    start = time.perf_counter()
-    runtime = Runtime()
-    runtime.apply(torch.device("cpu"))
-    editor = Editor(load_models(read_spec(str(spec_path)), parser_size=64,
-                                networks=REQUIRED), config, runtime)
-    stamps = []
-    for k in range(0, n, batch):
-        images = torch.stack([read_image(str(PHOTO), 64) for _ in range(min(batch, n - k))])
-        editor.edit(images, [EditRequest(("smiling",), (1.0,))] * len(images))
-        stamps.append(time.perf_counter())
-    direct_total = time.perf_counter() - start
-    direct_steady = (n - batch) / (stamps[-1] - stamps[0])
+    batch = parse_batches(args.batch[-1:], torch.device("cpu"))[0]
+    result = job_bench(args.pipeline, batch, PHOTO)
+    n, job, direct = result.rows, result.job, result.direct
     print(f"{n} rows, batch {batch}, tiny 64 px models, schedule {PIPELINE_EDIT}: measured "
           "end to end (image reads, writes, identity metric, Ray)")
     print(f"{'':>22} {'images/hour':>12} {'steady images/hour':>19}")
-    print(f"{'maskface run (Ray)':>22} {n / pipe_total * 3600:>12.0f} {pipe_steady * 3600:>19.0f}")
-    print(f"{'engine directly':>22} {n / direct_total * 3600:>12.0f} {direct_steady * 3600:>19.0f}")
-    print(f"ratio (pipeline / direct): whole run {direct_total / pipe_total:.2f}, "
-          f"steady state {pipe_steady / direct_steady:.2f}")
+    print(f"{'maskface run (Ray)':>22} {n / job.seconds * 3600:>12.0f} "
+          f"{job.steady_per_s * 3600:>19.0f}")
+    print(f"{'engine directly':>22} {n / direct.seconds * 3600:>12.0f} "
+          f"{direct.steady_per_s * 3600:>19.0f}")
+    print(f"ratio (pipeline / direct): whole run {direct.seconds / job.seconds:.2f}, "
+          f"steady state {job.steady_per_s / direct.steady_per_s:.2f}")
     return 0
 
 
@@ -374,5 +202,5 @@ def add_parser(commands) -> None:
                    help="instead: after how many edits the compiled run's longer warm-up is "
                         "paid back (two --json documents of the same preset and batch)")
     p.set_defaults(func=lambda args: (run_payback(args) if args.payback else
-                                      run_pipeline_bench(args) if args.pipeline else
+                                      run_job_bench(args) if args.pipeline else
                                       run_bench(args)))

@@ -314,47 +314,76 @@ def convert_generator(gs: RecordedNetwork, name: str = "pickle"
     every variable of the synthesis and mapping networks is used, and every key of our
     generator is filled (blur kernels excepted: they are not variables)."""
     try:
-        synthesis = _component(gs, "synthesis", SYNTHESIS_FUNC)
-        mapping = _component(gs, "mapping", MAPPING_FUNC)
-        for net in (gs, synthesis, mapping):
-            _check_kwargs(net.static_kwargs, net.name)
-        s = _Variables(synthesis, synthesis.name)
-        m = _Variables(mapping, mapping.name)
-        found = (re.fullmatch(r"(\d+)x\1/ToRGB/weight", k) for k in s.values)
-        resolutions = sorted(int(match.group(1)) for match in found if match)
-        if not resolutions or resolutions[0] != 4:
-            raise PickleError(f"{synthesis.name} has no 4x4/ToRGB layer: not the 'skip' "
-                              "architecture of StyleGAN2 configs e/f")
-        log_size = int(np.log2(resolutions[-1]))
-        n_mlp = sum(1 for k in m.values if re.fullmatch(r"Dense\d+/weight", k))
-        lrmul = float(mapping.static_kwargs.get("mapping_lrmul",
-                                                gs.static_kwargs.get("mapping_lrmul", LR_MLP)))
-        fold = np.float32(lrmul / LR_MLP)
-
-        arrays: dict[str, np.ndarray] = {}
-        for i in range(n_mlp):
-            weight, bias = m.take(f"Dense{i}/weight", 2).T, m.take(f"Dense{i}/bias", 1)
-            arrays[f"style.{i + 1}.weight"] = weight * fold      # x * 1.0 is exact
-            arrays[f"style.{i + 1}.bias"] = bias * fold
-        arrays["input.input"] = s.take("4x4/Const/const", 4)
-        arrays.update(_modconv(s, "4x4/Conv", "conv1"))
-        arrays.update(_torgb(s, "4x4/ToRGB", "to_rgb1"))
-        for i in range(log_size - 2):
-            res = 2 ** (i + 3)
-            arrays.update(_modconv(s, f"{res}x{res}/Conv0_up", f"convs.{2 * i}", flip=True))
-            arrays.update(_modconv(s, f"{res}x{res}/Conv1", f"convs.{2 * i + 1}"))
-            arrays.update(_torgb(s, f"{res}x{res}/ToRGB", f"to_rgbs.{i}"))
-        for i in range((log_size - 2) * 2 + 1):
-            arrays[f"noises.noise_{i}"] = s.take(f"noise{i}", 4)
-        leftover = s.unused() + m.unused()
-        if leftover:
-            raise PickleError(f"unexpected variables {leftover[:5]}"
-                              f"{f' (+{len(leftover) - 5} more)' if len(leftover) > 5 else ''}: "
-                              "not a StyleGAN2 config e/f generator")
+        arrays = _generator_arrays(gs)
         latent_avg = gs.variables.get("dlatent_avg")
     except PickleError as e:
         raise PickleError(f"{name}: {e}") from None
+    return _generator_state(arrays, latent_avg, name)
 
+
+def _generator_arrays(gs: RecordedNetwork) -> dict[str, np.ndarray]:
+    """Every variable of Gs's synthesis and mapping networks under our generator's keys;
+    a variable left over is refused."""
+    synthesis = _component(gs, "synthesis", SYNTHESIS_FUNC)
+    mapping = _component(gs, "mapping", MAPPING_FUNC)
+    for net in (gs, synthesis, mapping):
+        _check_kwargs(net.static_kwargs, net.name)
+    s = _Variables(synthesis, synthesis.name)
+    m = _Variables(mapping, mapping.name)
+    log_size = _log_size(s, synthesis.name)
+    lrmul = float(mapping.static_kwargs.get("mapping_lrmul",
+                                            gs.static_kwargs.get("mapping_lrmul", LR_MLP)))
+    arrays = _mapping_arrays(m, lrmul)
+    arrays.update(_synthesis_arrays(s, log_size))
+    leftover = s.unused() + m.unused()
+    if leftover:
+        raise PickleError(f"unexpected variables {leftover[:5]}"
+                          f"{f' (+{len(leftover) - 5} more)' if len(leftover) > 5 else ''}: "
+                          "not a StyleGAN2 config e/f generator")
+    return arrays
+
+
+def _log_size(s: _Variables, where: str) -> int:
+    """log2 of the synthesis network's resolution, from its ToRGB layers (4x4 the first)."""
+    found = (re.fullmatch(r"(\d+)x\1/ToRGB/weight", k) for k in s.values)
+    resolutions = sorted(int(match.group(1)) for match in found if match)
+    if not resolutions or resolutions[0] != 4:
+        raise PickleError(f"{where} has no 4x4/ToRGB layer: not the 'skip' "
+                          "architecture of StyleGAN2 configs e/f")
+    return int(np.log2(resolutions[-1]))
+
+
+def _mapping_arrays(m: _Variables, lrmul: float) -> dict[str, np.ndarray]:
+    """The mapping network's dense layers, a multiplier other than ours folded in."""
+    n_mlp = sum(1 for k in m.values if re.fullmatch(r"Dense\d+/weight", k))
+    fold = np.float32(lrmul / LR_MLP)
+    arrays: dict[str, np.ndarray] = {}
+    for i in range(n_mlp):
+        weight, bias = m.take(f"Dense{i}/weight", 2).T, m.take(f"Dense{i}/bias", 1)
+        arrays[f"style.{i + 1}.weight"] = weight * fold      # x * 1.0 is exact
+        arrays[f"style.{i + 1}.bias"] = bias * fold
+    return arrays
+
+
+def _synthesis_arrays(s: _Variables, log_size: int) -> dict[str, np.ndarray]:
+    """The synthesis network's constant input, layers per resolution and noise maps."""
+    arrays = {"input.input": s.take("4x4/Const/const", 4)}
+    arrays.update(_modconv(s, "4x4/Conv", "conv1"))
+    arrays.update(_torgb(s, "4x4/ToRGB", "to_rgb1"))
+    for i in range(log_size - 2):
+        res = 2 ** (i + 3)
+        arrays.update(_modconv(s, f"{res}x{res}/Conv0_up", f"convs.{2 * i}", flip=True))
+        arrays.update(_modconv(s, f"{res}x{res}/Conv1", f"convs.{2 * i + 1}"))
+        arrays.update(_torgb(s, f"{res}x{res}/ToRGB", f"to_rgbs.{i}"))
+    for i in range((log_size - 2) * 2 + 1):
+        arrays[f"noises.noise_{i}"] = s.take(f"noise{i}", 4)
+    return arrays
+
+
+def _generator_state(arrays: dict[str, np.ndarray], latent_avg: np.ndarray | None, name: str
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict]:
+    """The arrays as our generator's state dict (checked by loading it, in the module's
+    key order, blur kernels added), the mean latent as a tensor, and the config."""
     state_dict = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
                   for k, v in arrays.items()}
     try:
@@ -368,12 +397,13 @@ def convert_generator(gs: RecordedNetwork, name: str = "pickle"
             state_dict[key] = value.clone()        # fixed blur taps
     load_strict(generator, state_dict, name)       # every key and shape fits
     state_dict = {key: state_dict[key] for key in template}  # the module's key order
+    latent = None
     if latent_avg is not None:
-        latent_avg = torch.from_numpy(np.ascontiguousarray(latent_avg, dtype=np.float32).reshape(-1))
-        if latent_avg.numel() != config["style_dim"]:
-            raise PickleError(f"{name}: dlatent_avg has {latent_avg.numel()} values, expected "
+        latent = torch.from_numpy(np.ascontiguousarray(latent_avg, dtype=np.float32).reshape(-1))
+        if latent.numel() != config["style_dim"]:
+            raise PickleError(f"{name}: dlatent_avg has {latent.numel()} values, expected "
                               f"{config['style_dim']}")
-    return state_dict, latent_avg, config
+    return state_dict, latent, config
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Shared test helpers: key listings of the original checkpoints, the deterministic
 reference checkpoints the fidelity cases were recorded with (rebuilt from their rule),
-and metrics rows taken out of an output (a killed job's)."""
+metrics rows taken out of an output (a killed job's), and a pickle that would run code
+when loaded (PlantsAMarker)."""
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import re
 import zlib
 from pathlib import Path
@@ -263,3 +265,19 @@ def drop_metrics_rows(out, ids) -> None:
                 pq.write_table(table.filter(keep), f)
         else:
             out.fs.rm(path)
+
+
+class PlantsAMarker:
+    """A malicious pickle: loading it runs `touch path` (through os.system, or through
+    eval with via="eval"). A loader that refuses it leaves no file at `path`."""
+
+    def __init__(self, path, via: str = "system"):
+        if via not in ("system", "eval"):
+            raise ValueError(f"via must be system or eval, got {via!r}")
+        self.path, self.via = path, via
+
+    def __reduce__(self):
+        command = f"touch {self.path}"
+        if self.via == "eval":
+            return eval, (f"__import__('os').system({command!r})",)
+        return os.system, (command,)

@@ -1,11 +1,10 @@
 import argparse
 import hashlib
-import os
 
 import pytest
 import torch
 
-from helpers import read_listing, shapes_of
+from helpers import PlantsAMarker, read_listing, shapes_of
 from models.checkpoints import CheckpointError, cache_dir, local_file, sha256_file
 from models.classifier import ATTRIBUTES, BranchedTiny
 from models.e4e import Encoder4Editing
@@ -125,14 +124,6 @@ def test_sha256_mismatch_names_the_file(tiny_dir):
     with pytest.raises(CheckpointError, match=r"classifier\.pt: sha256 mismatch: expected 0{64}"):
         load_classifier(WeightRef(str(path), sha256="0" * 64))
     assert load_classifier(WeightRef(str(path), sha256=sha256_file(path))).sha256
-
-
-class PlantsAMarker:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
 
 
 def test_a_pickle_carrying_code_is_refused_and_nothing_runs(tmp_path):

@@ -69,7 +69,7 @@ def test_our_cuda_ops_match_the_reference_forward_and_backward():
 
 
 def test_an_edit_runs_on_cuda_in_every_precision():
-    from pipeline.engine.bench import bench_models
+    from pipeline.bench.engine import bench_models
     from pipeline.engine.editor import Editor
     from pipeline.engine.rows import EditRequest
     from pipeline.engine.runtime import Runtime
@@ -92,7 +92,7 @@ def test_the_batch_probe_backs_off_on_a_real_out_of_memory():
     image): the probe must meet CUDA's out-of-memory error, back off, and find a batch
     that then runs."""
     from pipeline.engine.batch_size import HEAVIEST_STEPS, auto_batch_size
-    from pipeline.engine.bench import bench_models
+    from pipeline.bench.engine import bench_models
     from pipeline.engine.editor import Editor, StartPoint
     from pipeline.engine.rows import EditRequest
     from pipeline.engine.runtime import Runtime
@@ -116,7 +116,7 @@ def test_the_batch_probe_backs_off_on_a_real_out_of_memory():
 def test_a_compiled_edit_on_cuda_agrees_with_eager():
     """Inductor's Triton kernels against eager on the GPU, the numbers a GPU bench with
     `--compile` would stand on (`compile: auto` keeps GPUs eager until one is measured)."""
-    from pipeline.engine.bench import bench_models
+    from pipeline.bench.engine import bench_models
     from pipeline.engine.editor import Editor
     from pipeline.engine.rows import EditRequest
     from pipeline.engine.runtime import Runtime

@@ -1,11 +1,11 @@
 """The judge (models/judge.py): a held-out attribute classifier, loaded from either of its
 two file formats, strictly, and named in the models spec, `make-tiny` and `weights check`."""
-import os
 
 import pytest
 import torch
 import yaml
 
+from helpers import PlantsAMarker
 from models.celeba import ATTRIBUTE_INDEX, ATTRIBUTES, CELEBA_FILE_ORDER
 from models.check import check_networks
 from models.checkpoints import CheckpointError, sha256_file
@@ -110,14 +110,6 @@ def test_a_judge_that_does_not_fit_names_the_file_and_the_problem(fmt, edit, pro
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=r"bad_judge\.pt: " + problem):
         load_judge(WeightRef(str(path)))
-
-
-class PlantsAMarker:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
 
 
 def test_a_judge_pickle_carrying_code_is_refused_and_nothing_runs(tiny32, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tf_reference as tf
+from helpers import PlantsAMarker
 from models.checkpoints import CheckpointError
 from models.loaders import load_generator
 from models.nvidia_pickle import CONVERTER_VERSION, PickleError, convert_pickle
@@ -156,27 +157,11 @@ def test_dlatent_avg_becomes_latent_avg(tf_file):
 # --- safety and clear errors --------------------------------------------------------
 
 
-class RunsCommand:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-class CallsEval:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return eval, (f"__import__('os').system({self.command!r})",)
-
-
-@pytest.mark.parametrize("payload", [RunsCommand, CallsEval])
+@pytest.mark.parametrize("via", ["system", "eval"])
 @pytest.mark.parametrize("where", ["top", "inside a variable"])
-def test_a_pickle_that_calls_a_global_is_refused_and_nothing_runs(tmp_path, g64, payload, where):
+def test_a_pickle_that_calls_a_global_is_refused_and_nothing_runs(tmp_path, g64, via, where):
     marker = tmp_path / "marker"
-    attack = payload(f"touch {marker}")
+    attack = PlantsAMarker(marker, via=via)
     if where == "top":
         obj = attack
     else:

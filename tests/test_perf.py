@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.engine.bench import BENCH_EDIT, bench_models, bench_schedule, kind_config, step_kinds
+from pipeline.bench.engine import BENCH_EDIT, bench_models, bench_schedule, kind_config, step_kinds
 from pipeline.engine.editor import Editor, StartPoint
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
@@ -89,7 +89,7 @@ def test_the_flop_counter_counts_a_modulated_conv_as_counted_by_hand():
     conv of StyleGAN2 (4 -> 8 channels at 8x8, style 16, batch 2): the modulation (a
     linear layer), the convolution and the demodulation (a matmul), 2 FLOPs a multiply-add."""
     from models.stylegan2 import ModulatedConv2d
-    from pipeline.engine.bench import flop_counter
+    from pipeline.bench.engine import flop_counter
     conv = ModulatedConv2d(4, 8, 3, style_dim=16)
     x, style = torch.randn(2, 4, 8, 8), torch.randn(2, 16)
     counter = flop_counter()

@@ -9,7 +9,7 @@ import torch
 from models.stylegan2 import compute_mean_latent
 from models.tiny import tiny_generator
 from pipeline.engine.batch_size import largest_batch
-from pipeline.engine.bench import bench_models
+from pipeline.bench.engine import bench_models
 from pipeline.engine.editor import Editor
 from pipeline.engine.rows import EditRequest
 from pipeline.engine.runtime import Runtime
@@ -245,7 +245,7 @@ def test_torch_compile_agrees_with_eager_forward_and_backward():
 COMPILE_FAILS = """
 import dataclasses, torch, torch._inductor.config as inductor
 from models.tiny import tiny_generator
-from pipeline.engine.bench import bench_models
+from pipeline.bench.engine import bench_models
 from pipeline.engine.runtime import COMPILE_FROM, Runtime
 inductor.cpp.cxx = ("/nonexistent/c++",)         # a CPU node without a C++ compiler
 inductor.fx_graph_cache = False                  # and nothing compiled before to reuse

@@ -13,7 +13,6 @@
     resize.py       the original's image resize rule
     runtime.py      how the engine runs (compile, precision, memory), applied per process
     batch_size.py   the largest batch that fits a GPU, probed
-    bench.py        measuring the engine (`maskface bench` only; the job never imports it)
 
 May import (an allow-list, held by `lint-imports`): the standard library, torch, numpy,
 `models`, `pipeline.errors` and `pipeline.store.uris` (dotted keys). Nothing else: no

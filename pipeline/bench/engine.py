@@ -29,11 +29,11 @@ from models.lpips_masked import MaskedLPIPS
 from models.stylegan2 import Generator, compute_mean_latent
 from models.tiny import tiny_classifier, tiny_generator
 
-from .batch_size import EVERY_TERM
-from .editor import Editor, EditResult, StartPoint
-from .runtime import Runtime
-from .schedule import Schedule
-from .settings import EditConfig, EditSettings
+from pipeline.engine.batch_size import EVERY_TERM
+from pipeline.engine.editor import Editor, EditResult, StartPoint
+from pipeline.engine.runtime import Runtime
+from pipeline.engine.schedule import Schedule
+from pipeline.engine.settings import EditConfig, EditSettings
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def step_kinds(schedule: Schedule) -> list[StepKind]:
 
 
 def kind_config(overrides: dict, kind: StepKind, steps: int) -> tuple[EditConfig, int]:
-    """EditSettings and a start step that run exactly `steps` steps of one kind."""
+    """The EditConfig and the start step that run exactly `steps` steps of one kind."""
     latent_steps = EditConfig.from_overrides(overrides).base.steps.latent
     if kind.first < 0:          # the noise phase alone: start past the latent phase
         return (EditConfig.from_overrides({**overrides, "steps.noise": steps - 1}),
