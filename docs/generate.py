@@ -54,7 +54,10 @@ def _fields(cls, prefix: str) -> str:
 
 def job_spec_inputs() -> str:
     from pipeline.runner.access import InputPolicy
-    return _fields(InputPolicy, "inputs")
+    fields = sorted(dataclasses.fields(InputPolicy), key=lambda f: f.name != "allow")
+    return _table(("key", "default", "meaning"),
+                  ((f"`inputs.{f.name}`", _value(f.default), f.metadata["help"])
+                   for f in fields))
 
 
 def job_spec_runtime() -> str:

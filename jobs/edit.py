@@ -11,7 +11,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.loaders import load_models
@@ -23,6 +22,7 @@ from pipeline.engine.schedule import Schedule
 from pipeline.engine.settings import EditConfig, apply_mean_latent, required_networks
 from pipeline.errors import RowError
 from pipeline.output.images import encode_png, read_image
+from pipeline.output.layout import npy_bytes
 from pipeline.store.storage import write_bytes
 
 from .options import parse_set, read_overrides
@@ -105,9 +105,9 @@ def run_edit(args) -> int:
             else:
                 write_bytes(str(out / f"{name}.png"), encode_png(result.edited))
                 write_bytes(str(out / f"{name}.mask.png"), encode_png(result.masks["blend"]))
-                np.save(out / f"{name}.npy", result.latent.float().numpy())
+                write_bytes(str(out / f"{name}.npy"), npy_bytes(result.latent.float().numpy()))
                 record.update(status="ok", metrics=result.metrics)
-            (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+            write_bytes(str(out / f"{name}.json"), json.dumps(record, indent=2).encode())
             if result.ok:
                 print(f"{path}: ok -> {out / name}.png")
     return 1 if failures else 0

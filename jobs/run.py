@@ -14,8 +14,8 @@ import yaml
 from manifests.schema import read_manifest
 from pipeline.errors import SetupError
 from pipeline.runner.spec import JobSpec, JobSpecError, mapping_keys
-from pipeline.store.storage import open_uri
-from pipeline.store.uris import flatten
+from pipeline.store.storage import STORAGE_ERRORS, open_uri
+from pipeline.store.uris import flatten, redact
 
 from .options import parse_set
 
@@ -27,7 +27,10 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
         with open_uri(path, "r") as f:            # a path, or any URI (s3://...)
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise JobSpecError(f"job spec not found: {path}") from None
+        raise JobSpecError(f"job spec not found: {redact(path)}") from None
+    except STORAGE_ERRORS as e:
+        raise JobSpecError(f"job spec {redact(path)} cannot be read ({type(e).__name__}: "
+                           f"{redact(str(e))})") from None
     if not isinstance(data, dict):
         raise JobSpecError(f"{path}: a job spec is a mapping of keys")
     for key, value in parse_set(overrides or []).items():

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.storage import filesystem, open_uri
+from pipeline.store.storage import filesystem, write_bytes
 from pipeline.store.uris import resolve_uri
 from pipeline.engine.rows import REQUIRED_COLUMNS, default_seed, id_problem, is_null, row_problems
 
@@ -158,7 +158,9 @@ def _check_size(uri: str, fs, path: str, max_rows: int, max_bytes: int) -> None:
 
 
 def write_manifest(df: pd.DataFrame, uri: str, storage_options: Mapping | None = None) -> None:
-    """Validate, then write a Parquet manifest to any fsspec URI."""
+    """Validate, then write a Parquet manifest to any URI, whole or not at all (its folder
+    made as needed)."""
     validate(df)
-    with open_uri(uri, "wb", storage_options) as f:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    write_bytes(uri, buf.getvalue().to_pybytes(), storage_options)

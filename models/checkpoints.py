@@ -71,6 +71,7 @@ def local_file(uri: str, sha256: str | None = None, storage_options: Mapping | N
             log.warning("cached copy of %s does not match its sha256; fetching again", name)
             dest.unlink()
         if not dest.is_file():
+            log.info("copying %s into the node cache %s", name, dest)
             with replaced_atomically(dest) as tmp:
                 _copy_into(uri, tmp, name, storage_options)
                 if sha256:
@@ -83,7 +84,6 @@ def _copy_into(uri: str, tmp: Path, name: str, storage_options: Mapping | None) 
     policy); CheckpointError when they cannot be had."""
     try:
         fs, path = filesystem(uri, storage_options)
-        log.info("copying %s into the node cache %s", name, tmp.parent)
         fs.get_file(path, str(tmp))
     except FileNotFoundError:
         raise CheckpointError(f"{name}: file not found") from None

@@ -3,7 +3,7 @@
     [[tool.importlinter.contracts]]
     type = "allowed"
     source_modules = ["pipeline.engine"]
-    allowed_modules = ["torch", "numpy", "models", "pipeline.errors"]
+    allowed_modules = ["torch", "numpy", "models", "pipeline.errors", "pipeline.store.uris"]
 
 Every module of a source package may import, directly, only: its own package, the
 standard library and the allowed modules (each with its submodules). pyproject.toml

@@ -153,6 +153,9 @@ def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tm
     assert summary["this_run"]["skipped_already_done"] == 2
     assert summary["manifest"] == {"rows": 2, "ok": 2, "error": 0, "pending": 0}
     assert summary["whole_output"]["ok"] == 6
+    # a run that edited nothing keeps the edits the output holds in job.json
+    record = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert [(e["attributes"], e["mode"]) for e in record["edits"]] == [(["smiling"], "local")]
 
 
 def test_retry_errors_replaces_the_error_rows(ray_cluster, tmp_path, tiny32, photos):
@@ -259,6 +262,16 @@ def test_set_overrides_spec_and_edit_keys(tmp_path):
     assert settings.inputs == InputPolicy(allow=("s3://data/faces/",), min_side=64)
     assert settings.runtime == Runtime(autocast="bf16") and settings.share_prefix is False
     assert settings.edit.overrides["steps.latent"] == 9 and settings.edit.base.parser_size == 32
+
+
+def test_a_job_spec_that_cannot_be_read_is_a_spec_error_naming_it(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(JobSpecError, match=r"folder\.yaml cannot be read \(IsADirectoryError"):
+        load_job_spec(str(tmp_path / "folder.yaml"))
+    with pytest.raises(JobSpecError, match=r"job spec s3://\*\*\*@nobucket-here/job.yaml cannot be "
+                       r"read") as refused:
+        load_job_spec("s3://user:secret@nobucket-here/job.yaml")
+    assert "secret" not in str(refused.value)
 
 
 def test_the_spec_is_parsed_once_into_typed_values_and_given_back_as_plain_ones(tmp_path):

@@ -38,6 +38,10 @@ def test_an_e4e_for_another_generator_size_is_refused(tiny_dir, tmp_path):
 def test_credentials_never_reach_messages():
     assert redact("https://user:secret@host/x.pt?X-Amz-Signature=abc") == "https://***@host/x.pt?***"
     assert redact("s3://bucket/key.pt") == "s3://bucket/key.pt"
+    # a library quoting a URI's parts without its scheme (botocore's bucket check)
+    assert redact('Invalid bucket name "user:secret@bucket": ...') == \
+        'Invalid bucket name "***@bucket": ...'
+    assert redact("mail a@b.org at 10:30") == "mail a@b.org at 10:30"
     with pytest.raises(CheckpointError) as err:
         local_file("https://user:secret@127.0.0.1:9/none.pt?token=abc", None)
     assert "secret" not in str(err.value) and "abc" not in str(err.value)

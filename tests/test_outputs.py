@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.output.jobfile import edits_of, merge_edits, spec_of
 from pipeline.output.ledger import pending_rows
 from pipeline.output.metrics import (METRICS_SCHEMA, drop_stale_rows, metrics_paths,
                                   passthrough_schema, read_metrics, write_metrics)
@@ -65,6 +66,18 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
     out.put_json("summary.json", {"rows": 3})
     out.put_npy("latents/a.npy", __import__("numpy").zeros((2, 3), "float32"))
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["latents", "summary.json"]
+
+
+def test_job_json_keeps_the_edits_of_earlier_runs_then_adds_this_runs_new_ones():
+    smile = {"attributes": ["smiling"], "mode": "local", "settings": {"steps.latent": 3}}
+    hair = {"attributes": ["black_hair"], "mode": "local", "settings": {"steps.latent": 3}}
+    longer = {**smile, "settings": {"steps.latent": 9}}       # the same edit, run otherwise
+    assert merge_edits(None, [smile]) == [smile]
+    assert merge_edits([smile], []) == [smile]                   # a resume that edits nothing
+    assert merge_edits([smile, hair], [hair, longer]) == [smile, hair, longer]
+    assert edits_of({"spec": {}}) is None and edits_of({"edits": [hair]}) == [hair]
+    assert spec_of({"settings": {"batch_size": 2}}) == {"batch_size": 2}     # older outputs
+    assert spec_of({"spec": {"batch_size": 3}}) == {"batch_size": 3} and spec_of(None) == {}
 
 
 def test_row_files_are_recorded_relative_to_the_output_and_located_where_it_is_now(tmp_path):

@@ -587,6 +587,14 @@ def test_report_data_configuration_of_an_older_job_json_has_the_overrides_only()
     assert report_data.configuration(None) is None
 
 
+def test_report_data_models_table_lists_the_networks_hashes_not_the_settings_hash():
+    metrics = pd.DataFrame({"generator_sha256": ["g1", "g1", "g2"], "judge_sha256": [None] * 3,
+                            "settings_sha256": ["s1", "s2", "s3"]})
+    rows = report_data.models_table(None, metrics)["rows"]
+    assert sorted((r["network"], r["sha256"], r["rows"]) for r in rows) == [
+        ("generator", "g1", 2), ("generator", "g2", 1)]
+
+
 def test_report_data_grid_sample_failures_and_provenance():
     rows = small_metrics()
     ok = report_data.edited(rows)

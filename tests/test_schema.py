@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from jobs.run import run_command
-from manifests.schema import MAX_ROWS, ManifestError, read_manifest, validate
+from manifests.schema import MAX_ROWS, ManifestError, read_manifest, validate, write_manifest
 from models.classifier import ATTRIBUTES
 
 
@@ -32,6 +32,14 @@ def test_list_columns_longer_than_the_attributes_are_refused(values, words):
         validate(one_row(**values))
     assert words in str(err.value)
     assert len(str(err.value)) < 600                      # a huge value is not echoed whole
+
+
+def test_a_manifest_is_written_whole_into_a_folder_made_for_it(tmp_path):
+    rows = pd.DataFrame({"id": ["a"], "image_uri": ["a.png"], "attributes": [["smiling"]],
+                         "targets": [[1.0]]})
+    write_manifest(rows, str(tmp_path / "runs" / "new" / "m.parquet"))
+    assert read_manifest(str(tmp_path / "runs" / "new" / "m.parquet")).ids == ["a"]
+    assert [p.name for p in (tmp_path / "runs" / "new").iterdir()] == ["m.parquet"]  # no temp
 
 
 def test_values_read_from_parquet_are_shown_as_written(tmp_path):

@@ -28,7 +28,7 @@ class ImageError(RowError):
     """An input image that cannot be used: unreadable, unsupported, too small or too large."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageLimits:
     """The limits on each image a job reads (the job spec's `inputs.*` keys, beside
     `inputs.allow`: pipeline/runner/access.py's InputPolicy holds both)."""

@@ -41,8 +41,11 @@ from .layout import Output
 
 log = logging.getLogger(__name__)
 
-NETWORK_NOTES = {"e4e": " (null when not loaded)", "lpips_trunk": " (null when not loaded)",
-                 "judge": " (null without one)"}
+# Each network's checkpoint hash column (`<network>_sha256`), from models/spec.py's names.
+NETWORK_HASH_COLUMNS = {name: f"{name}_sha256" for name in NETWORKS}
+_NETWORK_WORDS = {"face_parser": "face parser", "lpips_trunk": "LPIPS trunk"}
+_NETWORK_NOTES = {"e4e": " (null when not loaded)", "lpips_trunk": " (null when not loaded)",
+                  "judge": " (null without one)"}
 # The metrics columns every row has, with what each holds; the manifest's passthrough
 # columns follow them (`passthrough_schema`). The docs' column table is made from this.
 METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -107,8 +110,8 @@ METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("actor", pa.string(), "the Ray actor that ran it"),
     ("gpu_ids", pa.string(), "the GPUs that actor held"),
     ("actor_model_loads", pa.int64(), "how often that actor loaded the models (1)"),
-    *[(f"{name}_sha256", pa.string(), f"sha256 of the {name.replace('_', ' ')} checkpoint"
-       + NETWORK_NOTES.get(name, "")) for name in NETWORKS],
+    *[(column, pa.string(), f"sha256 of the {_NETWORK_WORDS.get(name, name)} checkpoint"
+       + _NETWORK_NOTES.get(name, "")) for name, column in NETWORK_HASH_COLUMNS.items()],
     ("settings_sha256", pa.string(), "sha256 of the edit settings the row ran with "
                                      "([canonical JSON](outputs.md#provenance))"),
     ("code_version", pa.string(), "the maskface version (and git commit) that wrote the row"),

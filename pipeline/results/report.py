@@ -38,20 +38,16 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 from PIL import Image, ImageFilter
 
-from models.spec import NETWORKS
 from pipeline.output.figures import fmt_duration
 from pipeline.output.images import png_bytes, read_pil
 from pipeline.output.layout import Output
 from pipeline.output.ledger import of_manifest
-from pipeline.output.metrics import read_metrics
+from pipeline.output.metrics import NETWORK_HASH_COLUMNS, read_metrics
 from pipeline.results import report_data
-from pipeline.results.report_data import FAILURES_SHOWN, ReportData, identity_counts
+from pipeline.results.report_data import ReportData
 from pipeline.results.review import VERDICTS, read_verdicts
 from pipeline.results.status import (STATUS_COLUMNS, JobFiles, compute_status, manifest_ids,
                                      read_job_files)
-
-__all__ = ["FAILURES_SHOWN", "FILE_COLUMNS", "GRID", "REPORT_COLUMNS", "THUMB",
-           "identity_counts", "job_manifest_ids", "mask_outline", "render_page", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +58,7 @@ TEMPLATES = "templates"  # the page's templates, package data of pipeline.result
 
 # What the report reads of every row (its tables, plots and status), and of the rows it
 # shows one by one (the grid's sample and the failures): their files.
-NETWORK_COLUMNS = [f"{name}_sha256" for name in NETWORKS]
+NETWORK_COLUMNS = list(NETWORK_HASH_COLUMNS.values())
 REPORT_COLUMNS = [*STATUS_COLUMNS, "attributes", "targets", "prob_input", "prob_result",
                   "judge_prob_result", "judge_on_target", "entanglement", "unintended_flips",
                   "preservation_l1", "outside_psnr", "identity_distance", "same_person",

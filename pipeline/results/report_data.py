@@ -27,6 +27,7 @@ from pipeline.engine.rows import on_target
 from pipeline.output.jobfile import edit_base_of, edits_of, spec_of
 from pipeline.output.ledger import (ERROR, MOST_FLIPPED, OK, among, attribute_outcomes,
                                     this_runs_summary)
+from pipeline.output.metrics import NETWORK_HASH_COLUMNS
 from pipeline.results.review import acceptance
 from pipeline.results.status import JobFiles, JobStatus
 
@@ -130,12 +131,14 @@ def job_figures(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> dict[
 
 
 def models_table(job: Mapping[str, Any] | None, mine: pd.DataFrame) -> dict[str, Any]:
-    """The models spec the job names, and per network and sha256 the rows it made."""
+    """The models spec the job names, and per network and sha256 the rows it made (the
+    networks' hash columns only: not the settings hash)."""
     rows = []
-    for column in [c for c in mine.columns if c.endswith("_sha256")]:
+    for network, column in NETWORK_HASH_COLUMNS.items():
+        if column not in mine.columns:
+            continue
         for sha, n in mine[column].dropna().value_counts().items():
-            rows.append({"network": column.removesuffix("_sha256"), "sha256": str(sha),
-                         "rows": int(n)})
+            rows.append({"network": network, "sha256": str(sha), "rows": int(n)})
     return {"spec": spec_of(job).get("models"), "rows": rows}
 
 

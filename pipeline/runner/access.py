@@ -40,7 +40,7 @@ SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/run", "/boot", "/var/run", "/v
 LOCAL = ("file", "local")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InputPolicy(ImageLimits):
     """Where inputs may come from (`allow`, see the module doc), and the limits on each
     image (ImageLimits: pipeline/output/images.py)."""

@@ -29,7 +29,7 @@ from .access import manifest_home, outside_of
 from pipeline.output.ledger import HISTORY_COLUMNS, SUMMARY_COLUMNS, among, pending_rows, summarize
 from pipeline.output.metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
                       read_metrics)
-from pipeline.output.jobfile import FILE, job_record
+from pipeline.output.jobfile import FILE, edits_of, job_record, merge_edits
 from pipeline.output.layout import Output
 from .plan import JobPlan, code_version, image_groups, plan_job, schedule_order
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
@@ -97,8 +97,9 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     plan = plan_job(todo, job, schema) if len(todo) else None
     outside = reads_outside(todo, job)
     try:
+        edits = merge_edits(_recorded_edits(out), plan.edits() if plan else [])
         out.put_json(FILE, job_record(
-            job.as_dict(), job.edit.base.as_dict(), plan.edits() if plan else [],
+            job.as_dict(), job.edit.base.as_dict(), edits,
             code_version=code_version(), started_at=started, rows=len(ids),
             reads_outside_manifest_folder=outside))
     except StorageError as e:
@@ -124,6 +125,16 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     if stopped is not None:
         raise stopped
     return summary
+
+
+def _recorded_edits(out: Output) -> list[dict] | None:
+    """The edits the output's job.json records from the runs before this one (None when
+    there is none, or it cannot be read: this run's own edits are then recorded alone)."""
+    try:
+        return edits_of(out.get_json(FILE))
+    except ValueError as e:                 # not JSON: another tool's, or cut short
+        log.warning("ignoring the edits of the unreadable %s/%s: %s", out.uri, FILE, e)
+        return None
 
 
 class WorkersLost(Exception):

@@ -35,7 +35,6 @@ from PIL import Image
 
 from models.identity import load_identity
 from models.loaders import load_models
-from models.spec import NETWORKS
 from pipeline.engine.batch_size import auto_batch_size
 from pipeline.engine.editor import Editor, EditResult, StartPoint
 from pipeline.engine.rows import EditRequest, is_null
@@ -45,7 +44,7 @@ from pipeline.errors import STOPPED, JobStopped, RowError, SetupError, StorageEr
 from pipeline.output.images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from pipeline.output.layout import Output, npy_bytes, npz_bytes
 from pipeline.output.ledger import OK
-from pipeline.output.metrics import METRICS_SCHEMA, write_metrics
+from pipeline.output.metrics import METRICS_SCHEMA, NETWORK_HASH_COLUMNS, write_metrics
 from pipeline.store.storage import is_outage
 from pipeline.store.uris import redact
 from .plan import JobPlan
@@ -242,7 +241,7 @@ class EditStage:
             "size": float(row["size"]), "seed": int(row["seed"]),
             "mode": None, **self.placement, "actor_model_loads": self.model_loads,
             "tiny_models": self.models.tiny, "code_version": self.plan.code_version,
-            **{f"{name}_sha256": hashes.get(name) for name in NETWORKS}})
+            **{column: hashes.get(name) for name, column in NETWORK_HASH_COLUMNS.items()}})
         return record
 
     def _write(self, row: dict, result: EditResult, image: torch.Tensor) -> dict[str, Any]:

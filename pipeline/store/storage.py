@@ -131,7 +131,9 @@ def is_outage(error: StorageError) -> bool:
 
 
 def open_uri(uri: str, mode: str = "rb", storage_options: Mapping | None = None) -> IO:
-    """A file object for a URI (a context manager), with the retry policy applied."""
+    """A file object for a URI (a context manager), with the retry policy applied. For
+    reading: a write through it is neither whole-or-absent nor makes its folder
+    (`write_bytes` does both)."""
     fs, path = filesystem(uri, storage_options)
     return fs.open(path, mode)
 
@@ -219,7 +221,10 @@ def put_file(fs, path: str, data: bytes) -> None:
 def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
     """A hidden temporary path beside the local `path`: what the block writes there is
     renamed onto `path` when it ends (atomic: a reader sees the old file or the new one,
-    never a part), and removed if it raises. The one home of write-then-rename."""
+    never a part), and removed if it raises. Every whole-file write of the project goes
+    through it; the two renames that are not one file written whole are a compiled
+    extension's build folder (models/extension.py, where another process may win) and a
+    download's resumable `.part` file (models/fetch.py)."""
     dest = Path(path)
     tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
     try:

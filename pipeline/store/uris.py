@@ -9,9 +9,11 @@ from typing import Any, Mapping
 
 
 def redact(text: str) -> str:
-    """Text fit for logs and errors: URL credentials (user:password@) and query strings
+    """Text fit for logs and errors: URL credentials (user:password@), the same pair where
+    a library's message quotes a URI's parts without its scheme, and query strings
     (signed URLs, tokens) replaced by ***."""
     text = re.sub(r"(://)[^/@\s'\"]+@", r"\1***@", text)
+    text = re.sub(r"(^|[\s'\"(=])[^\s/@'\":]+:[^\s/@'\"]+@", r"\1***@", text)
     return re.sub(r"\?[^\s'\"]*", "?***", text)
 
 
