@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.bench.engine import BENCH_EDIT, bench_models, bench_schedule, kind_config, step_kinds
+from pipeline.bench.payback import payback_edits
 from pipeline.engine.editor import Editor, StartPoint
 
 MASKFACE = str(Path(sys.executable).parent / "maskface")
@@ -103,6 +104,13 @@ def test_the_flop_counter_counts_a_modulated_conv_as_counted_by_hand():
     with counter:
         conv(x, style).sum().backward()
     assert counter.get_total_flops() > 2 * by_hand        # and the backward counts too
+
+
+def test_payback_is_the_extra_warm_up_over_the_time_saved_per_edit():
+    slow, fast = ({"extrapolated_seconds_per_edit": s} for s in (10.0, 6.0))
+    assert payback_edits(slow, 5.0, fast, 25.0) == 5.0          # 20 s more, 4 s saved an edit
+    assert payback_edits(slow, 30.0, fast, 25.0) == 0.0         # it warms up no slower
+    assert payback_edits(fast, 5.0, slow, 25.0) is None         # its edits are not faster
 
 
 def test_payback_says_after_how_many_edits_a_longer_warm_up_is_bought_back(tmp_path):

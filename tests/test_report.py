@@ -38,7 +38,7 @@ from pipeline.output.layout import Output
 from pipeline.runner.plan import plan_job
 from pipeline.runner.spec import JobSpec
 from pipeline.runner.stage import EditStage
-from pipeline.results import report_data
+import pipeline.results.report_data as report_data
 from pipeline.results.report import render_page, write_report
 from pipeline.results.review import VERDICTS
 from pipeline.results.status import JobFiles, compute_status

@@ -18,7 +18,8 @@ from jobs.cli import main
 from manifests.schema import write_manifest
 from pipeline.output.metrics import METRICS_SCHEMA, write_metrics
 from pipeline.output.layout import Output
-from pipeline.runner.progress import DriverProgress, Figures, rates
+from pipeline.output.figures import Figures, rates
+from pipeline.runner.progress import DriverProgress
 from pipeline.results.status import compute_status, read_status, render
 
 NOW = 1_800_000_000.0          # a fixed clock: every figure below is exact
