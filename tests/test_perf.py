@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.bench.document import prefix_saving
 from pipeline.bench.engine import BENCH_EDIT, bench_models, bench_schedule, kind_config, step_kinds
 from pipeline.bench.payback import payback_edits
 from pipeline.engine.editor import Editor, StartPoint
@@ -104,6 +105,16 @@ def test_the_flop_counter_counts_a_modulated_conv_as_counted_by_hand():
     with counter:
         conv(x, style).sum().backward()
     assert counter.get_total_flops() > 2 * by_hand        # and the backward counts too
+
+
+def test_a_shared_prefix_saves_its_steps_and_time_on_every_edit_but_one_per_mask():
+    run = {"kinds": {"recon": {"count": 10, "seconds": 0.5}}, "steps_per_edit": 100,
+           "extrapolated_seconds_per_edit": 20.0, "batch": 1}
+    saving = prefix_saving(run, attributes=14, prefixes=2)
+    assert (saving["steps_without"], saving["steps_with"]) == (1400, 2 * 10 + 14 * 90)
+    assert saving["steps_saved"] == pytest.approx(1 - 1280 / 1400)
+    assert saving["time_saved"] == pytest.approx(1 - (2 * 5 + 14 * 15) / (14 * 20))
+    assert prefix_saving({**run, "kinds": {}}) == {}           # no recon step: nothing shared
 
 
 def test_payback_is_the_extra_warm_up_over_the_time_saved_per_edit():
