@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.checkpoints import CheckpointError
 from models.spec import SpecError
+from pipeline.errors import MAX_MESSAGE, clip, clip_message
 
 # Each command's module. A command line that names one imports only that module, so
 # `maskface status` starts without torch; --help lists every command.
@@ -33,8 +34,18 @@ COMMAND_MODULES = {"weights": "weights", "run": "run", "status": "status", "repo
                    "paste": "align_cmd", "edit": "edit", "bench": "bench"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors clipped: they quote the argument given (`invalid
+    choice: '...'`), and a hostile one must not make a megabyte-long line. Subcommands'
+    parsers are of the same class (argparse makes them of their parent's)."""
+
+    def error(self, message: str):
+        # room left for argparse's own `maskface manifest celebahq: error: ` before it
+        super().error(clip(message, MAX_MESSAGE - 200))
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskface", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="maskface", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -55,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return args.func(args)
     except (CheckpointError, SpecError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(clip_message(f"error: {e}"), file=sys.stderr)
         return 1
     except Exception as e:  # download errors and the like: one line, not a traceback
         if args.verbose:
             raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(clip_message(f"error: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
 
 

@@ -25,7 +25,7 @@ from pipeline.output.images import encode_png, read_image
 from pipeline.output.layout import npy_bytes
 from pipeline.store.storage import write_bytes
 
-from .options import parse_set, read_overrides
+from .options import parse_set, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def parse_attribute(text: str) -> tuple[str, float]:
 def build_config(args) -> EditConfig:
     overrides: dict = {}
     if args.config:
-        overrides.update(read_overrides(Path(args.config).read_text()))
+        overrides.update(read_config_file(args.config))
     overrides.update(parse_set(args.set or []))
     for key, value in (("mode", args.mode), ("smoothing", args.smoothing), ("blend", args.blend)):
         if value is not None:

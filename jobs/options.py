@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 STORAGE_OPTIONS_HELP = ('fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
                         '"..."}}\'; credentials come from the environment, never from here')
 
@@ -31,24 +29,55 @@ def storage_options(args) -> dict:
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`--set a.b=v` items -> {'a.b': v}, each value read as YAML (`true`, `3`, `[a, b]`);
-    what the value may be is the checked setting's business (EditConfig, JobSpec)."""
+    """`--set a.b=v` items -> {'a.b': v}, each value read as YAML (`true`, `3`, `[a, b]`)
+    through the bounded loader (no anchors or aliases, capped in size); what the value
+    may be is the checked setting's business (EditConfig, JobSpec)."""
     from pipeline.engine.settings import ConfigError
+    from pipeline.errors import clip
+    from pipeline.store.documents import DocumentError, load_yaml
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else value
+            raise ConfigError(f"--set wants KEY=VALUE, got {clip(repr(item))}")
+        try:
+            out[key.strip()] = load_yaml(value, f"--set {key.strip()}") if value.strip() else value
+        except DocumentError as e:
+            raise ConfigError(str(e)) from None
     return out
 
 
-def read_overrides(text: str) -> dict[str, Any]:
+def read_overrides(text: str | bytes, where: str = "edit config file") -> dict[str, Any]:
     """An edit settings file (YAML, nested or dotted keys, e.g. the original's config.yml)
-    as dotted keys; EditConfig.from_overrides checks them."""
+    as dotted keys, read by the bounded loader (`where` names it in errors);
+    EditConfig.from_overrides checks them."""
+    from pipeline.engine.settings import ConfigError
+    from pipeline.store.documents import DocumentError, load_yaml
+    try:
+        return _dotted(load_yaml(text, where), where)
+    except DocumentError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_config_file(uri: str) -> dict[str, Any]:
+    """`--config FILE` as `read_overrides`, the file read capped: one over MAX_SPEC_BYTES
+    is refused from its size, before it is read."""
+    from pipeline.engine.settings import ConfigError
+    from pipeline.errors import MAX_ECHO
+    from pipeline.store.documents import DocumentError, read_yaml
+    from pipeline.store.uris import redact
+    try:
+        data = read_yaml(uri, what="edit config file")
+    except DocumentError as e:
+        raise ConfigError(str(e)) from None
+    return _dotted(data, f"edit config file {redact(uri, MAX_ECHO)}")
+
+
+def _dotted(data: Any, where: str) -> dict[str, Any]:
     from pipeline.engine.settings import ConfigError
     from pipeline.store.uris import flatten
-    data = yaml.safe_load(text) or {}
+    if data is None:
+        return {}
     if not isinstance(data, Mapping):
-        raise ConfigError("an edit config file must hold a mapping of settings")
+        raise ConfigError(f"{where}: an edit config file must hold a mapping of settings")
     return flatten(data)

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-import yaml
-
+from pipeline.store.documents import DocumentError, read_yaml
 from pipeline.store.uris import redact
 
 from .checkpoints import sha256_file
 from .nvidia_pickle import CONVERTER_VERSION, PickleError, convert_pickle
-from .spec import NETWORKS, MeanLatent, ModelsSpec, WeightRef, write_spec
+from .spec import NETWORKS, MeanLatent, ModelsSpec, SpecError, WeightRef, write_spec
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,10 @@ def _previous_spec(spec_path: Path) -> tuple[dict[str, WeightRef], MeanLatent]:
     """What an earlier fetch into the same folder recorded (URIs kept relative)."""
     if not spec_path.exists():
         return {}, MeanLatent()
-    old = ModelsSpec.from_dict(yaml.safe_load(spec_path.read_text()))
+    try:      # bounded like every YAML read (pipeline/store/documents.py)
+        old = ModelsSpec.from_dict(read_yaml(str(spec_path), what="models spec"))
+    except DocumentError as e:
+        raise SpecError(str(e)) from None
     return ({n: getattr(old, n) for n in NETWORKS if getattr(old, n) is not None},
             old.mean_latent)
 

@@ -19,8 +19,10 @@ from typing import Mapping
 
 import yaml
 
-from pipeline.store.storage import open_uri, write_bytes
-from pipeline.store.uris import resolve_uri
+from pipeline.errors import MAX_ECHO, clip
+from pipeline.store.documents import DocumentError, read_yaml
+from pipeline.store.storage import write_bytes
+from pipeline.store.uris import redact, resolve_uri
 
 
 NETWORKS = ("generator", "face_parser", "classifier", "e4e", "lpips_trunk", "judge")
@@ -66,9 +68,10 @@ class ModelsSpec:
         if not isinstance(data, Mapping):
             raise SpecError(f"a models spec is a mapping, got {type(data).__name__}")
         known = set(NETWORKS) | {"mean_latent", "tiny"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise SpecError(f"unknown key(s) in models spec: {unknown}; known: {sorted(known)}")
+            raise SpecError(f"unknown key(s) in models spec: {clip(str(unknown))}; "
+                            f"known: {sorted(known)}")
         missing = [k for k in REQUIRED if not data.get(k)]
         if missing:
             raise SpecError(f"models spec names no {', '.join(missing)}")
@@ -80,29 +83,33 @@ class ModelsSpec:
             if isinstance(entry, str):
                 entry = {"uri": entry}
             if not isinstance(entry, Mapping) or "uri" not in entry:
-                raise SpecError(f"{name}: expected {{uri: ..., sha256: ...}}, got {entry!r}")
-            bad = sorted(set(entry) - {"uri", "sha256", "note"})
+                raise SpecError(f"{name}: expected {{uri: ..., sha256: ...}}, "
+                                f"got {clip(repr(entry))}")
+            bad = sorted(str(k) for k in set(entry) - {"uri", "sha256", "note"})
             if bad:
-                raise SpecError(f"{name}: unknown key(s) {bad}; allowed: uri, sha256, note")
+                raise SpecError(f"{name}: unknown key(s) {clip(str(bad))}; "
+                                "allowed: uri, sha256, note")
             sha = entry.get("sha256")
             if sha is not None and (len(str(sha)) != 64 or
                                     any(c not in "0123456789abcdefABCDEF" for c in str(sha))):
-                raise SpecError(f"{name}: sha256 must be 64 hex digits, got {sha!r}")
+                raise SpecError(f"{name}: sha256 must be 64 hex digits, got {clip(repr(sha))}")
             refs[name] = WeightRef(uri=resolve_uri(str(entry["uri"]), base),
                                    sha256=str(sha).lower() if sha else None,
                                    note=entry.get("note"))
         ml = dict(data.get("mean_latent") or {})
-        bad = sorted(set(ml) - {"source", "samples", "seed"})
+        bad = sorted(str(k) for k in set(ml) - {"source", "samples", "seed"})
         if bad:
-            raise SpecError(f"mean_latent: unknown key(s) {bad}; allowed: source, samples, seed")
+            raise SpecError(f"mean_latent: unknown key(s) {clip(str(bad))}; "
+                            "allowed: source, samples, seed")
         mean = MeanLatent(**ml)
         if mean.source not in MEAN_LATENT_SOURCES:
             raise SpecError(f"mean_latent.source must be one of {', '.join(MEAN_LATENT_SOURCES)}, "
-                            f"got {mean.source!r}")
+                            f"got {clip(repr(mean.source))}")
         if not isinstance(mean.samples, int) or mean.samples < 1:
-            raise SpecError(f"mean_latent.samples must be a positive integer, got {mean.samples!r}")
+            raise SpecError("mean_latent.samples must be a positive integer, "
+                            f"got {clip(repr(mean.samples))}")
         if not isinstance(mean.seed, int):
-            raise SpecError(f"mean_latent.seed must be an integer, got {mean.seed!r}")
+            raise SpecError(f"mean_latent.seed must be an integer, got {clip(repr(mean.seed))}")
         return cls(**refs, mean_latent=mean, tiny=bool(data.get("tiny", False)))
 
     def to_dict(self) -> dict:
@@ -118,18 +125,17 @@ class ModelsSpec:
 
 def read_spec(uri: str, storage_options: Mapping | None = None) -> ModelsSpec:
     """The models spec at `uri` (any fsspec URI), checked; SpecError names the file and
-    the problem. Relative checkpoint URIs resolve against the spec's own folder."""
+    the problem. Relative checkpoint URIs resolve against the spec's own folder. It is
+    read bounded (pipeline/store/documents.py): at most MAX_SPEC_BYTES, no YAML anchors
+    or aliases, so a hostile spec is refused before it can grow."""
     try:
-        with open_uri(uri, "r", storage_options) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SpecError(f"models spec not found: {uri}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{uri}: not valid YAML: {e}") from None
+        data = read_yaml(uri, storage_options, what="models spec")
+    except DocumentError as e:
+        raise SpecError(str(e)) from None
     try:
         return ModelsSpec.from_dict(data, base=uri)
     except SpecError as e:
-        raise SpecError(f"{uri}: {e}") from None
+        raise SpecError(f"{redact(uri, MAX_ECHO)}: {e}") from None
 
 
 def write_spec(spec: ModelsSpec, uri: str, header: str = "",

@@ -17,6 +17,30 @@ from __future__ import annotations
 # must end (a SetupError): never recorded, so those rows stay pending (pipeline/runner/stage.py).
 STOPPED = "stopped"
 
+# How much of a value an error message quotes (an id, a value, a path), and how long
+# one message may be at most: a hostile input must not make a megabyte-long error line.
+MAX_ECHO = 300
+MAX_MESSAGE = 2048
+
+
+def clip(text: str, limit: int = MAX_ECHO) -> str:
+    """`text` as an error message may quote it: at most `limit` characters, and when cut,
+    its full length said (`abc... (5,000,000 characters)`)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def clip_message(text: str) -> str:
+    """A whole error message cut to MAX_MESSAGE bytes of UTF-8 at most (its length said)."""
+    text = str(text)
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_MESSAGE:
+        return text
+    head = data[:MAX_MESSAGE - 40].decode("utf-8", "ignore")   # never half a character
+    return f"{head}... ({len(text):,} characters)"
+
 
 class RowError(ValueError):
     """A failure that belongs to one row."""

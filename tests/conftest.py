@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -8,6 +9,46 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class LongRecords(logging.Handler):
+    """Every log record at WARNING or above whose message passes MAX_MESSAGE bytes
+    (pipeline/errors.py): a hostile value quoted whole in a warning or an error. Only
+    WARNING and above: those are the lines that quote inputs, and a long debug or info
+    line of a library (a cluster's description, a request's dump) is not a defect."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from pipeline.errors import MAX_MESSAGE
+        try:
+            message = record.getMessage()
+        except Exception:         # noqa: BLE001 -- a broken record is logging's to report
+            return
+        size = len(message.encode("utf-8", "replace"))
+        if size > MAX_MESSAGE:
+            self.found.append(f"{record.name} {record.levelname}: {size:,} bytes: "
+                              f"{message[:200]}")
+
+
+LONG_RECORDS = LongRecords()
+
+
+@pytest.fixture(autouse=True)
+def no_long_log_lines():
+    """Fails (at teardown) the test during which a log line of WARNING or above passed
+    MAX_MESSAGE bytes: no message over 2 KB, whatever the suite provokes."""
+    root = logging.getLogger()
+    if LONG_RECORDS not in root.handlers:
+        root.addHandler(LONG_RECORDS)
+    LONG_RECORDS.found.clear()
+    yield
+    found, LONG_RECORDS.found[:] = list(LONG_RECORDS.found), []
+    if found:
+        pytest.fail(f"{len(found)} log line(s) over 2 KB:\n" + "\n".join(found[:5]),
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from models.celeba import ATTRIBUTE_INDEX, ATTRIBUTES
-from pipeline.errors import RowError
+from pipeline.errors import RowError, clip
 
 TARGET_RANGE = (0.0, 1.0)
 MODES = ("auto", "local", "global")
@@ -111,8 +111,7 @@ def _plain(value: Any) -> Any:
 
 def _short(value: Any, limit: int = 120) -> str:
     """A value for a message, as written, clipped: a hostile manifest may hold huge values."""
-    text = repr(_plain(value))
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    return clip(repr(_plain(value)), limit)
 
 
 def id_problem(row_id: Any) -> str | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from models.spec import MEAN_LATENT_SOURCES, REQUIRED
+from pipeline.errors import clip
 from pipeline.store.uris import flatten
 
 from . import attributes as attr_table
@@ -204,13 +205,13 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             value = value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {clip(repr(value))}")
     elif info.kind in (int, float):
         value = _coerce_number(key, value, info.kind)
     elif not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {clip(repr(value))}")
     if info.check is not None and not info.check(value):
-        raise ConfigError(f"{key}: value {value!r} is out of range ({info.help})")
+        raise ConfigError(f"{key}: value {clip(repr(value))} is out of range ({info.help})")
     return value
 
 
@@ -225,7 +226,7 @@ def _coerce_number(key: str, value: Any, kind: type) -> Any:
     allowed = (int, float) if kind is float else int
     if isinstance(value, bool) or not isinstance(value, allowed):
         what = "a number" if kind is float else "an integer"
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+        raise ConfigError(f"{key}: expected {what}, got {clip(repr(value))}")
     return kind(value)
 
 
@@ -239,9 +240,9 @@ class EditConfig:
     def from_overrides(cls, overrides: Mapping | None = None) -> "EditConfig":
         """Nested or dotted keys. Unknown keys and bad values are an error."""
         given = flatten(overrides or {})
-        unknown = sorted(set(given) - set(SCHEMA))
-        if unknown:
-            raise ConfigError(f"unknown edit setting(s): {', '.join(unknown)}; "
+        unknown = sorted(str(k) for k in set(given) - set(SCHEMA))
+        if unknown:          # a hostile key or a thousand of them: quoted clipped
+            raise ConfigError(f"unknown edit setting(s): {clip(', '.join(unknown))}; "
                               f"known: {', '.join(SCHEMA)}")
         config = cls(tuple((k, _coerce(k, v)) for k, v in given.items()))
         config.base                                    # the keys must also work together

@@ -39,7 +39,7 @@ from typing import IO, Any, Iterable, Iterator, Mapping
 
 import fsspec
 
-from pipeline.errors import RowError, StorageError
+from pipeline.errors import MAX_ECHO, RowError, StorageError, clip
 
 from .uris import flatten, redact
 
@@ -59,8 +59,8 @@ def refuse_credentials(storage_options: Mapping | None, where: str) -> None:
     log or a shell history. They come from the standard AWS chain or the environment."""
     leaked = credentials_in(storage_options)
     if leaked:
-        raise ValueError(f"{where} must not hold credentials ({leaked}); use the standard "
-                         "AWS chain or environment variables")
+        raise ValueError(f"{clip(where)} must not hold credentials ({clip(str(leaked))}); "
+                         "use the standard AWS chain or environment variables")
 
 
 S3_ATTEMPTS = 4            # botocore total_max_attempts, per request
@@ -112,7 +112,9 @@ def filesystem(uri: str, storage_options: Mapping | None = None):
 
 
 def storage_error(error: BaseException, uri: str, action: str) -> StorageError:
-    """A storage failure as a row error: what was done to which object, and why."""
+    """A storage failure as a row error: what was done to which object, and why; the URI
+    and the library's detail each clipped (a hostile URI, or a library quoting a whole
+    request, must not make a megabyte-long error on a metrics row)."""
     kind = type(error).__name__
     if isinstance(error, FileNotFoundError):
         what = "not found"
@@ -121,7 +123,8 @@ def storage_error(error: BaseException, uri: str, action: str) -> StorageError:
     else:
         what = f"storage error while {action}"
     detail = " ".join(str(error).split()) or kind
-    return StorageError(f"{redact(uri)}: {what} ({kind}: {redact(detail)})", kind)
+    return StorageError(f"{redact(uri, MAX_ECHO)}: {what} "
+                        f"({kind}: {redact(detail, MAX_ECHO)})", kind)
 
 
 def is_outage(error: StorageError) -> bool:
@@ -167,7 +170,7 @@ def read_bytes(uri: str, max_bytes: int, storage_options: Mapping | None = None)
     first, and the read itself stops one byte past the limit (a size the storage does
     not report, or a file that grew, cannot make it read more). A storage failure
     raises StorageError naming the object."""
-    name = redact(uri)
+    name = redact(uri, MAX_ECHO)
     fs, path = filesystem(uri, storage_options)
     try:
         info = fs.info(path)

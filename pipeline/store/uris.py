@@ -7,11 +7,31 @@ import posixpath
 import re
 from typing import Any, Mapping
 
+from pipeline.errors import clip
 
-def redact(text: str) -> str:
+
+# The longest text the patterns below run on: their cost grows with the square of a
+# hostile text's length (a 16 KB one takes half a second, a 5 MB one hours).
+REDACT_LIMIT = 4096
+_SEPARATORS = "/@'\""        # with whitespace: no credential or its user part holds one
+
+
+def redact(text: str, limit: int = REDACT_LIMIT) -> str:
     """Text fit for logs and errors: URL credentials (user:password@), the same pair where
     a library's message quotes a URI's parts without its scheme, and query strings
-    (signed URLs, tokens) replaced by ***."""
+    (signed URLs, tokens) replaced by ***. Text over `limit` characters is cut first, as
+    pipeline.errors.clip cuts it (`...` and the full length said), but back to the last
+    separator before the limit, so a credential is never cut in half and left unseen:
+    errors pass limit=MAX_ECHO."""
+    if len(text) <= limit:
+        return _redacted(text)
+    keep = limit
+    while keep and not (text[keep - 1].isspace() or text[keep - 1] in _SEPARATORS):
+        keep -= 1
+    return f"{_redacted(text[:keep])}... ({len(text):,} characters)"
+
+
+def _redacted(text: str) -> str:
     text = re.sub(r"(://)[^/@\s'\"]+@", r"\1***@", text)
     text = re.sub(r"(^|[\s'\"(=])[^\s/@'\":]+:[^\s/@'\"]+@", r"\1***@", text)
     return re.sub(r"\?[^\s'\"]*", "?***", text)
@@ -35,7 +55,7 @@ def under(root: str, rel: str) -> str:
     empty segments, `.` or `..`, backslashes) raises ValueError."""
     parts = rel.split("/")
     if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
-        raise ValueError(f"output path {rel!r} would leave the output folder")
+        raise ValueError(f"output path {clip(repr(rel))} would leave the output folder")
     return posixpath.join(root, rel)
 
 
