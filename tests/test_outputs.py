@@ -50,7 +50,7 @@ def test_outputs_written_before_the_rename_are_read_and_resumed(tmp_path):
     old = pd.DataFrame({"id": ["a", "b"], "status": ["ok", "error"],
                         "image_uri": ["o/images/a.png", "in/b.png"], "written_at": [1.0, 1.0]})
     (tmp_path / "o" / "metrics").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(old), tmp_path / "o" / "metrics" / "part-old.parquet")
+    pq.write_table(pa.Table.from_pandas(old), tmp_path / "o" / "metrics" / "part-0123456789abcdef01234567.parquet")
     out = Output(str(tmp_path / "o"))
     read = read_metrics(out).set_index("id")
     assert "image_uri" not in read.columns

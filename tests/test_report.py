@@ -688,3 +688,61 @@ def test_the_page_escapes_every_value_and_says_what_an_older_output_lacks():
     assert recorded.count('name="v-') == len(VERDICTS)   # a grid of one
     data = json.loads(re.search(r'id="review-data">(.*?)</script>', recorded).group(1))
     assert data == {"output": "out", "verdicts": {"r1": "accept"}}
+
+
+# ---- metrics files not counted, and inputs read from anywhere ------------------------------
+def test_report_data_says_a_job_opted_out_of_the_input_rule():
+    spec, base, edits = spec_and_edits()
+    anywhere = job_record({**spec, "inputs": {"allow": ["any"], "max_bytes": 1}}, base, edits)
+    listed = job_record({**spec, "inputs": {"allow": ["/data/"]}}, base, edits)
+    default = job_record({**spec, "inputs": {"allow": None}}, base, edits)
+    assert report_data.inputs_from_anywhere(anywhere)
+    assert not any(report_data.inputs_from_anywhere(j) for j in (listed, default, None))
+    said = "opted out of the input rule"
+    assert said in small_report(anywhere) and "read inputs from anywhere" in small_report(anywhere)
+    assert said not in small_report(listed) and said not in small_report(default)
+    older = {**default, "reads_outside_manifest_folder": {"rows": 2, "folder": "/m"}}
+    assert "2 row(s) read inputs outside the manifest's folder" in small_report(older)
+
+
+def test_the_report_names_quarantined_damaged_and_foreign_metrics_files(tmp_path):
+    """A real output: one metrics file cut and set aside by a compaction, a second cut
+    since (not set aside yet), and two files that are not the job's. The report counts
+    none of their rows and shows each file with its size and reason."""
+    from pipeline.output.metrics import METRICS_SCHEMA, compact, quarantined
+    out = Output(str(tmp_path / "out"))
+    rows = small_metrics()
+    for name in METRICS_SCHEMA.names:
+        if name not in rows.columns:
+            rows[name] = None
+    out.put_json("job.json", job_record({**spec_and_edits()[0], "inputs": {"allow": ["any"]}},
+                                        {}, [], rows=len(rows)))
+    (tmp_path / "out" / "metrics").mkdir(parents=True)
+    (tmp_path / "out" / "metrics" / "by_attribute.parquet").write_bytes(b"PAR1 not ours")
+    (tmp_path / "out" / "metrics" / "notes.txt").write_text("mine\n")
+    by_id = {}
+    for k, rid in enumerate(rows["id"]):             # one batch file per row
+        by_id[rid] = Path(out.path_of(write_metrics(out, rows.iloc[[k]], METRICS_SCHEMA)))
+        if rid == "r1":
+            first = by_id["r1"].read_bytes()[:100]
+            by_id["r1"].write_bytes(first)
+            compact(out, batch_files_only=True)      # r1's file set aside, r0's left
+    second = by_id["r2"].read_bytes()[:50]
+    by_id["r2"].write_bytes(second)                  # r2's: cut since the compaction
+
+    page = Path(write_report(out.uri)).read_text()
+    assert f"PARTIAL REPORT: {len(rows) - 2} of {len(rows)}" in page        # r1, r2: not done
+    assert "opted out of the input rule" in page
+    [record] = quarantined(out)
+    section = page[page.index('id="quarantined"'):page.index('id="damaged"')]
+    assert f"<code>metrics/{by_id['r1'].name}</code>" in section and "<td>100</td>" in section
+    assert "not readable as Parquet" in section and record["moved_to"] in section
+    section = page[page.index('id="damaged"'):page.index('id="foreign"')]
+    assert f"<code>metrics/{by_id['r2'].name}</code>" in section and "<td>50</td>" in section
+    section = page[page.index('id="foreign"'):]
+    assert "metrics/by_attribute.parquet" in section and "metrics/notes.txt" in section
+    assert "<td>13</td>" in section and "not a name the job writes" in section
+    assert by_id["r2"].read_bytes() == second                # the report moved nothing
+    assert (tmp_path / "out" / "metrics" / "notes.txt").read_text() == "mine\n"
+    clean = small_report(None)
+    assert 'id="metrics-files"' not in clean and "opted out" not in clean

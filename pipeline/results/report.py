@@ -14,7 +14,9 @@ job.json recorded it, a banner for tiny weights), a table per attribute (on targ
 the classifier and by the held-out judge, or a warning that there is none),
 entanglement, identity preservation, plots, a before/after grid (a seeded sample of at
 most `grid` edits on large jobs) with a review pass (a verdict per edit, saved to a
-file), the reviewer's figures when a verdicts file is given, and the failures.
+file), the reviewer's figures when a verdicts file is given, the failures, and the
+metrics files whose rows are not counted (damaged ones, set aside or not yet, and files
+in metrics/ that are not the job's).
 
 Here: the reading, the thumbnails and the rendering. The figures are
 pipeline/results/report_data.py's (plain data); the page is the Jinja2 templates under
@@ -42,7 +44,8 @@ from pipeline.output.figures import fmt_duration
 from pipeline.output.images import png_bytes, read_pil
 from pipeline.output.layout import Output
 from pipeline.output.ledger import of_manifest
-from pipeline.output.metrics import NETWORK_HASH_COLUMNS, read_metrics
+from pipeline.output.metrics import (NETWORK_HASH_COLUMNS, MetricsReader, quarantined,
+                                     read_metrics)
 from pipeline.results import report_data
 from pipeline.results.report_data import ReportData
 from pipeline.results.review import VERDICTS, read_verdicts
@@ -91,7 +94,9 @@ def write_report(output_uri: str, dest: str | None = None,
     verdicts file (pipeline/results/review.py), whose figures the page shows and whose
     verdicts its review pass starts from."""
     verdicts = read_verdicts(reviewed, storage_options) if reviewed else {}
-    files = read_job_files(output_uri, storage_options, REPORT_COLUMNS)
+    out = Output(output_uri, storage_options)
+    reader = MetricsReader(out, REPORT_COLUMNS)       # it names the files it did not read
+    files = read_job_files(output_uri, storage_options, reader=reader)
     ids = job_manifest_ids(files, storage_options)
     site = Output(dest or f"{output_uri.rstrip('/')}/report", storage_options)
     mine = of_manifest(files.metrics, ids)
@@ -100,14 +105,15 @@ def write_report(output_uri: str, dest: str | None = None,
                             now=now)
     errors = report_data.failed(mine)
     shown = report_data.grid_sample(report_data.edited(mine), grid)
-    paths = read_metrics(Output(output_uri, storage_options), FILE_COLUMNS,
+    paths = read_metrics(out, FILE_COLUMNS,
                          ids=set(shown["id"]) | set(errors["id"])).set_index("id")
     shown, errors = (df.join(paths, on="id") for df in (shown, errors))
     thumbs = _write_thumbnails(site, shown, storage_options)
     if len(errors):
         site.put("failures.csv", errors[["id", "error", "input_uri"]].to_csv(index=False).encode())
     data = report_data.gather(files, status, mine, shown, errors, grid,
-                              verdicts if reviewed else None)
+                              verdicts if reviewed else None,
+                              report_data.files_not_counted(quarantined(out), reader.unread))
     site.put("index.html", render_page(data, thumbs).encode())
     return f"{site.uri}/index.html"
 

@@ -7,7 +7,8 @@ without HTML: the job (`job_figures`, `models_table`), the per-attribute table
 (`attribute_rows`), entanglement (`entanglement_rows`), the reviewer's figures
 (`review_figures`), identity (`identity_figures`, `identity_counts`), the plots
 (`plot_figures`, data URIs), the before/after grid (`grid_sample`, `caption`), the
-failures (`failure_rows`) and the configuration (`configuration`). Rates are fractions
+failures (`failure_rows`), the configuration (`configuration`) and the metrics files
+the figures do not count (`files_not_counted`: damaged, set aside, foreign). Rates are fractions
 (0 to 1), missing figures None or NaN; the templates (pipeline/results/templates/)
 write them out. job.json is read only through pipeline/output/jobfile.py: its spec,
 edit base and edits' settings are shown as recorded, never resolved here.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ from pipeline.engine.rows import on_target
 from pipeline.output.jobfile import edit_base_of, edits_of, spec_of
 from pipeline.output.ledger import (ERROR, MOST_FLIPPED, OK, among, attribute_outcomes,
                                     this_runs_summary)
-from pipeline.output.metrics import NETWORK_HASH_COLUMNS
+from pipeline.output.metrics import NETWORK_HASH_COLUMNS, UnreadFile
 from pipeline.results.review import acceptance
 from pipeline.results.status import JobFiles, JobStatus
 
@@ -52,6 +53,8 @@ class ReportData:
     configuration: dict[str, Any] | None
     review: dict[str, Any] | None = None
     verdicts: dict[str, str] = field(default_factory=dict)
+    not_counted: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: files_not_counted([], []))
 
 
 def mean(values: pd.Series) -> float:
@@ -118,7 +121,7 @@ def provenance(mine: pd.DataFrame) -> list[dict[str, Any]]:
 def job_figures(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> dict[str, Any]:
     """The job section: the counts, this run, the state, provenance and warnings."""
     f, job = status.figures, files.record or {}
-    outside = job.get("reads_outside_manifest_folder") or {}
+    outside = job.get("reads_outside_manifest_folder") or {}    # older outputs' key
     tiny = bool(len(mine) and "tiny_models" in mine.columns
                 and mine["tiny_models"].fillna(False).astype(bool).any())
     return {"output": files.output,
@@ -127,7 +130,36 @@ def job_figures(files: JobFiles, status: JobStatus, mine: pd.DataFrame) -> dict[
             "total": f.total, "ok": f.ok, "error": f.error, "pending": f.pending,
             "code_version": job.get("code_version"), "provenance": provenance(mine),
             "outside": outside if outside.get("rows") else None,
+            "inputs_anywhere": inputs_from_anywhere(job),
             "other_rows": status.other_rows}
+
+
+def inputs_from_anywhere(job: Mapping[str, Any] | None) -> bool:
+    """Whether the job opted out of the input rule (`inputs.allow: [any]` in job.json's
+    spec): it read inputs from wherever its manifest named, which a reader of its results
+    should be told plainly."""
+    allow = (spec_of(job).get("inputs") or {}).get("allow")
+    if isinstance(allow, str):
+        allow = [allow]
+    return isinstance(allow, (list, tuple)) and "any" in allow
+
+
+def files_not_counted(quarantined: Sequence[Mapping[str, Any]],
+                      unread: Sequence[UnreadFile]) -> dict[str, list[dict[str, Any]]]:
+    """The files under metrics/ whose rows the figures do not count: `quarantined`, the
+    damaged ones a run set aside (metrics.quarantined's records: their rows are edited
+    again); `damaged`, those not set aside yet (the next run will); `foreign`, files that
+    are not the job's (never read). Each with its file, size and reason."""
+    def when(at: Any) -> str:
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(at)))
+        except (TypeError, ValueError, OverflowError):
+            return "–"
+    return {"quarantined": [{"file": str(q.get("file")), "size": q.get("size"),
+                             "reason": str(q.get("reason")), "when": when(q.get("at")),
+                             "moved_to": str(q.get("moved_to"))} for q in quarantined],
+            "damaged": [u.as_dict() for u in unread if u.damaged],
+            "foreign": [u.as_dict() for u in unread if not u.damaged]}
 
 
 def models_table(job: Mapping[str, Any] | None, mine: pd.DataFrame) -> dict[str, Any]:
@@ -334,11 +366,12 @@ def configuration(job: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 # ---- all of it -------------------------------------------------------------------------------
 def gather(files: JobFiles, status: JobStatus, mine: pd.DataFrame, shown: pd.DataFrame,
-           errors: pd.DataFrame, grid: int, verdicts: Mapping[str, str] | None = None
-           ) -> ReportData:
+           errors: pd.DataFrame, grid: int, verdicts: Mapping[str, str] | None = None,
+           not_counted: Mapping[str, list[dict[str, Any]]] | None = None) -> ReportData:
     """Every section's figures. `mine`: the manifest's metrics rows; `shown`: the grid's
     sample (grid_sample) and `errors` the failed rows, each with their files' columns;
-    `verdicts`: a reviewer's (None: no review section)."""
+    `verdicts`: a reviewer's (None: no review section); `not_counted`: the metrics
+    files the rows were not read from (`files_not_counted`; None: none)."""
     ok = edited(mine)
     outcomes = attribute_outcomes(mine)
     return ReportData(
@@ -349,5 +382,6 @@ def gather(files: JobFiles, status: JobStatus, mine: pd.DataFrame, shown: pd.Dat
         grid=grid_figures(shown, len(ok), grid), failures=failure_rows(errors),
         configuration=configuration(files.record),
         review=None if verdicts is None else review_figures(verdicts, ok, outcomes),
-        verdicts=dict(verdicts or {}))
+        verdicts=dict(verdicts or {}),
+        not_counted=dict(not_counted or files_not_counted([], [])))
 
