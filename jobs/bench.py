@@ -155,6 +155,9 @@ def run_job_bench(args) -> int:
 
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     batch = parse_batches(args.batch[-1:], torch.device("cpu"))[0]
+    if args.pipeline <= batch:
+        raise ValueError(f"--pipeline {args.pipeline}: give more rows than the batch ({batch}); "
+                         "the steady rate is measured after the first batch")
     result = job_bench(args.pipeline, batch, PHOTO)
     n, job, direct = result.rows, result.job, result.direct
     print(f"{n} rows, batch {batch}, tiny 64 px models, schedule {PIPELINE_EDIT}: measured "

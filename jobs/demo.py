@@ -1,6 +1,10 @@
 """Write the demo manifest: a few edits of the face photo the repo ships.
 
     python -m jobs.demo demo-out/manifest.parquet
+
+The manifest lies in demo-out/, the photo in jobs/demo/: the manifest records that folder
+as the root of its inputs, as the builders do, so the job reads the photo without
+`inputs.allow` and without a warning.
 """
 from __future__ import annotations
 
@@ -25,8 +29,13 @@ def demo_manifest(photo: Path = PHOTO) -> pd.DataFrame:
     })
 
 
+def write_demo_manifest(out: str, photo: Path = PHOTO) -> None:
+    """The demo manifest at `out`, recording the photo's folder as its inputs' root."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(demo_manifest(photo), out, input_roots=[str(photo.resolve().parent)])
+
+
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "demo-out/manifest.parquet"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(demo_manifest(), out)
+    write_demo_manifest(out)
     print(f"wrote {out}: {len(EDITS)} edits of {PHOTO.name}")

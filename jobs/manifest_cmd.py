@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from manifests.builders import (Report, Subset, build_rows, celeba_partition, list_images,
-                                parse_attribute_file, parse_edits, parse_shard, read_text)
+from manifests.builders import (Report, Subset, build_rows, celeba_partition, images_root,
+                                list_images, parse_attribute_file, parse_edits, parse_shard,
+                                read_text)
 from manifests.schema import write_manifest
 
 
@@ -24,11 +25,21 @@ def align_rows(rows, aligned_out: str, size: int, on_multiple: str, report: Repo
     return rows.reset_index(drop=True)
 
 
+def input_roots(args) -> list[str]:
+    """The folders the manifest's rows read from, recorded in it: the images' folder
+    (the photos, `source_uri`, with --align) and the aligned crops' (`image_uri`)."""
+    roots = [images_root(args.images)]
+    if getattr(args, "align", False):
+        roots.append(args.aligned_out)
+    return roots
+
+
 def run_manifest(args) -> int:
     if getattr(args, "align", False) and not args.aligned_out:
         print("error: --align needs --aligned-out URI for the aligned crops", file=sys.stderr)
         return 2
     report = Report()
+    roots = input_roots(args)             # an --images it cannot record fails first
     labelled = args.dataset in ("celebahq", "celeba")
     edits = parse_edits(args.edit, with_labels=labelled)
     subset = Subset(sample=args.sample, seed=args.seed, shard=parse_shard(args.shard),
@@ -44,7 +55,7 @@ def run_manifest(args) -> int:
     rows = build_rows(images, edits, labels, header, report, subset, strict=args.strict)
     if getattr(args, "align", False):
         rows = align_rows(rows, args.aligned_out, args.size, args.multiple, report)
-    write_manifest(rows, args.out)
+    write_manifest(rows, args.out, input_roots=roots)
     if report.problems:
         print(f"{len(report.problems)} input problem(s) skipped:\n{report.summary()}",
               file=sys.stderr)

@@ -8,6 +8,10 @@ lines, unknown attribute names) are collected in a report: `strict` turns any of
 into an error, the default skips and counts them.
 
 Subsets apply in the order filter -> sample -> shard -> limit.
+
+The manifest records the folder the images came from (`images_root`; with `--align`, the
+crops' folder too): without `inputs.allow` a job reads only under the manifest's own
+folder and those, so a manifest built here runs as it is wherever it is written.
 """
 from __future__ import annotations
 
@@ -118,6 +122,23 @@ def list_images(images_uri: str, storage_options: Mapping | None = None) -> dict
     protocol = images_uri.split("://")[0] + "://" if "://" in images_uri else ""
     return {posixpath.basename(p): protocol + p for p in sorted(paths)
             if p.lower().endswith(IMAGE_SUFFIXES)}
+
+
+def images_root(images_uri: str) -> str:
+    """The folder a builder's `--images` names, which the manifest records as a root of its
+    inputs (schema.write_manifest's `input_roots`): the folder itself, or for a glob
+    (`photos/*.png`, `s3://b/x/img_*.jpg`) the folder its fixed part ends in. A job then
+    reads these images without `inputs.allow`, and nothing outside that folder."""
+    starts = [i for i, c in enumerate(images_uri) if c in "*?["]
+    if not starts:
+        return images_uri
+    head = images_uri[:min(starts)]
+    if "/" not in head:
+        return "."                            # `*.png`: the working folder
+    folder = head.rsplit("/", 1)[0]
+    if folder.endswith(":/"):                 # `s3://bucket*`: the glob is in the bucket
+        raise ValueError(f"--images {images_uri!r}: a glob must lie below a bucket")
+    return folder or "/"
 
 
 def read_text(uri: str, storage_options: Mapping | None = None) -> str:

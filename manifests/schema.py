@@ -10,22 +10,29 @@ the id), mode (auto/local/global), blend (include_skin/no_skin). Any other colum
 through unchanged to the metrics output (`align_quad`, from `--align`, must be 8 finite
 numbers or null).
 
+The Parquet metadata may record the folders the rows' inputs were found in
+(`maskface.input_roots`, a JSON list of folder URIs: `write_manifest`'s `input_roots`);
+without `inputs.allow` a job reads only under the manifest's folder and those.
+
 One driver holds a whole manifest in memory: a manifest over MAX_ROWS rows or MAX_BYTES
 bytes of Parquet is refused before it is read, with the way to shard it.
 """
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import MAX_ECHO, MAX_MESSAGE, clip
 from pipeline.store.storage import filesystem, write_bytes
-from pipeline.store.uris import resolve_uri
+from pipeline.store.uris import redact, resolve_uri
 from pipeline.engine.rows import REQUIRED_COLUMNS, default_seed, id_problem, is_null, row_problems
 
 SHOWN = 20
@@ -54,7 +61,7 @@ def _problems(row: Mapping[str, Any]) -> list[str]:
     uri = row["image_uri"]
     problems = []
     if not isinstance(uri, str) or not uri.strip():
-        problems.append(f"image_uri must be a non-empty string, got {str(uri)[:120]!r}")
+        problems.append(f"image_uri must be a non-empty string, got {clip(repr(uri))}")
     if "align_quad" in row:
         problems.append(_quad_problem(row["align_quad"]))
     return [p for p in problems if p] + row_problems(row)
@@ -98,13 +105,29 @@ def validate(table: pa.Table | pd.DataFrame, manifest_uri: str | None = None,
     for index, row in zip(np.flatnonzero(todo), df.to_dict("records")):
         problems.extend((index, row["id"], reason) for reason in _problems(row))
     if problems:
-        problems.sort(key=lambda p: p[0])
-        rows = sorted({p[0] for p in problems})
-        shown = set(rows[:SHOWN])
-        lines = [f"row {i} (id {rid!r}): {reason}" for i, rid, reason in problems if i in shown]
-        more = f"\n... and {len(rows) - SHOWN} more row(s)" if len(rows) > SHOWN else ""
-        raise ManifestError(f"{len(rows)} manifest row(s) cannot run:\n" + "\n".join(lines) + more)
+        raise ManifestError(_problems_message(problems))
     return _with_defaults(df, manifest_uri)
+
+
+def _problems_message(problems: list[tuple[int, Any, str]]) -> str:
+    """A line per problem of the first SHOWN rows, or of fewer when their lines would pass
+    MAX_MESSAGE (each id and value quoted clipped: a hostile manifest must not make a
+    megabyte-long error), then a count of the rows left unsaid."""
+    problems = sorted(problems, key=lambda p: p[0])
+    total = Counter(p[0] for p in problems)
+    lines = [f"{len(total)} manifest row(s) cannot run:"]
+    size, said = len(lines[0]), Counter[int]()
+    for i, rid, reason in problems:
+        line = f"row {i} (id {clip(repr(rid), 100)}): {clip(reason)}"
+        if ((i not in said and len(said) == SHOWN)
+                or size + 1 + len(line) > MAX_MESSAGE - 32):
+            break
+        lines.append(line)
+        size += 1 + len(line)
+        said[i] += 1
+    unsaid = len(total) - sum(1 for i, n in said.items() if n == total[i])
+    more = f"\n... and {unsaid} more row(s)" if unsaid else ""
+    return "\n".join(lines) + more
 
 
 def _with_defaults(df: pd.DataFrame, manifest_uri: str | None) -> pd.DataFrame:
@@ -132,12 +155,13 @@ def read_manifest(uri: str, storage_options: Mapping | None = None, max_rows: in
     resumed run does not redo them, and a million of them would take a minute."""
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
-        raise ManifestError(f"manifest not found: {uri}")
+        raise ManifestError(f"manifest not found: {redact(uri, MAX_ECHO)}")
     try:
         _check_size(uri, fs, path, max_rows, max_bytes)
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
-        raise ManifestError(f"{uri}: not a readable Parquet manifest ({e})") from None
+        raise ManifestError(f"{redact(uri, MAX_ECHO)}: not a readable Parquet manifest "
+                            f"({redact(str(e), MAX_ECHO)})") from None
     base = uri if not fs.isdir(path) else uri.rstrip("/") + "/"
     return Manifest(validate(table, base, complete), table.schema,
                     table.column("id").to_pylist())
@@ -149,18 +173,30 @@ def _check_size(uri: str, fs, path: str, max_rows: int, max_bytes: int) -> None:
              if fs.isdir(path) else [path])
     size = sum(fs.size(f) for f in files)
     if size > max_bytes:
-        raise ManifestError(f"{uri}: {size:,} bytes of Parquet, over the limit of {max_bytes:,} "
-                            f"for one driver; {SHARD_HINT}")
+        raise ManifestError(f"{redact(uri, MAX_ECHO)}: {size:,} bytes of Parquet, over the "
+                            f"limit of {max_bytes:,} for one driver; {SHARD_HINT}")
     rows = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
     if rows > max_rows:
-        raise ManifestError(f"{uri}: {rows:,} rows, over the limit of {max_rows:,} for one "
-                            f"driver; {SHARD_HINT}")
+        raise ManifestError(f"{redact(uri, MAX_ECHO)}: {rows:,} rows, over the limit of "
+                            f"{max_rows:,} for one driver; {SHARD_HINT}")
 
 
-def write_manifest(df: pd.DataFrame, uri: str, storage_options: Mapping | None = None) -> None:
+def write_manifest(df: pd.DataFrame, uri: str, storage_options: Mapping | None = None,
+                   input_roots: Iterable[str | os.PathLike[str]] = ()) -> None:
     """Validate, then write a Parquet manifest to any URI, whole or not at all (its folder
-    made as needed)."""
+    made as needed). `input_roots`: the folders the rows' inputs were found in (a
+    builder's --images, --aligned-out), recorded in the Parquet metadata: without
+    inputs.allow a job reads only under the manifest's folder and these, so the
+    layouts the builders make run as they are (pipeline/runner/access.py)."""
     validate(df)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    roots = list(input_roots)
+    if roots:
+        # here, not at the top: the runner's module brings torch, which reading and
+        # validating manifests do not need
+        from pipeline.runner.access import roots_metadata
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **roots_metadata(roots)})
     buf = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    pq.write_table(table, buf)
     write_bytes(uri, buf.getvalue().to_pybytes(), storage_options)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,11 @@ from PIL import Image
 
 from manifests.builders import (Report, Subset, apply_subset, build_rows, celeba_partition,
                                 list_images, parse_attribute_file, parse_edits, parse_shard)
+from jobs.demo import PHOTO, write_demo_manifest
+from jobs.manifest_cmd import input_roots
+from manifests.builders import images_root
 from manifests.schema import ManifestError, read_manifest
+from pipeline.runner.access import InputPolicy, recorded_roots
 
 CELEBA_HEADER = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs "
                  "Big_Lips Big_Nose Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows "
@@ -124,11 +129,56 @@ def test_manifest_command_writes_a_valid_manifest(celebahq):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "input problem(s) skipped" in result.stderr
-    rows = read_manifest(str(out)).rows
+    manifest = read_manifest(str(out))
+    rows = manifest.rows
     assert len(rows) == 3 * 2 and rows["id"].is_unique
+    # the folder the images came from, recorded: a job reads them without inputs.allow
+    assert recorded_roots(manifest.schema) == (str((root / "images").resolve()),)
     strict = subprocess.run([maskface, "manifest", "celebahq", "--images", str(root / "images"),
                              "--attr-file", str(root / "anno.txt"), "--edit", "smiling=flip",
                              "--strict", "--out", str(root / "s.parquet")],
                             capture_output=True, text=True, timeout=120)
     assert strict.returncode == 1 and "strict" in strict.stderr
     assert not (root / "s.parquet").exists()
+
+
+@pytest.mark.parametrize("images,root", [
+    ("/data/CelebA-HQ-img", "/data/CelebA-HQ-img"), ("photos/*.png", "photos"),
+    ("/data/a/img_*.jpg", "/data/a"), ("/data/a/*/x?.jpg", "/data/a"), ("*.png", "."),
+    ("s3://bucket/faces/[0-9]*.jpg", "s3://bucket/faces"), ("s3://bucket/*.jpg", "s3://bucket"),
+])
+def test_images_root_is_the_folder_the_images_option_names(images, root):
+    assert images_root(images) == root
+
+
+def test_every_builder_records_the_folders_its_rows_read(tmp_path, celebahq):
+    """The folder builder over a glob, and --align's crops and photos: each manifest
+    records where its rows' inputs lie, and its rows lie there."""
+    root, _ = celebahq
+    maskface = str(Path(sys.executable).parent / "maskface")
+    out = tmp_path / "manifests" / "folder.parquet"
+    result = subprocess.run([maskface, "manifest", "folder", "--images",
+                             f"{root}/images/[0-4].jpg", "--edit", "black_hair=1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(str(out))
+    policy = InputPolicy().for_manifest(str(out), manifest.schema)
+    assert recorded_roots(manifest.schema) == (str((root / "images").resolve()),)
+    assert len(manifest.rows) == 5
+    for uri in manifest.rows["image_uri"]:
+        policy.check(uri)                                   # each row is read as it is
+    aligned = Namespace(images=f"{root}/photos/*.png", align=True, aligned_out="s3://b/crops/")
+    assert input_roots(aligned) == [f"{root}/photos", "s3://b/crops/"]
+    assert input_roots(Namespace(images="s3://b/photos", align=False)) == ["s3://b/photos"]
+    with pytest.raises(ValueError, match="a glob must lie below a bucket"):
+        images_root("s3://bucket*/x.png")
+
+
+def test_the_demo_manifest_records_the_folder_of_its_photo(tmp_path):
+    out = tmp_path / "demo-out" / "manifest.parquet"
+    write_demo_manifest(str(out))
+    manifest = read_manifest(str(out))
+    assert recorded_roots(manifest.schema) == (str(PHOTO.resolve().parent),)
+    policy = InputPolicy().for_manifest(str(out), manifest.schema)
+    for uri in manifest.rows["image_uri"]:
+        policy.check(uri)

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from argparse import Namespace
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -39,6 +40,9 @@ FAKE = {"AWS_ACCESS_KEY_ID": "AKIAFAKELEAKCHECK7Q2X",
         "AWS_SECRET_ACCESS_KEY": "fakeSecretLEAKCHECKq9w8e7r6t5y4u3i2o1p0",
         "AWS_SESSION_TOKEN": "FakeSessionTokenLEAKCHECKzz99yy88",
         "RAY_AUTH_TOKEN": "feedfacecafebeef" * 4}
+# Where the rows of this module's manifests lie, recorded in each (`job`): the photo the
+# repo ships, and this module's bucket.
+ROOTS = (str(PHOTO.parent), f"s3://{BUCKET}/")
 OUTPUTS: list[Path] = []          # every local output of this module: searched for FAKE
 TRANSCRIPTS: list[str] = []       # every job's captured stdout/stderr: searched for FAKE
 
@@ -106,10 +110,12 @@ def rows_of(ids, uris, **extra):
                          "targets": [[1.0]] * len(ids), **extra})
 
 
-def job(tmp_path, rows, models, capfd, *extra, retry_errors=False, **keys):
+def job(tmp_path, rows, models, capfd, *extra, retry_errors=False, roots=ROOTS, **keys):
     """Write the manifest and spec, run `maskface run`, keep what it printed. No HTML
-    report: it reads inputs again, which would blur the request counts these tests make."""
-    write_manifest(rows, str(tmp_path / "m.parquet"))
+    report: it reads inputs again, which would blur the request counts these tests make.
+    The manifest records `roots` as the folders of its inputs, as a builder does (without
+    inputs.allow a job reads only under them and the manifest's folder)."""
+    write_manifest(rows, str(tmp_path / "m.parquet"), input_roots=roots)
     keys.setdefault("edit", SHORT)
     keys.setdefault("batch_size", 2)
     spec = tmp_path / "job.yaml"
@@ -341,6 +347,33 @@ def test_an_output_that_cannot_be_written_stops_the_job_as_a_setup_error(
 
 
 # ---- the failure streak: K whole batches failing alike ----------------------------------
+def test_a_full_output_disk_stops_the_job_with_exit_2_naming_the_output(
+        cluster, proxy, s3_server, tiny32, tmp_path, capfd, caplog):
+    """The output fills up mid-run: every write of a metrics file and of summary.json
+    fails (a full disk, a revoked bucket policy). The first cause, the metrics that cannot
+    be written, is what the job says, with exit code 2; summary.json failing after it is
+    logged and replaces nothing."""
+    s3_server["fs"].pipe_file(f"{BUCKET}/full/in/a.png", PHOTO.read_bytes())
+    rows = rows_of(["f0", "f1"], [f"s3://{BUCKET}/full/in/a.png"] * 2)
+    out = f"s3://{BUCKET}/full/out"
+    proxy.add("PUT", "/full/out/metrics/", "500")
+    proxy.add("PUT", "/full/out/summary.json", "500")
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.runner.driver"):
+            rc, log = job(tmp_path, rows, tiny32, capfd, output=out,
+                          storage_options=s3_options(proxy), actors=1)
+        assert proxy.attempts("PUT", "/full/out/summary.json") >= 1     # it was tried, and failed
+    finally:
+        proxy.clear()
+    assert rc == 2, log[-3000:]
+    assert "error: the job stopped: cannot write the metrics of 2 row(s)" in log
+    assert "the output cannot be written" in log
+    assert any("summary.json could not be written either" in r.getMessage()
+               for r in caplog.records)
+    assert not s3_server["fs"].exists(f"{BUCKET}/full/out/summary.json")
+    assert not s3_server["fs"].exists(f"{BUCKET}/full/out/lease.json")     # let go
+
+
 def test_k_batches_failing_alike_stop_the_job_and_a_rerun_resumes(cluster, tiny32, tmp_path,
                                                                   capfd):
     ids = [f"a{k}" for k in range(4)] + [f"f{k}" for k in range(6)]
@@ -369,38 +402,111 @@ def test_k_batches_failing_alike_stop_the_job_and_a_rerun_resumes(cluster, tiny3
 
 
 # ---- what a job may read, through `maskface run` ---------------------------------------
-def test_without_an_allow_list_reads_outside_the_manifest_folder_are_said_and_done(
-        cluster, tiny32, tmp_path, tmp_path_factory, capfd, caplog):
-    """The documented default: local files outside the manifest's folder are read (a
-    symlink out of it, `..`, an absolute path, file://), and the job says how many rows
-    do so, once, before any work, in its log, job.json and report."""
-    from pipeline.results.report import write_report
-    outside = tmp_path_factory.mktemp("elsewhere")
-    (outside / "photo.png").write_bytes(PHOTO.read_bytes())
+@contextmanager
+def opened(fifo: Path):
+    """`fifo` made a named pipe, and the list of the times a reader opened it: a writer
+    thread waits for each reader (and lets it read nothing). No request, no list entry."""
+    os.mkfifo(fifo)
+    opens: list[float] = []
+    done = threading.Event()
+
+    def serve():
+        while True:
+            fd = os.open(fifo, os.O_WRONLY)            # returns once a reader opens it
+            if done.is_set():
+                os.close(fd)
+                return
+            opens.append(time.time())
+            os.close(fd)
+    writer = threading.Thread(target=serve, daemon=True)
+    writer.start()
+    try:
+        yield opens
+    finally:
+        done.set()
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)    # the writer's last wait ends
+        writer.join(10)
+        os.close(fd)
+
+
+def ways_out(tmp_path, elsewhere):
+    """A row inside the manifest's folder (tmp_path), and the four ways out of it to
+    `elsewhere/photo.png`: a symlink, `..`, an absolute path, file://."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "photo.png").write_bytes(PHOTO.read_bytes())
-    (tmp_path / "in" / "link.png").symlink_to(outside / "photo.png")
-    uris = {"inside": str(tmp_path / "in" / "photo.png"),
+    (tmp_path / "in" / "link.png").symlink_to(elsewhere / "photo.png")
+    return {"inside": str(tmp_path / "in" / "photo.png"),
             "symlink": str(tmp_path / "in" / "link.png"),
-            "dot-dot": f"{tmp_path}/../{outside.name}/photo.png",
-            "absolute": str(outside / "photo.png"),
-            "file-uri": f"file://{outside}/photo.png"}
+            "dot-dot": f"{tmp_path}/../{elsewhere.name}/photo.png",
+            "absolute": str(elsewhere / "photo.png"),
+            "file-uri": f"file://{elsewhere}/photo.png"}
+
+
+def said(caplog, level=logging.INFO):
+    """Our own log records at `level` or above (Ray's are its own)."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= level
+            and r.name.split(".")[0] in ("pipeline", "manifests", "jobs", "models")]
+
+
+def test_without_an_allow_list_a_job_reads_only_under_the_manifests_folders(
+        cluster, counting_http, tiny32, tmp_path, tmp_path_factory, capfd, caplog):
+    """The default rule, through `maskface run`: the rows under the manifest's folder and
+    under the root it records are read; a symlink out of them, `..`, an absolute path,
+    file:// and an http URI each fail on their own row with the rule named, and none is
+    opened (their target is a named pipe that counts its readers; the HTTP server counts
+    requests). Said once in the log, before any work, and no warning."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    recorded = tmp_path_factory.mktemp("recorded")
+    (recorded / "photo.png").write_bytes(PHOTO.read_bytes())
+    http, hits = counting_http
+    uris = {**ways_out(tmp_path, elsewhere), "recorded": str(recorded / "photo.png"),
+            "http": f"{http}/photo.png"}
     out = tmp_path / "out"
-    caplog.set_level(logging.INFO, logger="pipeline.runner.driver")
-    rc, log = job(tmp_path, rows_of(list(uris), list(uris.values())), tiny32, capfd,
-                  output=str(out), actors=1)
-    assert rc == 0, log[-3000:]
-    assert (every_row(str(out))["status"] == "ok").all()           # the default reads them
-    folder = os.path.realpath(tmp_path)
-    said = f"4 of 5 row(s) read inputs outside the manifest's folder {folder}"
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner.driver"]
-    where = [k for k, line in enumerate(lines) if line.startswith(said)]
+    caplog.set_level(logging.INFO)
+    with opened(elsewhere / "photo.png") as opens:
+        rc, log = job(tmp_path, rows_of(list(uris), list(uris.values())), tiny32, capfd,
+                      output=str(out), actors=1, roots=[str(recorded)])
+    assert rc == 1, log[-3000:]
+    rows = every_row(str(out)).set_index("id")
+    assert (rows.loc[["inside", "recorded"], "status"] == "ok").all()
+    rule = (f"refused: outside the manifest's folder {os.path.realpath(tmp_path)} and the "
+            f"roots it records ({os.path.realpath(recorded)}); list it in inputs.allow")
+    for rid in ("symlink", "dot-dot", "absolute", "file-uri"):
+        assert rows.loc[rid, "status"] == "error"
+        assert rows.loc[rid, "error"] == f"{uris[rid]}: {rule}", rows.loc[rid, "error"]
+    assert "refused: http:// inputs must be listed in inputs.allow" in rows.loc["http", "error"]
+    assert opens == [] and hits == []                        # nothing refused was read
+    lines = said(caplog)
+    where = [k for k, line in enumerate(lines)
+             if line.startswith("inputs: reading only under the manifest's folder")]
     work = next(k for k, line in enumerate(lines) if "already complete" in line)
-    assert len(where) == 1 and where[0] < work                      # once, before any work
+    assert len(where) == 1 and where[0] < work                # once, before any work
+    assert said(caplog, logging.WARNING) == []
     job_json = yaml.safe_load((out / "job.json").read_text())
-    assert job_json["reads_outside_manifest_folder"] == {"rows": 4, "folder": folder}
-    page = Path(write_report(str(out))).read_text()
-    assert "4 row(s) read inputs outside the manifest's folder" in page
+    assert job_json["spec"]["inputs"]["allow"] is None
+    assert "reads_outside_manifest_folder" not in job_json
+
+
+def test_inputs_allow_any_reads_outside_the_manifests_folders_and_warns_once(
+        cluster, counting_http, tiny32, tmp_path, tmp_path_factory, capfd, caplog):
+    """The opt-out (`--set 'inputs.allow=[any]'`): the same four ways out are read, one
+    warning says so, job.json records it; an http URI is still refused unread."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "photo.png").write_bytes(PHOTO.read_bytes())
+    http, hits = counting_http
+    uris = {**ways_out(tmp_path, elsewhere), "http": f"{http}/photo.png"}
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO)
+    rc, log = job(tmp_path, rows_of(list(uris), list(uris.values())), tiny32, capfd,
+                  "inputs.allow=[any]", output=str(out), actors=1, roots=())
+    assert rc == 1, log[-3000:]
+    rows = every_row(str(out)).set_index("id")
+    assert (rows.drop(index="http")["status"] == "ok").all(), rows["error"].to_dict()
+    assert "refused: http:// inputs must be listed in inputs.allow" in rows.loc["http", "error"]
+    assert hits == []
+    warned = said(caplog, logging.WARNING)
+    assert len(warned) == 1 and warned[0].startswith("inputs.allow: [any]: this job may read")
+    assert yaml.safe_load((out / "job.json").read_text())["spec"]["inputs"]["allow"] == ["any"]
 
 
 def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
@@ -412,6 +518,7 @@ def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
     (allowed / "photo.png").write_bytes(PHOTO.read_bytes())
     (allowed / "link.png").symlink_to(outside / "photo.png")
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO)
     rc, log = job(tmp_path, rows_of(["inside", "symlink"], [str(allowed / "photo.png"),
                                                              str(allowed / "link.png")]),
                   tiny32, capfd, output=str(out), actors=1, inputs={"allow": [str(allowed)]})
@@ -420,8 +527,7 @@ def test_with_an_allow_list_a_symlink_out_of_it_is_refused_before_any_read(
     assert rows.loc["inside", "status"] == "ok"
     assert rows.loc["symlink", "status"] == "error"
     assert "link.png: refused: not under any inputs.allow prefix" in rows.loc["symlink", "error"]
-    assert not any("read inputs outside" in r.getMessage() for r in caplog.records)
-    assert yaml.safe_load((out / "job.json").read_text())["reads_outside_manifest_folder"] is None
+    assert f"inputs: reading only under inputs.allow: {allowed}" in said(caplog)
 
 
 # ---- lost workers, past every resume --------------------------------------------------------

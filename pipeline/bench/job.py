@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from manifests.schema import validate, write_manifest
+from manifests.schema import read_manifest, write_manifest
 from models.loaders import load_models
 from models.spec import REQUIRED, read_spec
 from models.tiny import make_tiny
@@ -55,12 +55,14 @@ def _through_the_job(work: Path, spec_path: Path, n: int, batch: int,
                      photo: Path) -> Throughput:
     rows = pd.DataFrame({"id": [f"r{i:03d}" for i in range(n)], "image_uri": [str(photo)] * n,
                          "attributes": [["smiling"]] * n, "targets": [[1.0]] * n})
-    write_manifest(rows, str(work / "m.parquet"))
+    # the photo's folder recorded as the manifest's input root, as the builders do
+    write_manifest(rows, str(work / "m.parquet"), input_roots=[photo.resolve().parent])
+    manifest = read_manifest(str(work / "m.parquet"))
     job = JobSpec(manifest=str(work / "m.parquet"), output=str(work / "out"),
                   models=str(spec_path), edit=EditConfig.from_overrides(PIPELINE_EDIT),
                   batch_size=batch, actors=1, cpu_threads=torch.get_num_threads())
     start = time.perf_counter()
-    run_job(validate(rows), job)
+    run_job(manifest.rows, job, manifest.schema)
     total = time.perf_counter() - start
     written = pd.read_parquet(work / "out" / "metrics")["written_at"].sort_values().to_numpy()
     first_batch = written[batch - 1]

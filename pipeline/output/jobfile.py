@@ -6,11 +6,14 @@
      "edits":       [{"attributes", "mode", "settings"}]: each distinct edit the output
                     holds, its settings resolved as the engine ran them (every key): this
                     run's, after those of the runs before it (`merge_edits`)
-     "code_version", "started_at", "rows", "reads_outside_manifest_folder"}
+     "code_version", "started_at", "rows"}
 
 Outputs written before these names recorded the spec under "settings", with the edit
 settings as the spec's overrides only; `spec_of` reads both, and `edits_of` says None
-for them (their resolved settings were never recorded).
+for them (their resolved settings were never recorded). Outputs written before inputs
+were confined to the manifest's folders may hold "reads_outside_manifest_folder" ({rows,
+folder}: how many rows read outside the manifest's folder); no run writes it now, and
+readers take it or leave it (job.json is read as a mapping).
 """
 from __future__ import annotations
 
