@@ -9,12 +9,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import yaml
-
 from manifests.schema import read_manifest
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, clip_message
 from pipeline.runner.spec import JobSpec, JobSpecError, mapping_keys
-from pipeline.store.storage import STORAGE_ERRORS, open_uri
 from pipeline.store.uris import flatten, redact
 
 from .options import parse_set
@@ -23,16 +20,14 @@ from .options import parse_set
 def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
     """The job spec at `path`, with `--set key=value` overrides applied (`edit.steps.latent=9`
     and `inputs.allow=[...]` reach inside the mapping keys)."""
-    try:
-        with open_uri(path, "r") as f:            # a path, or any URI (s3://...)
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise JobSpecError(f"job spec not found: {redact(path)}") from None
-    except STORAGE_ERRORS as e:
-        raise JobSpecError(f"job spec {redact(path)} cannot be read ({type(e).__name__}: "
-                           f"{redact(str(e))})") from None
+    from pipeline.errors import MAX_ECHO
+    from pipeline.store.documents import DocumentError, read_yaml
+    try:      # a path or any URI (s3://...), bounded: capped, no YAML anchors or aliases
+        data = read_yaml(path, what="job spec") or {}
+    except DocumentError as e:
+        raise JobSpecError(str(e)) from None
     if not isinstance(data, dict):
-        raise JobSpecError(f"{path}: a job spec is a mapping of keys")
+        raise JobSpecError(f"{redact(path, MAX_ECHO)}: a job spec is a mapping of keys")
     for key, value in parse_set(overrides or []).items():
         top, _, rest = key.partition(".")
         if rest and top in mapping_keys():
@@ -40,39 +35,67 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
             data[top] = {**inside, rest: value}
         else:
             data[key] = value
-    return JobSpec.from_dict(data, where=path)
+    return JobSpec.from_dict(data, where=redact(path))
 
 
 def run_command(args) -> int:
-    from pipeline.runner.driver import compact_and_read_history, run_job
-    from pipeline.output.ledger import complete_ids
-    from pipeline.output.layout import Output
+    from pipeline.runner.driver import hold_output
     job = load_job_spec(args.spec, args.set)
     if args.retry_errors:
         job = dataclasses.replace(job, retry_errors=True)
-    # the rows to edit are validated before any model loads or Ray starts; the complete
-    # ones (a resume) only by their ids
+    takeover = getattr(args, "takeover", False)
+    if takeover:
+        print("warning: --takeover: any run still writing this output stops at its next "
+              "heartbeat", file=sys.stderr)
+    try:
+        # one run per output: held before anything under it is read or written
+        lease = hold_output(job, takeover=takeover,
+                            command=f"maskface run {redact(args.spec)}")
+    except SetupError as e:
+        print(clip_message(f"error: {e}"), file=sys.stderr)
+        return 2
+    with lease:
+        try:
+            summary = _run_held(job, args, lease)
+        except SetupError as e:
+            print(clip_message(f"error: the job stopped: {e}"), file=sys.stderr)
+            return 2
+    if summary is None:
+        return 0
+    mine = summary["manifest"]
+    if not getattr(args, "no_report", False):
+        _write_report(job)
+    return 1 if mine["error"] or mine["pending"] else 0
+
+
+def _run_held(job: JobSpec, args, lease) -> dict | None:
+    """The job under its output's lease: the manifest validated (the complete rows, a
+    resume's, by their ids only) before any model loads or Ray starts; the summary
+    printed. None when the manifest is empty."""
+    from pipeline.output.layout import Output
+    from pipeline.output.ledger import complete_ids
+    from pipeline.runner.driver import compact_and_read_history, run_job
     try:
         history = compact_and_read_history(Output(job.output, job.storage_options))
     except OSError as e:                   # fsspec's errors, s3fs's included
-        print(f"error: the output {job.output} cannot be read ({type(e).__name__}: {e}); "
-              "nothing was run", file=sys.stderr)
-        return 2
+        raise SetupError(f"the output {redact(job.output)} cannot be read ({type(e).__name__}: "
+                         f"{redact(str(e))}); nothing was run") from None
     manifest = read_manifest(job.manifest, job.storage_options,
                              complete=complete_ids(history, job.retry_errors))
     if not manifest.ids:
         print(f"manifest {job.manifest} has no rows: nothing to do (nothing written to "
               f"{job.output})")
-        return 0
+        return None
     done = len(manifest.ids) - len(manifest.rows)
     print(f"manifest: {len(manifest.ids)} rows ({done} complete already, {len(manifest.rows)} "
           f"to edit: valid); output: {job.output}")
-    try:
-        summary = run_job(manifest.rows, job, manifest.schema, address=args.address,
-                          manifest_ids=manifest.ids, history=history)
-    except SetupError as e:
-        print(f"error: the job stopped: {e}", file=sys.stderr)
-        return 2
+    summary = run_job(manifest.rows, job, manifest.schema, address=args.address,
+                      manifest_ids=manifest.ids, history=history, lease=lease)
+    _print_summary(summary, job)
+    return summary
+
+
+def _print_summary(summary: dict, job: JobSpec) -> None:
     run, mine, whole = summary["this_run"], summary["manifest"], summary["whole_output"]
     print(f"this run: {run['ok']} ok, {run['error']} error, {run['skipped_already_done']} "
           f"already done; {run['images_per_hour']} images/hour")
@@ -85,9 +108,6 @@ def run_command(args) -> int:
     for e in summary["errors"]:
         print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
     print(f"results: {job.output} (metrics/, images/, latents/, masks/, summary.json)")
-    if not getattr(args, "no_report", False):
-        _write_report(job)
-    return 1 if mine["error"] or mine["pending"] else 0
 
 
 def _write_report(job: JobSpec) -> None:
@@ -109,6 +129,10 @@ def add_parser(commands) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     p.add_argument("--retry-errors", action="store_true",
                    help="recompute rows that ended in error and replace their metrics rows")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the output's lease from the run that holds it, even though its "
+                        "heartbeat moves (that run stops when its batch in hand comes back); "
+                        "without it, a run whose holder died takes over once the lease expires")
     p.add_argument("--no-report", action="store_true",
                    help="do not write the HTML report (OUTPUT/report/index.html) at the end")
     p.set_defaults(func=run_command)

@@ -169,6 +169,41 @@ def test_a_second_submission_resumes_and_does_nothing(ray_multinode, job_files, 
     assert summary["manifest"] == {"rows": ROWS, "ok": ROWS, "error": 0, "pending": 0}
 
 
+def test_the_same_spec_submitted_twice_at_once_the_second_refuses(ray_multinode, job_files):
+    """Two `ray job submit` of one spec (a retried CI step, two people): the second job
+    finds the first's lease with a moving heartbeat and fails, naming it; no row is
+    edited twice."""
+    out = job_files["root"] / "out-twice"
+    spec = yaml.safe_load((job_files["checkout"] / "jobs" / "cluster-test.yaml").read_text())
+    (job_files["checkout"] / "jobs" / "cluster-twice.yaml").write_text(
+        yaml.safe_dump({**spec, "output": str(out)}))
+    command = [*submit_command(ray_multinode)[:-1], "jobs/cluster-twice.yaml"]
+    first = subprocess.Popen(command, cwd=job_files["checkout"], env=ray_multinode.client_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "lease.json").is_file() and first.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first job ended before the second was submitted"
+        holder = json.loads((out / "lease.json").read_text())["owner"]
+        second = subprocess.run(command, cwd=job_files["checkout"],
+                                env=ray_multinode.client_env(), capture_output=True, text=True,
+                                timeout=300)
+        log, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    said = second.stdout + second.stderr
+    assert second.returncode != 0, said[-3000:]
+    assert f"is held by run {holder['run_id']}" in said, said[-3000:]
+    assert holder["submission"] and f"Ray job {holder['submission']}" in said
+    assert first.returncode == 0, log[-3000:]
+    every = pd.concat([pq.read_table(f).to_pandas() for f in metrics_paths(Output(str(out)))])
+    assert sorted(every["id"]) == [f"c{k}" for k in range(ROWS)]    # none edited twice
+    assert not (out / "lease.json").exists()
+
+
 def test_a_client_without_the_token_is_refused(ray_multinode, job_files, tmp_path):
     home = tmp_path / "home"                  # no ~/.ray/auth_token, no RAY_AUTH_* at all
     home.mkdir()
@@ -199,7 +234,8 @@ def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(ray_multinode, 
     write_manifest(pd.DataFrame({"id": [f"n{k}" for k in range(rows)],
                                  "image_uri": [str(job_files["root"] / "photo.png")] * rows,
                                  "attributes": [["smiling"]] * rows,
-                                 "targets": [[1.0]] * rows}), str(manifest))
+                                 "targets": [[1.0]] * rows}), str(manifest),
+                   input_roots=[job_files["root"]])        # the photo's folder, as a builder records it
     out = tmp_path / "out"
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({"manifest": str(manifest), "output": str(out),

@@ -1,6 +1,8 @@
 """The main job on a real local Ray cluster (two logical GPUs) and a real S3 server."""
 import json
+import logging
 import os
+import re
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -63,7 +65,8 @@ def test_two_gpu_actors_each_load_once_and_a_bad_row_fails_alone(ray_cluster, tm
                                                                   photos):
     images = [str(photos / f"p{k % 3}.png") for k in range(7)] + [str(photos / "broken.png")]
     write_manifest(manifest([f"r{k}" for k in range(8)], images,
-                            label=list(range(8))), str(tmp_path / "m.parquet"))
+                            label=list(range(8))), str(tmp_path / "m.parquet"),
+                   input_roots=[photos])
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
                       output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
                       batch_size=1)
@@ -122,11 +125,74 @@ def test_s3_end_to_end(ray_cluster, s3_server, tiny32, photos, tmp_path):
     assert "testing" not in fs.cat("jobdata/out/job.json").decode()
 
 
+def test_a_manifest_on_s3_reads_the_images_prefix_it_records_and_nothing_else(
+        ray_cluster, s3_server, tiny32, photos, tmp_path):
+    """The manifest in one prefix, its images in another that it records (as a builder
+    over `--images s3://.../images` does): those rows run with no inputs.allow; a row in a
+    prefix it does not record fails alone, refused."""
+    fs = s3_server["fs"]
+    fs.mkdir("rooted")
+    fs.put(str(tiny32) + "/", "rooted/weights/", recursive=True)
+    fs.put_file(str(photos / "p0.png"), "rooted/images/p0.png")
+    fs.put_file(str(photos / "p1.png"), "rooted/private/p1.png")
+    rows = manifest(["in", "out"], ["s3://rooted/images/p0.png", "s3://rooted/private/p1.png"])
+    opts = {"client_kwargs": {"endpoint_url": s3_server["endpoint"]}}
+    write_manifest(rows, "s3://rooted/manifests/m.parquet", {**opts, "key": "testing",
+                                                             "secret": "testing"},
+                   input_roots=["s3://rooted/images"])
+    spec = write_spec(tmp_path / "job.yaml", manifest="s3://rooted/manifests/m.parquet",
+                      output="s3://rooted/out", models="s3://rooted/weights/models.yaml",
+                      storage_options=opts)
+    assert run(spec) == 1
+    metrics = pd.concat([pq.read_table(f, filesystem=fs).to_pandas()
+                         for f in fs.ls("rooted/out/metrics")]).set_index("id")
+    assert metrics.loc["in", "status"] == "ok"
+    assert metrics.loc["out", "error"] == (
+        "s3://rooted/private/p1.png: refused: outside the manifest's folder "
+        "s3://rooted/manifests/ and the roots it records (s3://rooted/images/); list it in "
+        "inputs.allow")
+
+
+# ---- the layouts the demo and the builders make: read as they are, without a warning ----
+RAY_NOTICE = re.compile(r"\tWARNING [\w.]+\.py:\d+ -- ")
+def test_the_demo_and_a_builders_manifest_run_without_a_warning(ray_cluster, tmp_path, tiny32,
+                                                               photos, caplog, capfd):
+    """`make demo`'s manifest (in demo-out/, its photo in jobs/demo/) and a folder
+    builder's (written to another folder than its images) run every row with no
+    inputs.allow and not one WARNING of ours, logged or printed. Ray's own notices about
+    its configuration (its format: `WARNING file.py:N -- ...`) are not the job's."""
+    import subprocess
+    import sys
+
+    from jobs.demo import EDITS, write_demo_manifest
+    demo = tmp_path / "demo-out" / "manifest.parquet"
+    write_demo_manifest(str(demo))
+    built = tmp_path / "runs" / "m.parquet"
+    made = subprocess.run([str(Path(sys.executable).parent / "maskface"), "manifest", "folder",
+                           "--images", f"{photos}/p*.png", "--edit", "smiling=1",
+                           "--out", str(built)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and "WARNING" not in made.stdout + made.stderr, made.stderr
+    caplog.set_level(logging.INFO)
+    for name, uri, count in (("demo", demo, len(EDITS)), ("built", built, 3)):
+        spec = write_spec(tmp_path / f"{name}.yaml", manifest=str(uri),
+                          output=str(tmp_path / name), models=str(tiny32 / "models.yaml"))
+        capfd.readouterr()
+        assert run(spec) == 0
+        printed = capfd.readouterr()
+        ours = [line for line in (printed.out + printed.err).splitlines()
+                if "WARNING" in line and not RAY_NOTICE.search(line)]
+        assert ours == [], printed.err[-3000:]
+        summary = yaml.safe_load((tmp_path / name / "summary.json").read_text())
+        assert summary["manifest"] == {"rows": count, "ok": count, "error": 0, "pending": 0}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and r.name.split(".")[0] in ("pipeline", "manifests", "jobs", "models")] == []
+
+
 # ---- resume ----------------------------------------------------------------------------------
 def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tmp_path, tiny32,
                                                                  photos):
     write_manifest(manifest([f"r{k}" for k in range(6)], str(photos / "p0.png")),
-                   str(tmp_path / "m.parquet"))
+                   str(tmp_path / "m.parquet"), input_roots=[photos])
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
                       output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
                       batch_size=1)
@@ -146,7 +212,8 @@ def test_a_rerun_computes_only_missing_rows_and_never_duplicates(ray_cluster, tm
         assert (again[rid] == first[rid]) == (rid not in gone)      # only the missing recomputed
 
     # a second, smaller manifest over the same output: its own counts, all already done
-    write_manifest(manifest(["r0", "r1"], str(photos / "p0.png")), str(tmp_path / "m2.parquet"))
+    write_manifest(manifest(["r0", "r1"], str(photos / "p0.png")), str(tmp_path / "m2.parquet"),
+                   input_roots=[photos])
     assert run(write_spec(tmp_path / "job2.yaml", manifest=str(tmp_path / "m2.parquet"),
                           output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"))) == 0
     summary = yaml.safe_load((tmp_path / "out" / "summary.json").read_text())
@@ -162,7 +229,7 @@ def test_retry_errors_replaces_the_error_rows(ray_cluster, tmp_path, tiny32, pho
     broken = tmp_path / "later.png"
     broken.write_text("not yet an image")
     write_manifest(manifest(["a", "b"], [str(photos / "p0.png"), str(broken)]),
-                   str(tmp_path / "m.parquet"))
+                   str(tmp_path / "m.parquet"), input_roots=[photos])
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
                       output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"))
     assert run(spec) == 1
@@ -301,7 +368,7 @@ def test_a_run_killed_partway_resumes_without_redoing_or_duplicating(ray_cluster
     import time
     n = 6
     write_manifest(manifest([f"k{i}" for i in range(n)], str(photos / "p2.png")),
-                   str(tmp_path / "m.parquet"))
+                   str(tmp_path / "m.parquet"), input_roots=[photos])
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
                       output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
                       batch_size=1, actors=1, edit={**SHORT, "steps.latent": 40})
@@ -407,7 +474,7 @@ def test_paste_back_writes_the_edit_into_the_full_photo(ray_cluster, tmp_path, t
     taken = pd.to_datetime(["2024-05-01 10:00", None], utc=True)    # any passthrough type
     rows = manifest(["pa", "pb"], [str(photos / "p0.png"), str(photos / "p1.png")],
                     source_uri=[str(big), None], align_quad=[quad, None], taken_at=taken)
-    write_manifest(rows, str(tmp_path / "m.parquet"))
+    write_manifest(rows, str(tmp_path / "m.parquet"), input_roots=[photos])
     spec = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"),
                       output=str(tmp_path / "out"), models=str(tiny32 / "models.yaml"),
                       paste_back=True)
@@ -426,3 +493,59 @@ def test_paste_back_writes_the_edit_into_the_full_photo(ray_cluster, tmp_path, t
     assert metrics.loc["pa", "pasted_uri"].endswith("pasted/pa.png")
     assert pd.isna(metrics.loc["pb", "pasted_uri"])
     assert not (tmp_path / "out" / "pasted" / "pb.png").exists()
+
+
+def _broken_generator(kind: str, good: Path, marker: Path) -> bytes | None:
+    """A generator checkpoint gone bad: None (missing), cut short, or a pickle that would
+    run `touch marker` when loaded unsafely."""
+    import io
+
+    import torch
+    from helpers import PlantsAMarker
+    if kind == "missing":
+        return None
+    if kind == "truncated":
+        return good.read_bytes()[: good.stat().st_size // 2]
+    buf = io.BytesIO()
+    torch.save({"g_ema": {"style.1.weight": torch.zeros(1)}, "x": PlantsAMarker(marker)}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["missing", "truncated", "malicious"])
+def test_a_bad_checkpoint_ends_the_job_in_seconds_naming_the_file(
+        ray_cluster, s3_server, tiny32, photos, tmp_path, capfd, kind, store):
+    """Checked by the driver before any actor starts: exit code 2, one line naming the
+    file and the reason, no traceback, no retries, no row written, nothing executed."""
+    import time
+    models = tmp_path / "models"
+    shutil.copytree(tiny32, models)
+    spec = yaml.safe_load((models / "models.yaml").read_text())
+    spec["generator"].pop("sha256")
+    spec["generator"]["uri"] = "bad_generator.pt"
+    (models / "models.yaml").write_text(yaml.safe_dump(spec))
+    data = _broken_generator(kind, tiny32 / "stylegan2.pt", tmp_path / "marker")
+    if data is not None:
+        (models / "bad_generator.pt").write_bytes(data)
+    keys = {"output": str(tmp_path / "out"), "models": str(models / "models.yaml")}
+    if store == "s3":
+        bucket = f"ckpt-{kind}"
+        s3_server["fs"].mkdir(bucket)
+        s3_server["fs"].put(str(models) + "/", f"{bucket}/models/", recursive=True)
+        keys = {"output": f"s3://{bucket}/out", "models": f"s3://{bucket}/models/models.yaml",
+                "storage_options": {"client_kwargs": {"endpoint_url": s3_server["endpoint"]}}}
+    write_manifest(manifest(["b0", "b1"], str(photos / "p0.png")), str(tmp_path / "m.parquet"),
+                   input_roots=[str(photos)])
+    spec_path = write_spec(tmp_path / "job.yaml", manifest=str(tmp_path / "m.parquet"), **keys)
+    capfd.readouterr()
+    started = time.time()
+    rc = run(spec_path)
+    took = time.time() - started
+    said = capfd.readouterr().err
+    assert rc == 2 and took < 30, (rc, took, said[-2000:])
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad_generator.pt" in errors[0] and len(errors[0]) < 2048, said
+    assert "Traceback" not in said and "lost edit workers" not in said
+    assert not (tmp_path / "marker").exists()
+    out = Output(keys["output"], keys.get("storage_options"))
+    assert not out.fs.exists(out.path_of("metrics"))           # no row ran

@@ -107,6 +107,29 @@ def test_a_network_the_spec_lacks_is_a_setup_error_before_any_row(tiny_dir, phot
     assert not (tmp_path / "out").exists()
 
 
+def test_an_actor_whose_setup_fails_stops_the_job_instead_of_dying(tiny_dir, photos, tmp_path):
+    """A checkpoint cut short after the driver's check (or a setup failure of any kind in
+    the actor): the constructor does not raise, which Ray would take for a lost worker and
+    retry; the actor hands every row back `stopped` with the file's own message, and
+    nothing is written."""
+    spec = partial_spec(tiny_dir, tmp_path)
+    generator = yaml.safe_load(open(spec))["generator"]["uri"]
+    cut = tmp_path / "cut_generator.pt"
+    cut.write_bytes(open(generator, "rb").read()[:1000])
+    data = yaml.safe_load(open(spec))
+    data["generator"]["uri"] = str(cut)
+    data["generator"].pop("sha256", None)
+    open(spec, "w").write(yaml.safe_dump(data))
+    todo = rows(photos, ["smiling", "smiling"])
+    stage, _ = stage_for(todo, spec, tmp_path)
+    assert stage.setup_error is not None
+    back = stage(image_groups(todo, 2))
+    assert list(back["status"]) == [STOPPED, STOPPED]
+    message = back["error"].iloc[0]
+    assert "cut_generator.pt" in message and "\n" not in message and len(message) < 2048
+    assert not (tmp_path / "out" / "metrics").exists()
+
+
 def test_each_distinct_edit_is_resolved_once(tiny_dir, photos, tmp_path):
     todo = rows(photos, ["smiling", "smiling", "male", "black_hair"],
                 mode=["auto", "auto", "local", "auto"])

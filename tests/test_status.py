@@ -307,3 +307,26 @@ def test_status_uses_the_manifest_job_json_names_and_a_watch_rereads_only_change
     second = reader.read(window_s=600, now=now)
     assert second.figures.pending == 3
     assert len(files) == 1 and len(manifests) == 1       # the new file; the manifest once
+
+
+def test_status_names_metrics_files_whose_rows_do_not_count(tmp_path):
+    """A damaged metrics file (cut short), set aside by a run's compaction, and a foreign
+    one beside it: status names each with its size and reason, and moves nothing."""
+    from pipeline.output.metrics import compact, metrics_paths
+    now = time.time()
+    out = Output(str(tmp_path / "out"))
+    write_job(out, shifted(now), START - NOW + now)
+    cut = Path(metrics_paths(out)[0])
+    cut.write_bytes(cut.read_bytes()[:300])
+    (tmp_path / "out" / "metrics" / "by_attribute.parquet").write_bytes(
+        Path(metrics_paths(out)[1]).read_bytes())
+    before = read_status(str(tmp_path / "out"), now=now)
+    said = {(n["why"], n["file"].rsplit("/", 1)[-1]) for n in before.not_counted}
+    assert said == {("damaged", cut.name), ("foreign", "by_attribute.parquet")}
+    assert cut.exists()                                   # status moved nothing
+    compact(out, batch_files_only=True)                   # what a run does as it starts
+    after = read_status(str(tmp_path / "out"), now=now)
+    aside = [n for n in after.not_counted if n["why"] == "set aside"]
+    assert len(aside) == 1 and aside[0]["size"] == 300 and aside[0]["reason"]
+    assert "set aside: metrics/" + cut.name in render(after)
+    assert "foreign: metrics/by_attribute.parquet" in render(after)

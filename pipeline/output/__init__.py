@@ -9,6 +9,7 @@ read it (pipeline/results/); neither reaches into the other.
     ledger.py     what the metrics rows say: complete, pending, counts, on target, summary
     figures.py    the figures of progress: rates, ETA, and how each is written
     jobfile.py    job.json: what a run records of its spec and its edits' settings
+    lease.py      one run per output: the lease a run holds, its heartbeat, takeover
     images.py     image files in and out: formats, limits, conversions, paste-back
 
 May import: `pipeline.engine` (the on-target rule, the resize rule), `pipeline.store`,

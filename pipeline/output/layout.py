@@ -7,6 +7,7 @@
     metrics/*.parquet    one row per manifest row (written last: a row with a metrics
                          row is complete; pipeline/output/metrics.py)
     job.json, summary.json
+    lease.json           the run that holds the output while it runs (pipeline/output/lease.py)
 
 The per-row files are ROW_FILES: `Output.put_row_file(kind, id, data)` writes one and
 returns what the metrics row records: its key relative to the output (`images/<id>.png`),

@@ -3,8 +3,9 @@
     read_status(output_uri, manifest_uri=...)  -> JobStatus   (another terminal, any time)
     render(status)                             -> the table `maskface status` prints
 
-Status reads only the metrics rows, job.json and summary.json, never images, so it
-works on local disk and S3 alike, while the job runs or after it ended. A row counts
+Status reads only the metrics rows, job.json, summary.json and the run's lease (its
+heartbeat tells a live driver from a dead one; status never takes it), never images, so
+it works on local disk and S3 alike, while the job runs or after it ended. A row counts
 once its metrics row exists (the job's own rule for "complete"). Times are the rows'
 `written_at`. The figures (done, pending, rates, ETA) are the driver's progress's
 (pipeline/runner/progress.py).
@@ -21,8 +22,9 @@ from pipeline.output.figures import (DEFAULT_WINDOW_S, Figures, fmt_duration, fm
                                      rates)
 from pipeline.output.jobfile import FILE, spec_of
 from pipeline.output.layout import Output
+from pipeline.output.lease import LeaseRecord, read_lease
 from pipeline.output.ledger import ERROR, Counts, of_manifest, this_runs_summary
-from pipeline.output.metrics import MetricsReader
+from pipeline.output.metrics import MetricsReader, quarantined
 from pipeline.store.storage import filesystem
 
 
@@ -32,7 +34,7 @@ class JobStatus:
     output: str
     now: float
     figures: Figures
-    state: str                            # complete | running | ended | stopped | idle | waiting | empty
+    state: str          # complete | running | ended | stopped | lost | idle | waiting | empty
     started_at: float | None = None       # this run's start (job.json)
     last_row_at: float | None = None
     manifest: str | None = None
@@ -42,6 +44,10 @@ class JobStatus:
     per_node: list[dict] = field(default_factory=list)
     per_actor: list[dict] = field(default_factory=list)
     latest_errors: list[dict] = field(default_factory=list)
+    driver: dict | None = None            # the lease's holder and heartbeat (`driver_of`)
+    # metrics files whose rows do not count: set aside by a run (quarantined), damaged
+    # and not yet set aside, or another tool's ({file, size, reason, ...})
+    not_counted: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -53,11 +59,13 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
                    total: int | None = None, manifest: str | None = None,
                    started_at: float | None = None, now: float | None = None,
                    window_s: float = DEFAULT_WINDOW_S, errors: int = 5,
-                   summary: dict | None = None) -> JobStatus:
+                   summary: dict | None = None, driver: dict | None = None) -> JobStatus:
     """The figures of one output's metrics rows (one row per id, as `read_metrics` gives),
     against the manifest's ids (or, when they are not known, its `total` rows).
     `summary`: summary.json, which a run writes when it ends; it counts only when it is
-    this run's (pipeline/output/ledger.py), and then the run has ended or stopped."""
+    this run's (pipeline/output/ledger.py), and then the run has ended or stopped.
+    `driver`: the output's lease (`driver_of`): a live heartbeat is a running job even
+    while no row comes (a long batch); an expired one, a driver that died mid-run."""
     now = time.time() if now is None else now
     columns = ["id", "status", "error", "node", "actor", "written_at"]
     rows = metrics[columns].copy() if len(metrics) else pd.DataFrame(columns=columns)
@@ -73,21 +81,24 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
         state = "complete"
     elif ended is not None:
         state = "stopped" if ended.get("stopped") else "ended"
+    elif driver is not None and not driver["alive"]:
+        state = "lost"
     elif not len(run_rows):
         state = "waiting" if started_at is not None else "empty"
     elif last is not None and now - last <= window_s:
         state = "running"
     else:
-        state = "idle"
+        state = "running" if driver is not None else "idle"
     # a job that is no longer writing: its run's rate ends with its last row, not now
-    until = last if state in ("complete", "ended", "stopped", "idle") and last is not None else now
+    until = (last if state in ("complete", "ended", "stopped", "lost", "idle") and last is not None
+             else now)
     recent = rates(rows["written_at"], now, started_at, window_s)[0]
     overall = rates(rows["written_at"], until, started_at, window_s)[1]
     figures = Figures(ok=counts.ok, error=counts.error, total=counts.total, before=before,
                       recent_rate=recent, overall_rate=overall, window_s=window_s)
     return JobStatus(
         output=output, now=now, figures=figures, state=state, started_at=started_at,
-        last_row_at=last, manifest=manifest, other_rows=other, ended=ended,
+        last_row_at=last, manifest=manifest, other_rows=other, ended=ended, driver=driver,
         per_node=_throughput(rows, ["node"], now, until, started_at, window_s),
         per_actor=_throughput(rows, ["actor", "node"], now, until, started_at, window_s),
         latest_errors=[{"id": r["id"], "error": r["error"], "node": r["node"],
@@ -135,6 +146,7 @@ class JobFiles:
     record: dict | None         # job.json: the latest run's spec, edits and start
     summary: dict | None        # summary.json: written when a run ends
     metrics: pd.DataFrame       # one row per id, the columns asked (pipeline/output/metrics.py)
+    lease: LeaseRecord | None = None   # lease.json: the run that holds the output, if any
 
     @property
     def started_at(self) -> float | None:
@@ -161,7 +173,21 @@ def read_job_files(output_uri: str, storage_options: Mapping | None = None,
     if record is None and not len(metrics):
         raise FileNotFoundError(f"no job output at {output_uri}: neither job.json nor metrics/ "
                                 "(wrong URI, or the job has not started yet)")
-    return JobFiles(output_uri, record, out.get_json("summary.json"), metrics)
+    return JobFiles(output_uri, record, out.get_json("summary.json"), metrics, read_lease(out))
+
+
+def driver_of(lease: LeaseRecord | None, now: float | None = None) -> dict | None:
+    """What the output's lease says of the run that holds it (None when no run holds
+    it): who, its heartbeat's age, whether it is alive (not expired) and the rows it
+    finished; the job's own heartbeat, read, never taken (pipeline/output/lease.py)."""
+    if lease is None:
+        return None
+    owner = lease.owner
+    return {"run_id": owner.run_id, "host": owner.host, "pid": owner.pid,
+            "submission": owner.submission, "started_at": lease.started_at,
+            "heartbeat_at": lease.heartbeat_at, "heartbeat_age_s": round(lease.age(now), 1),
+            "expiry_s": lease.expiry_s, "alive": not lease.expired(now),
+            "rows_done": lease.rows_done, "holder": owner.describe()}
 
 
 class StatusReader:
@@ -192,8 +218,12 @@ class StatusReader:
         status = compute_status(files.metrics, output=self.output_uri, manifest_ids=self._ids,
                                 manifest=manifest if self._ids is not None else None,
                                 started_at=files.started_at, now=now, window_s=window_s,
-                                errors=errors, summary=files.summary)
+                                errors=errors, summary=files.summary,
+                                driver=driver_of(files.lease, now))
         status.manifest_hint = self._hint if self._ids is None else None
+        status.not_counted = ([{**q, "why": "set aside"} for q in quarantined(self.metrics.out)]
+                              + [{**u.as_dict(), "why": "damaged" if u.damaged else "foreign"}
+                                 for u in self.metrics.unread])
         return status
 
 
@@ -220,8 +250,15 @@ def render(status: JobStatus, width: int = 100) -> str:
              "idle": f"idle: no new row in the last {fmt_duration(f.window_s)} "
                      "(the job stopped, or a batch takes longer than that)",
              "waiting": "started, no row written yet (loading models, first batch)",
+             "lost": "lost: the driver stopped without ending the run (no heartbeat for "
+                     f"{fmt_duration((status.driver or {}).get('heartbeat_age_s'))}); rerun "
+                     "to resume: the next run takes the output over",
              "empty": "no rows yet"}[status.state]
     lines.append(f"state     {state}")
+    if status.driver is not None:
+        d = status.driver
+        lines.append(f"driver    {d['holder']}: heartbeat {fmt_duration(d['heartbeat_age_s'])} "
+                     f"ago, {d['rows_done']} row(s) done this run")
     if status.manifest:
         lines.append(f"manifest  {status.manifest} ({f.total} rows)")
     lines.append("")
@@ -248,6 +285,7 @@ def render(status: JobStatus, width: int = 100) -> str:
         if not rows:
             continue
         lines += ["", _table(title, rows, keys, status.now)]
+    lines += _not_counted(status.not_counted, width)
     if status.latest_errors:
         lines += ["", "latest errors"]
         for e in status.latest_errors:
@@ -255,6 +293,16 @@ def render(status: JobStatus, width: int = 100) -> str:
             text = " ".join(str(e["error"]).split())
             lines.append(_clip(f"  {when}  {e['id']}  {text}", width))
     return "\n".join(lines)
+
+
+def _not_counted(files: list[dict], width: int) -> list[str]:
+    """The metrics files whose rows do not count, one line each (none: no lines)."""
+    if not files:
+        return []
+    return ["", "metrics files whose rows do not count (a damaged file's rows are redone by "
+                "the next run)",
+            *(_clip(f"  {n['why']}: {n['file']} ({n.get('size')} bytes): {n['reason']}", width)
+              for n in files)]
 
 
 def _pending_at_end(summary: dict | None) -> str:

@@ -12,6 +12,7 @@ was complete stays complete and a rerun resumes (docs/reliability.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,15 +23,18 @@ from typing import Mapping
 import pandas as pd
 import pyarrow as pa
 
+from models.check import preflight
 from pipeline.engine.rows import passthrough_columns
 from pipeline.errors import STOPPED, SetupError, StorageError
 
-from .access import manifest_home, outside_of
 from pipeline.output.ledger import HISTORY_COLUMNS, SUMMARY_COLUMNS, among, pending_rows, summarize
 from pipeline.output.metrics import (COMPACT_EVERY, compact, drop_stale_rows, passthrough_schema,
                       read_metrics)
 from pipeline.output.jobfile import FILE, edits_of, job_record, merge_edits
 from pipeline.output.layout import Output
+from pipeline.output.lease import HEARTBEAT_S, Lease, Owner
+from pipeline.store.storage import STORAGE_ERRORS
+from pipeline.store.uris import redact
 from .plan import JobPlan, code_version, image_groups, plan_job, schedule_order
 from .progress import DriverProgress, describe_cluster, ray_data_progress_wanted
 from .spec import JobSpec
@@ -48,28 +52,6 @@ RESUMES_AFTER_LOSS = 3
 NODE_LOSS_WAIT_S = 60.0
 
 
-def reads_outside(rows: pd.DataFrame, job: JobSpec) -> dict | None:
-    """Without `inputs.allow`, how many of the rows a run edits read an input (image_uri
-    or source_uri) outside the manifest's own folder (its bucket on S3), said once before
-    any work: the default rule lets them, and a user should know (docs/reliability.md).
-    None when the job lists `inputs.allow`."""
-    if job.inputs.allow is not None:
-        return None
-    try:
-        home = manifest_home(job.manifest)
-    except ValueError as e:                    # a URI form the access rules do not parse
-        log.warning("cannot tell which inputs lie outside the manifest's folder: %s", e)
-        return None
-    columns = [c for c in ("image_uri", "source_uri") if c in rows.columns]
-    uris = [u for c in columns for u in rows[c] if isinstance(u, str)]
-    outside = outside_of(home, uris)
-    count = int(rows[columns].isin(outside).any(axis=1).sum())
-    if count:
-        log.warning("%d of %d row(s) read inputs outside the manifest's folder %s; list "
-                    "inputs.allow to restrict what this job may read", count, len(rows), home)
-    return {"rows": count, "folder": home}
-
-
 def compact_and_read_history(out: Output) -> pd.DataFrame:
     """Where a run starts from: the output's metrics rows as far as a resume needs them
     (id, status, written_at), read after its batch files are merged. An old output of
@@ -79,14 +61,35 @@ def compact_and_read_history(out: Output) -> pd.DataFrame:
     return read_metrics(out, HISTORY_COLUMNS)
 
 
+def hold_output(job: JobSpec, *, takeover: bool = False, command: str = "") -> Lease:
+    """The lease on the job's output this run holds while it writes there (one run per
+    output: pipeline/output/lease.py); LeaseHeld (a SetupError) when another run holds it.
+    Read-only commands never take it."""
+    expiry_s = job.lease_expiry_s
+    try:
+        return Lease.take(Output(job.output, job.storage_options),
+                          Owner.this_process(command or f"maskface run ({job.manifest})"),
+                          takeover=takeover, heartbeat_s=min(HEARTBEAT_S, expiry_s / 4),
+                          expiry_s=expiry_s)
+    except STORAGE_ERRORS as e:            # a file where the folder should be, no access
+        raise SetupError(f"the output {redact(job.output)} cannot be written "
+                         f"({type(e).__name__}: {redact(str(e))}); nothing was run") from None
+
+
 def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None = None,
             address: str | None = None, ray_init_kwargs: Mapping | None = None, *,
-            manifest_ids: list[str] | None = None, history: pd.DataFrame | None = None) -> dict:
+            manifest_ids: list[str] | None = None, history: pd.DataFrame | None = None,
+            lease: Lease | None = None) -> dict:
     """Run (or resume) a job over validated manifest rows. Returns the summary dict.
 
     `rows` may leave out rows already complete when `manifest_ids` lists every id of the
     manifest (read_manifest's `complete`); `history`: compact_and_read_history's answer,
-    when the caller has it already."""
+    when the caller has it already (read under `lease`). `lease`: the output's lease the
+    caller holds (`hold_output`); without one, the run takes it and lets it go at the end."""
+    if lease is None:
+        with hold_output(job) as lease:
+            return run_job(rows, job, manifest_schema, address, ray_init_kwargs,
+                           manifest_ids=manifest_ids, history=history, lease=lease)
     started = time.time()
     out = Output(job.output, job.storage_options)
     ids = list(rows["id"]) if manifest_ids is None else manifest_ids
@@ -94,34 +97,65 @@ def run_job(rows: pd.DataFrame, job: JobSpec, manifest_schema: pa.Schema | None 
     history = compact_and_read_history(out) if history is None else history   # read once
     todo = pending_rows(rows, history, job.retry_errors)
     skipped = len(ids) - len(todo)
+    # the default rule's folders (the manifest's and those it records) made explicit
+    # once, here: every actor checks its rows' inputs against the same ones
+    job = dataclasses.replace(job, inputs=job.inputs.for_manifest(job.manifest, manifest_schema))
+    log.log(logging.WARNING if job.inputs.allows_any else logging.INFO, "%s",
+            job.inputs.describe())
     plan = plan_job(todo, job, schema) if len(todo) else None
-    outside = reads_outside(todo, job)
-    try:
-        edits = merge_edits(_recorded_edits(out), plan.edits() if plan else [])
-        out.put_json(FILE, job_record(
-            job.as_dict(), job.edit.base.as_dict(), edits,
-            code_version=code_version(), started_at=started, rows=len(ids),
-            reads_outside_manifest_folder=outside))
-    except StorageError as e:
-        raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
+    # every checkpoint the actors will load, checked before any of them starts: a bad
+    # file ends the job here, in seconds, naming it (CheckpointError, a SetupError)
+    checkpoints = preflight(plan.models_spec, plan.networks, job.storage_options) if plan else {}
+    lease.check()                  # taken over meanwhile: the output is another run's
+    _record_start(out, job, plan, started, len(ids), checkpoints)
     log.info("%d rows: %d already complete, %d to edit", len(ids), skipped, len(todo))
     this_run = pd.DataFrame(columns=["id", "status"])
     stopped = None
     if plan is not None:
         try:
             this_run = _run_with_resumes(todo, len(ids), out, job, plan, history, address,
-                                         ray_init_kwargs)
+                                         ray_init_kwargs, lease)
         except SetupError as e:
             stopped = e
-    if job.retry_errors and stopped is None:
-        drop_stale_rows(out)
-    Compaction(out).run()                  # the next read of this output is a few files
-    summary = summarize(read_metrics(out, SUMMARY_COLUMNS), set(ids), this_run, skipped,
-                        time.time() - started, job.output)
-    summary["this_run"]["started_at"] = started      # the report matches it to job.json's
-    if stopped is not None:
-        summary["stopped"] = str(stopped)
-    out.put_json("summary.json", summary)
+    lease.check()                        # taken over: the output is another run's now
+    return _finish(out, job, set(ids), this_run, skipped, started, stopped)
+
+
+def _record_start(out: Output, job: JobSpec, plan: JobPlan | None, started: float, rows: int,
+                  checkpoints: dict[str, str]) -> None:
+    """job.json for this run: the spec, the edits (the earlier runs' kept), the checkpoint
+    hashes the driver checked; an output that cannot take it stops the job before any work."""
+    try:
+        edits = merge_edits(_recorded_edits(out), plan.edits() if plan else [])
+        out.put_json(FILE, job_record(
+            job.as_dict(), job.edit.base.as_dict(), edits, code_version=code_version(),
+            started_at=started, rows=rows, checkpoints_sha256=checkpoints))
+    except StorageError as e:
+        raise SetupError(f"the output cannot be written ({e}); nothing was run") from None
+
+
+def _finish(out: Output, job: JobSpec, ids: set[str], this_run: pd.DataFrame, skipped: int,
+            started: float, stopped: SetupError | None) -> dict:
+    """The run's end: stale rows dropped, the metrics compacted, summary.json written.
+    When the job stopped, its cause is what the caller sees: a failure here (the output
+    that stopped it is full, say) is logged after it and never replaces it."""
+    try:
+        if job.retry_errors and stopped is None:
+            drop_stale_rows(out)
+        Compaction(out).run()              # the next read of this output is a few files
+        summary = summarize(read_metrics(out, SUMMARY_COLUMNS), ids, this_run, skipped,
+                            time.time() - started, job.output)
+        summary["this_run"]["started_at"] = started  # the report matches it to job.json's
+        if stopped is not None:
+            summary["stopped"] = str(stopped)
+        out.put_json("summary.json", summary)
+    except (StorageError, *STORAGE_ERRORS) as e:      # type: ignore[misc]
+        if stopped is not None:
+            log.warning("after the job stopped, its summary.json could not be written "
+                        "either: %s", redact(str(e)))
+            raise stopped from None
+        raise SetupError(f"the output cannot be written ({redact(str(e))}): summary.json is "
+                         "missing; complete rows stay complete, rerun to finish") from None
     if stopped is not None:
         raise stopped
     return summary
@@ -148,7 +182,7 @@ class WorkersLost(Exception):
 
 def _run_with_resumes(todo: pd.DataFrame, total: int, out: Output, job: JobSpec, plan: JobPlan,
                       history: pd.DataFrame, address: str | None,
-                      ray_init_kwargs: Mapping | None) -> pd.DataFrame:
+                      ray_init_kwargs: Mapping | None, lease: Lease) -> pd.DataFrame:
     """`_run_on_ray`, run again over the rows still to do when Ray lost workers (a
     preempted node), at most RESUMES_AFTER_LOSS times, once the cluster knows which
     nodes are gone. Rows whose metrics row appeared meanwhile (`history`: the rows
@@ -158,7 +192,7 @@ def _run_with_resumes(todo: pd.DataFrame, total: int, out: Output, job: JobSpec,
     for attempt in range(RESUMES_AFTER_LOSS + 1):
         try:
             this_run = _run_on_ray(schedule_order(todo, plan), total, job, plan, compaction,
-                                   address, ray_init_kwargs)
+                                   address, ray_init_kwargs, lease)
             if attempt == 0:
                 return this_run
             break
@@ -244,7 +278,7 @@ def _actor_resources(job: JobSpec) -> tuple[int, dict, bool]:
 
 def _run_on_ray(todo: pd.DataFrame, total: int, job: JobSpec, plan: JobPlan,
                 compaction: Compaction, address: str | None,
-                ray_init_kwargs: Mapping | None) -> pd.DataFrame:
+                ray_init_kwargs: Mapping | None, lease: Lease) -> pd.DataFrame:
     """The rows through an actor pool of EditStage, with progress over the manifest's
     `total` rows; returns each row's id and status."""
     import ray
@@ -277,14 +311,15 @@ def _run_on_ray(todo: pd.DataFrame, total: int, job: JobSpec, plan: JobPlan,
             fn_constructor_kwargs=dict(
                 job=job, plan=plan, cpu_threads=None if on_gpus else job.cpu_threads),
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES, **per_actor)
-    return _collect(ds, total, len(todo), nodes, compaction)
+    return _collect(ds, total, len(todo), nodes, compaction, lease)
 
 
-def _collect(ds, total: int, pending: int, nodes: set[str], compaction: Compaction
-             ) -> pd.DataFrame:
+def _collect(ds, total: int, pending: int, nodes: set[str], compaction: Compaction,
+             lease: Lease) -> pd.DataFrame:
     """Each row's id and status as the actors hand them back, with progress. Rows with
-    status `stopped` end the job (SetupError, their message); Ray losing actors past
-    their retries raises WorkersLost; any other error is raised as it is."""
+    status `stopped` end the job (SetupError, their message), as does the lease lost to
+    another run; Ray losing actors past their retries raises WorkersLost; any other
+    error is raised as it is."""
     parts = []
     with DriverProgress(total=total, before=total - pending) as progress:
         try:
@@ -294,6 +329,8 @@ def _collect(ds, total: int, pending: int, nodes: set[str], compaction: Compacti
                     raise SetupError(str(list(stopped["error"])[0]))
                 parts.append(b[["id", "status"]])
                 progress.update(b["status"])
+                lease.rows_done += len(b)
+                lease.check()
                 compaction.rows_done(len(b))
         except SetupError:
             raise

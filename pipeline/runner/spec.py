@@ -1,6 +1,6 @@
 """The job spec: the keys of `maskface run JOB.yaml`, each with its default, help and check.
 
-    job = JobSpec.from_dict(yaml.safe_load(text), where="job.yaml")
+    job = JobSpec.from_dict(load_yaml(text, "job.yaml"), where="job.yaml")
 
 Every key is a field below, in the pattern of the edit settings
 (pipeline/engine/settings.py): the field holds its default, the line the docs show, and
@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from pipeline.engine.runtime import Runtime
 from pipeline.engine.settings import ConfigError, EditConfig
+from pipeline.errors import clip, clip_message
 from pipeline.store.storage import refuse_credentials
 
 from .access import InputPolicy
@@ -54,12 +55,12 @@ def parsed(parse: Parse, plain: Callable[[Any], dict], help: str) -> Any:
 
 def _at_least(low: float, words: str) -> Check:
     def check(name: str, value: Any) -> str | None:
-        return None if value >= low else f"{name} must be {words}, got {value!r}"
+        return None if value >= low else f"{name} must be {words}, got {clip(repr(value))}"
     return check
 
 
 def _above_zero(name: str, value: Any) -> str | None:
-    return None if value > 0 else f"{name} must be > 0, got {value!r}"
+    return None if value > 0 else f"{name} must be > 0, got {clip(repr(value))}"
 
 
 def _edit(value: Mapping[str, Any]) -> EditConfig:
@@ -72,8 +73,8 @@ def _edit(value: Mapping[str, Any]) -> EditConfig:
 def _runtime(value: Mapping[str, Any]) -> Runtime:
     try:
         return Runtime(**value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"runtime: {e}; keys: "
+    except (TypeError, ValueError) as e:         # Runtime's messages quote the given key
+        raise ValueError(f"runtime: {clip(str(e))}; keys: "
                          f"{', '.join(f.name for f in dataclasses.fields(Runtime))}") from None
 
 
@@ -92,6 +93,13 @@ def _storage(name: str, value: Any) -> str | None:
 
 
 _POSITIVE = _at_least(1, "a positive integer")
+
+
+def _lease_expiry(name: str, value: Any) -> str | None:
+    """From a second (a heartbeat every quarter of it) to a day (a run that finds the
+    lease of a dead driver waits this long at most)."""
+    return None if 1 <= value <= 86_400 else (f"{name} must be between 1 and 86400 "
+                                              f"seconds, got {clip(repr(value))}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,11 @@ class JobSpec:
     stop_after_failed_batches: int = key(3, "stop the job when this many whole batches in a "
                                             "row fail the same way (0: never)",
                                          _at_least(0, "an integer >= 0 (0: never stop)"))
+    lease_expiry_s: float = key(60.0, "a run holds a lease on its output, renewed every "
+                                      "5 s (or a quarter of this, if less); another run "
+                                      "takes it over once its heartbeat is this many seconds "
+                                      "old (docs/reliability.md, One run per output)",
+                                _lease_expiry)
 
     def __post_init__(self):
         """A parsed key given as a plain mapping (`JobSpec(edit={...})` in code) is
@@ -150,17 +163,21 @@ class JobSpec:
                 try:
                     object.__setattr__(self, f.name, parse(value))
                 except ValueError as e:
-                    raise JobSpecError(str(e)) from None
+                    raise JobSpecError(clip_message(str(e))) from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "job spec") -> "JobSpec":
-        """A spec from its mapping; JobSpecError (prefixed with `where`) on any problem."""
+        """A spec from its mapping; JobSpecError (prefixed with `where`) on any problem.
+        Every value a message quotes is clipped (pipeline.errors.clip), and the message
+        as a whole too: a hostile spec cannot make a megabyte-long error."""
+        where = clip(where)
         if not isinstance(data, Mapping):
             raise JobSpecError(f"{where}: a job spec is a mapping of keys")
         known = [k.name for k in keys()]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(str(k) for k in set(data) - set(known))
         if unknown:
-            raise JobSpecError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise JobSpecError(f"{where}: unknown key(s) {clip(str(unknown))}; "
+                               f"known: {sorted(known)}")
         missing = [k.name for k in keys() if k.required and not data.get(k.name)]
         if missing:
             raise JobSpecError(f"{where}: missing {', '.join(missing)}")
@@ -170,7 +187,7 @@ class JobSpec:
                 try:
                     values[k.name] = k.value(data[k.name])
                 except ValueError as e:
-                    raise JobSpecError(f"{where}: {e}") from None
+                    raise JobSpecError(clip_message(f"{where}: {e}")) from None
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
@@ -206,7 +223,8 @@ class Key(NamedTuple):
         elif (not isinstance(given, _ACCEPTS[self.kind])
                 or (isinstance(given, bool) and self.kind is not bool)
                 or (isinstance(given, str) and not given.strip())):
-            raise ValueError(f"{self.name} must be {_KIND_WORDS[self.kind]}, got {given!r}")
+            raise ValueError(f"{self.name} must be {_KIND_WORDS[self.kind]}, "
+                             f"got {clip(repr(given))}")
         elif self.check:
             problem = self.check(self.name, given)
             if problem:

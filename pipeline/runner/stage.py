@@ -39,7 +39,8 @@ from pipeline.engine.batch_size import auto_batch_size
 from pipeline.engine.editor import Editor, EditResult, StartPoint
 from pipeline.engine.rows import EditRequest, is_null
 from pipeline.engine.schedule import shared_prefix
-from pipeline.errors import STOPPED, JobStopped, RowError, SetupError, StorageError
+from pipeline.errors import (STOPPED, JobStopped, RowError, SetupError, StorageError,
+                             MAX_MESSAGE, clip_message)
 
 from pipeline.output.images import encode_png, paste, png_bytes, read_image, read_pil, to_uint8
 from pipeline.output.layout import Output, npy_bytes, npz_bytes
@@ -66,6 +67,19 @@ class EditStage:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.job, self.plan = job, plan
+        self.setup_error: SetupError | None = None
+        try:
+            self._load(job, plan)
+        except Exception as e:   # noqa: BLE001 -- every actor would fail alike: not a lost worker
+            # Raised here, Ray would take it for a dying worker and restart the actor, again
+            # and again; instead the actor lives and stops the job with it (__call__).
+            message = " ".join(str(e).split()) or type(e).__name__
+            self.setup_error = (e if isinstance(e, SetupError) else SetupError(
+                f"an edit actor could not start ({type(e).__name__}: {message})"))
+            log.error("edit actor setup failed: %s", redact(str(self.setup_error)))
+
+    def _load(self, job: JobSpec, plan: JobPlan) -> None:
+        """The actor's models and state, loaded once."""
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.runtime = job.runtime
         self.runtime.apply(torch.device(self.device))       # this actor's process
@@ -117,6 +131,8 @@ class EditStage:
         tell the driver to end the job (an exception would reach it buried in Ray Data's
         own error)."""
         rows = unpack(batch)
+        if self.setup_error is not None:
+            return self._stopped(rows, self.setup_error)
         self._images = {}                                    # each image read once per call
         parts = []
         for start in range(0, len(rows), self.chunk):
@@ -124,14 +140,17 @@ class EditStage:
                 parts.append(self._run(rows[start:start + self.chunk]))
             except SetupError as e:
                 log.error("stopping the job: %s", e)
-                stopped = pd.DataFrame({n: [None] * (len(rows) - start)
-                                        for n in self.plan.schema.names})
-                stopped["id"] = [r["id"] for r in rows[start:]]
-                stopped["status"] = STOPPED
-                stopped["error"] = redact(str(e))
-                parts.append(stopped)
+                parts.append(self._stopped(rows[start:], e))
                 break
         return pd.concat(parts, ignore_index=True)
+
+    def _stopped(self, rows: list[dict], error: SetupError) -> pd.DataFrame:
+        """`rows` handed back with status `stopped` and the error: the driver ends the job."""
+        stopped = pd.DataFrame({n: [None] * len(rows) for n in self.plan.schema.names})
+        stopped["id"] = [r["id"] for r in rows]
+        stopped["status"] = STOPPED
+        stopped["error"] = clip_message(redact(str(error), MAX_MESSAGE))
+        return stopped
 
     def _run(self, rows: list[dict]) -> pd.DataFrame:
         records = [self._base_record(r) for r in rows]
@@ -151,8 +170,9 @@ class EditStage:
             write_metrics(self.output, out, self.plan.schema)    # last: the rows are now complete
         except StorageError as e:
             raise SetupError(f"cannot write the metrics of {len(out)} row(s) under "
-                             f"{redact(self.output.uri)}: {e}. Nothing can be recorded, so "
-                             "the job stops; rerun it once the output is writable") from None
+                             f"{redact(self.output.uri)}: the output cannot be written ({e}). "
+                             "Nothing can be recorded, so the job stops; rerun it once the "
+                             "output is writable") from None
         return out[self.plan.schema.names]
 
     @staticmethod
@@ -162,7 +182,9 @@ class EditStage:
         text = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, RowError):               # an engine exception
             text = f"{type(error).__name__}: {text}"
-        records[k].update(status="error", error=redact(f"{prefix}: {text}" if prefix else text))
+        records[k].update(status="error",
+                          error=clip_message(redact(f"{prefix}: {text}" if prefix else text,
+                                                    MAX_MESSAGE)))
 
     def _read_inputs(self, rows: list[dict], records: list[dict], errors: list) -> list[tuple]:
         """(position, image, request, settings) of each row whose input is usable; the
