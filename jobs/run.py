@@ -105,6 +105,10 @@ def _print_summary(summary: dict, job: JobSpec) -> None:
         print(f"whole output (other manifests too): {whole['ok']} ok, {whole['error']} error")
     for attr, s in sorted(summary["per_attribute"].items()):
         print(f"  {attr}: on target {s['on_target']}/{s['rows']}, flipped {s['flipped']}")
+    for a in summary.get("per_actor", []):
+        if a["engine_busy"] is not None:
+            print(f"  actor {a['actor'][:12]} on {a['node']}: engine busy "
+                  f"{100 * a['engine_busy']:.0f}% of {sum(a['seconds'].values()):.1f} s")
     for e in summary["errors"]:
         print(f"  error {e['id']}: {e['error']}", file=sys.stderr)
     print(f"results: {job.output} (metrics/, images/, latents/, masks/, summary.json)")

@@ -7,6 +7,8 @@ same person (99.38% on LFW at that threshold).
 
     identity = load_identity()               # once per actor: dlib's models, or why not
     identity.compare_one(before, after)      # HxWx3 uint8 images -> the metrics columns
+    face = identity.describe(before)         # the input's side once, for all its edits:
+    identity.compare_one(before, after, face)    # each edit then costs the result's side
 
 The face is found in each image with dlib's HOG detector. Input and result are
 pixel-aligned, so the result's face must overlap the input's; a side without one is
@@ -25,7 +27,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,13 +67,23 @@ def _columns(distance: float | None, status: str, seconds: float | None) -> dict
             "identity_status": status, "identity_seconds": seconds}
 
 
+class InputFace(NamedTuple):
+    """The input's side of the identity metric: its face and descriptor, or None for
+    both when it has no face. The same for every edit of one image: computed once."""
+    face: Any
+    descriptor: np.ndarray | None
+    seconds: float
+
+
 class FaceIdentity:
     """dlib's detector, 68-point landmarks and descriptor network (`load_identity`
-    builds one), or only the reason they are missing (`unavailable`)."""
+    builds one), or only the reason they are missing (`unavailable`). `inputs_described`
+    counts the inputs whose face was searched and described (`describe`)."""
 
     def __init__(self, detector=None, landmarks=None, encoder=None, unavailable: str | None = None):
         self.detector, self.landmarks, self.encoder = detector, landmarks, encoder
         self.unavailable = unavailable
+        self.inputs_described = 0
 
     def _face(self, image: np.ndarray, near=None):
         """The largest face (or, given `near`, the one overlapping it most), or None.
@@ -87,24 +99,37 @@ class FaceIdentity:
         shape = self.landmarks(image, face)
         return np.asarray(self.encoder.compute_face_descriptor(image, shape), dtype=np.float64)
 
-    def _distance(self, before: np.ndarray, after: np.ndarray) -> tuple[float | None, str]:
-        before, after = np.ascontiguousarray(before), np.ascontiguousarray(after)
-        face_in = self._face(before)
-        if face_in is None:
+    def describe(self, before: np.ndarray) -> InputFace:
+        """The input's face and descriptor (the half of the metric every edit of this
+        image shares). Raises what dlib raises; `compare_one` turns it into a status."""
+        started = time.perf_counter()
+        self.inputs_described += 1
+        before = np.ascontiguousarray(before)
+        face = self._face(before)
+        descriptor = None if face is None else self._descriptor(before, face)
+        return InputFace(face, descriptor, time.perf_counter() - started)
+
+    def _distance(self, after: np.ndarray, given: InputFace) -> tuple[float | None, str]:
+        if given.face is None:
             return None, f"{NO_FACE} in the input"
-        face_out = self._face(after, near=face_in)
+        after = np.ascontiguousarray(after)
+        face_out = self._face(after, near=given.face)
         if face_out is None:
             return None, f"{NO_FACE} in the result"
-        return float(np.linalg.norm(self._descriptor(before, face_in)
-                                    - self._descriptor(after, face_out))), OK
+        return float(np.linalg.norm(given.descriptor - self._descriptor(after, face_out))), OK
 
-    def compare_one(self, before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
-        """The identity columns of one pair of HxWx3 uint8 images."""
+    def compare_one(self, before: np.ndarray, after: np.ndarray,
+                    given: InputFace | None = None) -> dict[str, Any]:
+        """The identity columns of one pair of HxWx3 uint8 images; `given`: `describe`'s
+        answer for `before`, when the caller has it (its time counts once, where it was
+        computed)."""
         if self.unavailable:
             return _columns(None, f"unavailable: {self.unavailable}", None)
         started = time.perf_counter()
         try:
-            distance, status = self._distance(before, after)
+            if given is None:
+                given = self.describe(before)
+            distance, status = self._distance(after, given)
         except Exception as e:      # a metric never fails the edit it measures
             log.warning("identity metric failed: %s", e)
             distance, status = None, f"failed: {type(e).__name__}: {e}"

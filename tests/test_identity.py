@@ -89,3 +89,18 @@ def test_without_dlib_the_columns_are_null_and_say_why(monkeypatch, astronaut):
     out = missing.compare_one(astronaut, astronaut)
     assert out["identity_distance"] is None and out["same_person"] is None
     assert out["identity_status"].startswith("unavailable: dlib is not installed")
+
+
+def test_the_inputs_side_is_described_once_and_gives_the_same_distance(identity, astronaut):
+    """An image's edits share its face and descriptor: `describe` once, then each
+    comparison searches and describes only the result, to the same figure."""
+    altered = np.asarray(Image.fromarray(astronaut).filter(ImageFilter.GaussianBlur(2)))
+    before = identity.inputs_described
+    whole = identity.compare_one(astronaut, altered)
+    assert identity.inputs_described == before + 1
+    face = identity.describe(astronaut)
+    shared = [identity.compare_one(astronaut, altered, face) for _ in range(3)]
+    assert identity.inputs_described == before + 2          # three edits, one description
+    assert all(s["identity_distance"] == pytest.approx(whole["identity_distance"])
+               for s in shared)
+    assert all(s["identity_seconds"] < whole["identity_seconds"] * 5 for s in shared)

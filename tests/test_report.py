@@ -160,6 +160,12 @@ def test_the_job_ran_and_summary_counts_are_json_integers(job):
                                                               smiling["targets"])]
     assert summary["per_attribute"]["smiling"]["judge_rows"] == 3
     assert summary["per_attribute"]["smiling"]["judge_on_target"] == sum(judged)
+    # where each actor's time went: the engine's share, in summary.json and on the page
+    actors = summary["per_actor"]
+    assert actors and sum(a["rows"] for a in actors) == 6
+    assert all(0 < a["engine_busy"] < 1 for a in actors), actors
+    page = job["fs"].cat_file(f"{BUCKET}/out/report/index.html").decode()
+    assert 'id="actor-time"' in page and "engine busy" in page
 
 
 def test_every_edit_carries_its_evidence_and_provenance(job):

@@ -244,3 +244,45 @@ def test_an_images_local_edits_branch_from_one_prefix_kept_in_the_output(tiny_di
                            edit={**PREFIX, "optimizer.lr_latent": 0.002})
     assert changed(image_groups(more, 4))["prefix"].tolist() == ["computed", "computed"]
     assert len(list((tmp_path / "out" / "prefixes").iterdir())) == 6
+
+
+def test_each_image_is_described_once_and_each_row_records_where_the_time_went(
+        tiny_dir, photos, tmp_path, monkeypatch):
+    """Four edit rows of two images: the identity metric describes each input once (a
+    count), and every row carries its share of the actor's time per phase, from which
+    the ledger reads the engine's share (engine busy)."""
+    from pipeline.output.ledger import TIME_COLUMNS, actor_time
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    todo = rows(photos, ["smiling", "black_hair", "smiling", "black_hair"])
+    stage, _ = stage_for(todo, partial_spec(tiny_dir, tmp_path, "e4e", "lpips_trunk"), tmp_path)
+    out = stage(image_groups(todo, 4))
+    assert (out["status"] == "ok").all(), out["error"].tolist()
+    if stage.face_identity.unavailable is None:
+        assert stage.face_identity.inputs_described == 2      # p0 and p1, once each
+    times = out[TIME_COLUMNS].astype(float)
+    assert (times >= 0).all().all() and (times["time_engine_s"] > 0).all()
+    assert (times["time_write_s"] > 0).all() and (times["time_read_s"] > 0).any()
+    busy = actor_time(read_metrics(Output(str(tmp_path / "out"))))
+    assert len(busy) == 1 and busy[0]["rows"] == 4
+    assert 0 < busy[0]["engine_busy"] < 1
+    engine = float(times["time_engine_s"].sum())
+    assert busy[0]["seconds"]["engine"] == pytest.approx(engine, abs=1e-3)
+
+
+def test_the_png_compression_level_is_a_job_setting_that_keeps_the_pixels(
+        tiny_dir, photos, tmp_path, monkeypatch):
+    """`png_compress_level`: 0 stores the mask's bytes raw, the default (1) compresses
+    them; the decoded pixels are the same."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    spec = partial_spec(tiny_dir, tmp_path, "e4e", "lpips_trunk")
+    todo = rows(photos, ["smiling"])
+    masks = {}
+    for level in (0, 1):
+        stage, _ = stage_for(todo, spec, tmp_path, output=f"out{level}", png_compress_level=level)
+        assert stage(todo)["status"].tolist() == ["ok"]
+        masks[level] = tmp_path / f"out{level}" / "masks" / "r0.png"
+    assert masks[0].stat().st_size > 64 * 64 > masks[1].stat().st_size
+    assert np.array_equal(np.asarray(Image.open(masks[0])), np.asarray(Image.open(masks[1])))
+    with pytest.raises(ValueError, match="png_compress_level must be 0 to 9"):
+        JobSpec.from_dict({"manifest": "m", "output": "o", "models": "x",
+                           "png_compress_level": 10})

@@ -330,3 +330,23 @@ def test_status_names_metrics_files_whose_rows_do_not_count(tmp_path):
     assert len(aside) == 1 and aside[0]["size"] == 300 and aside[0]["reason"]
     assert "set aside: metrics/" + cut.name in render(after)
     assert "foreign: metrics/by_attribute.parquet" in render(after)
+
+
+def test_status_shows_each_actors_engine_busy_share(tmp_path):
+    """Rows carrying their actor's time per phase: status's actor table shows the
+    engine's share; rows written before those columns show a dash."""
+    now = time.time()
+    out = Output(str(tmp_path / "out"))
+    out.put_json("job.json", {"spec": {"manifest": "m.parquet"}, "started_at": now - 100})
+    rows = metrics_rows([("t0", "ok", "n1", "act1", now - 50), ("t1", "ok", "n1", "act1", now - 40),
+                         ("t2", "ok", "n2", "act2", now - 30)])
+    for column, values in (("time_read_s", [1, 1, None]), ("time_engine_s", [6, 2, None]),
+                           ("time_write_s", [1, 1, None]), ("time_post_s", [1, 1, None]),
+                           ("time_wait_s", [1, 3, None])):
+        rows[column] = values
+    write_metrics(out, rows, METRICS_SCHEMA)
+    status = read_status(str(tmp_path / "out"), now=now)
+    busy = {a["actor"]: a["engine_busy"] for a in status.per_actor}
+    assert busy == {"act1": pytest.approx(8 / 18), "act2": None}
+    table = render(status)
+    assert "engine busy" in table and "44%" in table

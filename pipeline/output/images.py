@@ -189,15 +189,20 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
 
 
-def png_bytes(image: Image.Image) -> bytes:
+# zlib's level for PNGs: 6 is Pillow's default; a job writes at its `png_compress_level`
+# (1: at 1024 px, 83 ms and 1.33 MB against 370 ms and 1.18 MB at 6; the pixels the same)
+PNG_LEVEL = 6
+
+
+def png_bytes(image: Image.Image, compress_level: int = PNG_LEVEL) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
-def encode_png(image: torch.Tensor) -> bytes:
+def encode_png(image: torch.Tensor, compress_level: int = PNG_LEVEL) -> bytes:
     """A [3, H, W] or [1, H, W] tensor as PNG bytes (clamped to [0, 1], 8-bit)."""
-    return png_bytes(Image.fromarray(to_uint8(image)))
+    return png_bytes(Image.fromarray(to_uint8(image)), compress_level)
 
 
 # -- the alignment quad: crop <-> source photo (see manifests/align.py) --------------------

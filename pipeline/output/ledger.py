@@ -13,6 +13,8 @@
                entanglement.py), summarised per edited attribute
     this run   summary.json describes the run job.json describes only when its
                `this_run.started_at` equals job.json's `started_at`
+    busy       per actor, the engine's share of the time its rows record (TIME_COLUMNS:
+               reading, engine, writing, identity and paste-back, waiting for input)
 
 The driver (resume, summary.json), `maskface status`, the report and the export all ask
 here; none of them restates a rule.
@@ -30,8 +32,11 @@ from pipeline.engine.rows import on_target, target_side
 OK, ERROR = "ok", "error"          # a metrics row's status
 HISTORY_COLUMNS = ["id", "status", "written_at"]   # what a resume reads of the metrics
 # the metrics columns summary.json is made of (pipeline/output/metrics.py reads only these)
+# where an actor's time went, per row (pipeline/runner/stage.py PhaseClock)
+TIME_COLUMNS = ["time_read_s", "time_engine_s", "time_write_s", "time_post_s", "time_wait_s"]
 SUMMARY_COLUMNS = ["id", "status", "error", "attributes", "targets", "prob_input",
-                   "prob_result", "judge_prob_result", "entanglement", "unintended_flips"]
+                   "prob_result", "judge_prob_result", "entanglement", "unintended_flips",
+                   "actor", "node", *TIME_COLUMNS]
 MOST_FLIPPED = 5                   # the other attributes per_attribute names, most often first
 
 
@@ -157,6 +162,27 @@ def per_attribute(metrics: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return out
 
 
+def actor_time(metrics: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per actor (and its node): the seconds its rows record in each phase, and the
+    engine's share of them (`engine_busy`), most rows first. Rows written before the
+    time columns existed count for nothing here; none at all: []."""
+    if not len(metrics) or not set(TIME_COLUMNS) <= set(metrics.columns):
+        return []
+    timed = metrics.dropna(subset=TIME_COLUMNS, how="all")
+    if not len(timed):
+        return []
+    out = []
+    keys = timed[["actor", "node"]].fillna("?")
+    for (actor, node), g in timed.groupby([keys["actor"], keys["node"]], sort=True):
+        seconds = {c[len("time_"):-len("_s")]: float(g[c].astype(float).sum())
+                   for c in TIME_COLUMNS}
+        total = sum(seconds.values())
+        out.append({"actor": str(actor), "node": str(node), "rows": len(g),
+                    "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                    "engine_busy": seconds["engine"] / total if total else None})
+    return sorted(out, key=lambda r: -r["rows"])
+
+
 def this_runs_summary(summary: dict | None, started_at: float | None) -> dict | None:
     """summary.json when it is the run's that started at `started_at` (job.json's), else
     None: an earlier run's summary says nothing about this one."""
@@ -182,5 +208,6 @@ def summarize(metrics: pd.DataFrame, manifest_ids: set[str], this_run: pd.DataFr
         "manifest": {"rows": len(manifest_ids), **manifest.as_dict(), "pending": manifest.pending},
         "whole_output": Counts.of(metrics["status"]).as_dict(),
         "per_attribute": per_attribute(mine),
+        "per_actor": actor_time(mine),
         "errors": [{"id": r["id"], "error": r["error"]} for r in errors.to_dict("records")],
     }

@@ -113,6 +113,13 @@ METRICS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("steps", pa.int64(), "optimisation steps the edit ran, latent and noise (a branched "
                           "edit counts its share of the prefix)"),
     ("seconds", pa.float64(), "wall seconds per image (its group's time over its size)"),
+    ("time_read_s", pa.float64(), "this row's share of its actor's seconds reading and "
+                                  "decoding inputs (its chunk's time over its rows)"),
+    ("time_engine_s", pa.float64(), "the same in the engine: the edit itself"),
+    ("time_write_s", pa.float64(), "the same encoding and writing the row's files"),
+    ("time_post_s", pa.float64(), "the same in the identity metric and paste-back"),
+    ("time_wait_s", pa.float64(), "the same waiting for input before the chunk (the "
+                                  "actor idle); engine busy = engine / all five, per actor"),
     ("prefix", pa.string(), "`computed` or `cached` when the edit branched from a shared "
                             "inversion prefix, else null"),
     ("identity_distance", pa.float64(), "dlib face-descriptor distance, input against result "

@@ -26,8 +26,8 @@ import pandas as pd
 from models import identity
 from pipeline.engine.rows import on_target
 from pipeline.output.jobfile import edit_base_of, edits_of, spec_of
-from pipeline.output.ledger import (ERROR, MOST_FLIPPED, OK, among, attribute_outcomes,
-                                    this_runs_summary)
+from pipeline.output.ledger import (ERROR, MOST_FLIPPED, OK, actor_time, among,
+                                    attribute_outcomes, this_runs_summary)
 from pipeline.output.metrics import NETWORK_HASH_COLUMNS, UnreadFile
 from pipeline.results.review import acceptance
 from pipeline.results.status import JobFiles, JobStatus
@@ -55,6 +55,7 @@ class ReportData:
     verdicts: dict[str, str] = field(default_factory=dict)
     not_counted: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: files_not_counted([], []))
+    actors: list[dict[str, Any]] = field(default_factory=list)   # ledger.actor_time
 
 
 def mean(values: pd.Series) -> float:
@@ -383,5 +384,6 @@ def gather(files: JobFiles, status: JobStatus, mine: pd.DataFrame, shown: pd.Dat
         configuration=configuration(files.record),
         review=None if verdicts is None else review_figures(verdicts, ok, outcomes),
         verdicts=dict(verdicts or {}),
-        not_counted=dict(not_counted or files_not_counted([], [])))
+        not_counted=dict(not_counted or files_not_counted([], [])),
+        actors=actor_time(mine))
 

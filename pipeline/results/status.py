@@ -23,7 +23,8 @@ from pipeline.output.figures import (DEFAULT_WINDOW_S, Figures, fmt_duration, fm
 from pipeline.output.jobfile import FILE, spec_of
 from pipeline.output.layout import Output
 from pipeline.output.lease import LeaseRecord, read_lease
-from pipeline.output.ledger import ERROR, Counts, of_manifest, this_runs_summary
+from pipeline.output.ledger import (ERROR, TIME_COLUMNS, Counts, actor_time, of_manifest,
+                                    this_runs_summary)
 from pipeline.output.metrics import MetricsReader, quarantined
 from pipeline.store.storage import filesystem
 
@@ -67,7 +68,8 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
     `driver`: the output's lease (`driver_of`): a live heartbeat is a running job even
     while no row comes (a long batch); an expired one, a driver that died mid-run."""
     now = time.time() if now is None else now
-    columns = ["id", "status", "error", "node", "actor", "written_at"]
+    columns = ["id", "status", "error", "node", "actor", "written_at",
+               *(c for c in TIME_COLUMNS if c in metrics.columns)]
     rows = metrics[columns].copy() if len(metrics) else pd.DataFrame(columns=columns)
     rows["written_at"] = rows["written_at"].astype(float)
     mine = of_manifest(rows, manifest_ids)
@@ -100,7 +102,8 @@ def compute_status(metrics: pd.DataFrame, *, output: str, manifest_ids: set[str]
         output=output, now=now, figures=figures, state=state, started_at=started_at,
         last_row_at=last, manifest=manifest, other_rows=other, ended=ended, driver=driver,
         per_node=_throughput(rows, ["node"], now, until, started_at, window_s),
-        per_actor=_throughput(rows, ["actor", "node"], now, until, started_at, window_s),
+        per_actor=_with_busy(_throughput(rows, ["actor", "node"], now, until, started_at,
+                                         window_s), rows),
         latest_errors=[{"id": r["id"], "error": r["error"], "node": r["node"],
                         "written_at": r["written_at"]}
                        for r in rows[rows["status"] == ERROR]
@@ -125,6 +128,13 @@ def _throughput(rows: pd.DataFrame, keys: list[str], now: float, until: float,
     return sorted(out, key=lambda r: -r["rows"])
 
 
+def _with_busy(per_actor: list[dict], rows: pd.DataFrame) -> list[dict]:
+    """Each actor's throughput with its engine busy share (pipeline/output/ledger.py
+    `actor_time`; None for rows older than the time columns)."""
+    busy = {(a["actor"], a["node"]): a["engine_busy"] for a in actor_time(rows)}
+    return [{**r, "engine_busy": busy.get((r["actor"], r["node"]))} for r in per_actor]
+
+
 def manifest_ids(manifest_uri: str, storage_options: Mapping | None = None) -> set[str]:
     """Only the `id` column of a manifest (a Parquet file or folder): cheap on big ones."""
     import pyarrow.dataset as pads
@@ -136,7 +146,7 @@ def manifest_ids(manifest_uri: str, storage_options: Mapping | None = None) -> s
 
 
 # what status reads of each metrics row (pipeline/output/metrics.py reads only these)
-STATUS_COLUMNS = ["id", "status", "error", "node", "actor", "written_at"]
+STATUS_COLUMNS = ["id", "status", "error", "node", "actor", "written_at", *TIME_COLUMNS]
 
 
 @dataclass
@@ -313,15 +323,21 @@ def _pending_at_end(summary: dict | None) -> str:
 
 
 def _table(title: str, rows: list[dict], keys: list[str], now: float) -> str:
-    head = [*keys, "rows", "ok", "error", "rows/h recent", "rows/h run", "last row"]
+    busy = "engine_busy" in rows[0]
+    head = [*keys, "rows", "ok", "error", "rows/h recent", "rows/h run", "last row",
+            *(["engine busy"] if busy else [])]
     body = [[str(r[k]) for k in keys] + [str(r["rows"]), str(r["ok"]), str(r["error"]),
                                          _num(r["rows_per_hour_recent"]),
                                          _num(r["rows_per_hour_overall"]),
                                          f"{fmt_duration(now - r['last_row_at'])} ago"]
-            for r in rows]
+            + ([_share(r["engine_busy"])] if busy else []) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" if i < len(keys) else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*head), *(fmt.format(*b) for b in body)])
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def _num(x: float | None) -> str:

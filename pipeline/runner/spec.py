@@ -95,6 +95,10 @@ def _storage(name: str, value: Any) -> str | None:
 _POSITIVE = _at_least(1, "a positive integer")
 
 
+def _png_level(name: str, value: Any) -> str | None:
+    return None if 0 <= value <= 9 else f"{name} must be 0 to 9, got {clip(repr(value))}"
+
+
 def _lease_expiry(name: str, value: Any) -> str | None:
     """From a second (a heartbeat every quarter of it) to a day (a run that finds the
     lease of a dead driver waits this long at most)."""
@@ -148,6 +152,10 @@ class JobSpec:
     stop_after_failed_batches: int = key(3, "stop the job when this many whole batches in a "
                                             "row fail the same way (0: never)",
                                          _at_least(0, "an integer >= 0 (0: never stop)"))
+    png_compress_level: int = key(1, "zlib level of the PNGs a job writes (images, masks, "
+                                     "pasted), 0-9: 1 writes a 1024 px image in ~80 ms at "
+                                     "~1.3 MB, 6 (Pillow's default) in ~370 ms at ~1.2 MB; "
+                                     "the pixels are the same", _png_level)
     lease_expiry_s: float = key(60.0, "a run holds a lease on its output, renewed every "
                                       "5 s (or a quarter of this, if less); another run "
                                       "takes it over once its heartbeat is this many seconds "

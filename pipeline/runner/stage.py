@@ -20,13 +20,15 @@ recorded).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import socket
 import time
 import traceback
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Generic, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -68,6 +70,8 @@ class EditStage:
             torch.set_num_threads(cpu_threads)
         self.job, self.plan = job, plan
         self.setup_error: SetupError | None = None
+        self._clock = PhaseClock()
+        self._idle_since = time.perf_counter()
         try:
             self._load(job, plan)
         except Exception as e:   # noqa: BLE001 -- every actor would fail alike: not a lost worker
@@ -96,7 +100,12 @@ class EditStage:
         self.inputs = job.inputs
         self.placement = self._placement()
         self.face_identity = load_identity()      # dlib's face descriptors (the align extra)
+        # each image's input side of the identity metric, and its source photo, once per
+        # image: the plan keeps an image's rows together, so a few entries suffice
+        self._input_faces: Recent[Any] = Recent(64)
+        self._photos: Recent[Image.Image] = Recent(2)
         self.streak = FailureStreak(job.stop_after_failed_batches, self.placement["node"])
+        self._idle_since = time.perf_counter()    # waiting for input starts now
         log.info("edit actor ready on %s (%s)", self.placement["node"], self.device)
 
     def _batch_size(self, cap: int, auto: bool, parser_size: int) -> int:
@@ -130,10 +139,18 @@ class EditStage:
         status `stopped` and the message (recorded nowhere: they stay pending), which
         tell the driver to end the job (an exception would reach it buried in Ray Data's
         own error)."""
+        waited = time.perf_counter() - self._idle_since
         rows = unpack(batch)
         if self.setup_error is not None:
             return self._stopped(rows, self.setup_error)
         self._images = {}                                    # each image read once per call
+        self._clock = PhaseClock(wait=waited)    # the first chunk's rows carry the wait
+        try:
+            return self._call(rows)
+        finally:
+            self._idle_since = time.perf_counter()
+
+    def _call(self, rows: list[dict]) -> pd.DataFrame:
         parts = []
         for start in range(0, len(rows), self.chunk):
             try:
@@ -155,9 +172,14 @@ class EditStage:
     def _run(self, rows: list[dict]) -> pd.DataFrame:
         records = [self._base_record(r) for r in rows]
         errors: list[Exception | None] = [None] * len(rows)
-        inputs = self._read_inputs(rows, records, errors)
+        with self._clock.phase("read"):
+            inputs = self._read_inputs(rows, records, errors)
         if inputs:
             self._edit(rows, records, errors, inputs)
+        shares = self._clock.per_row(len(rows))      # where this chunk's time went
+        self._clock = PhaseClock()
+        for r in records:
+            r.update(shares)
         self.streak.record(errors)                   # may stop the job (JobStopped)
         now = time.time()
         for r in records:
@@ -221,17 +243,9 @@ class EditStage:
                    inputs: list[tuple], from_prefix: bool) -> None:
         positions, images, requests, settings = zip(*inputs)
         try:
-            start = StartPoint()
-            if from_prefix:
-                assert self.prefixes is not None
-                latents, sources = branch_points(self.editor, self.prefixes, list(images),
-                                                 list(requests), list(settings), self.chunk,
-                                                 self.runtime.autocast)
-                start = start_for(latents, list(settings))
-                for k, source in zip(positions, sources):
-                    records[k]["prefix"] = source
-            results = self.editor.edit(torch.stack(images), list(requests),
-                                       settings=list(settings), start=start)
+            with self._clock.phase("engine"):
+                results, start = self._engine(images, requests, settings, from_prefix,
+                                              positions, records)
         except SetupError:
             raise
         except Exception as e:
@@ -252,6 +266,22 @@ class EditStage:
             except RowError as e:
                 self._fail(records, errors, k, e, "writing outputs")
 
+    def _engine(self, images, requests, settings, from_prefix: bool, positions,
+                records: list[dict]) -> tuple[list[EditResult], StartPoint]:
+        """The edit itself (from the image's shared prefix when it has one)."""
+        start = StartPoint()
+        if from_prefix:
+            assert self.prefixes is not None
+            latents, sources = branch_points(self.editor, self.prefixes, list(images),
+                                             list(requests), list(settings), self.chunk,
+                                             self.runtime.autocast)
+            start = start_for(latents, list(settings))
+            for k, source in zip(positions, sources):
+                records[k]["prefix"] = source
+        results = self.editor.edit(torch.stack(images), list(requests),
+                                   settings=list(settings), start=start)
+        return results, start
+
     def _base_record(self, row: dict) -> dict[str, Any]:
         record = {k: v for k, v in row.items() if k in self.plan.schema.names}
         hashes = self.models.hashes
@@ -270,34 +300,112 @@ class EditStage:
         """The row's files, then its metric values for the record (`image`: the input)."""
         out, row_id = self.output, row["id"]
         assert result.edited is not None and result.latent is not None
-        record: dict[str, Any] = {
-            "edited_uri": out.put_row_file("images", row_id, encode_png(result.edited)),
-            "latent_uri": out.put_row_file("latents", row_id,
-                                           npy_bytes(result.latent.float().numpy())),
-            "mask_uri": out.put_row_file("masks", row_id, encode_png(result.masks["blend"]))}
-        if self.job.save_noises and result.noises is not None:
-            record["noises_uri"] = out.put_row_file("noises", row_id, npz_bytes(
-                {f"noise_{i}": n.float().numpy() for i, n in enumerate(result.noises)}))
+        level = self.job.png_compress_level
+        with self._clock.phase("write"):
+            record: dict[str, Any] = {
+                "edited_uri": out.put_row_file("images", row_id,
+                                               encode_png(result.edited, level)),
+                "latent_uri": out.put_row_file("latents", row_id,
+                                               npy_bytes(result.latent.float().numpy())),
+                "mask_uri": out.put_row_file("masks", row_id,
+                                             encode_png(result.masks["blend"], level))}
+            if self.job.save_noises and result.noises is not None:
+                record["noises_uri"] = out.put_row_file("noises", row_id, npz_bytes(
+                    {f"noise_{i}": n.float().numpy() for i, n in enumerate(result.noises)}))
         quad = row.get("align_quad")
         if (self.job.paste_back and not is_null(row.get("source_uri")) and quad is not None
                 and len(quad) == 8):
-            self.inputs.check(row["source_uri"])
-            photo = read_pil(row["source_uri"], self.job.storage_options, self.inputs)
-            edited = Image.fromarray(to_uint8(result.edited))
-            try:
-                pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
-            except np.linalg.LinAlgError:
-                raise RowError(f"paste-back: align_quad {[float(v) for v in quad]} is "
-                               "degenerate") from None
-            record["pasted_uri"] = out.put_row_file("pasted", row_id, png_bytes(pasted))
+            with self._clock.phase("post"):
+                record["pasted_uri"] = self._paste_back(row, result, quad)
         m = result.metrics
         attrs = list(m["prob_input"])
         record.update({k: v for k, v in m.items()           # the engine's values, as named
                        if k in METRICS_SCHEMA.names and k not in PER_ATTRIBUTE})
         record.update({k: None if m[k] is None else [m[k][a] for a in attrs]
                        for k in PER_ATTRIBUTE})
-        record.update(self.face_identity.compare_one(to_uint8(image), to_uint8(result.edited)))
+        with self._clock.phase("post"):
+            before = to_uint8(image)
+            record.update(self.face_identity.compare_one(
+                before, to_uint8(result.edited), self._input_face(row["image_uri"], before)))
         return record
+
+    def _input_face(self, uri: str, before: np.ndarray) -> Any:
+        """The input's side of the identity metric, once per image (None when it cannot
+        be had: `compare_one` then tries again and records why)."""
+        if self.face_identity.unavailable:
+            return None
+        face = self._input_faces.get(uri)
+        if face is None:
+            try:
+                face = self._input_faces.put(uri, self.face_identity.describe(before))
+            except Exception:  # noqa: BLE001 -- said on the row by compare_one
+                return None
+        return face
+
+    def _paste_back(self, row: dict, result: EditResult, quad) -> str:
+        """The edit pasted back into its source photo (read once per image), written."""
+        uri = row["source_uri"]
+        assert result.edited is not None
+        photo = self._photos.get(uri)
+        if photo is None:
+            self.inputs.check(uri)
+            photo = self._photos.put(uri, read_pil(uri, self.job.storage_options,
+                                                   self.inputs))
+        edited = Image.fromarray(to_uint8(result.edited))
+        try:
+            pasted = paste(photo, edited, np.asarray(quad, dtype=np.float64).reshape(4, 2))
+        except np.linalg.LinAlgError:
+            raise RowError(f"paste-back: align_quad {[float(v) for v in quad]} is "
+                           "degenerate") from None
+        return self.output.put_row_file("pasted", row["id"],
+                                        png_bytes(pasted, self.job.png_compress_level))
+
+
+T = TypeVar("T")
+
+
+class Recent(Generic[T]):
+    """The last `size` values by key (least recently used first out): an actor's
+    per-image work kept while that image's rows run."""
+
+    def __init__(self, size: int):
+        self.size, self._items = size, OrderedDict()     # type: ignore[var-annotated]
+
+    def get(self, key: str) -> T | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: str, value: T) -> T:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+class PhaseClock:
+    """Where an actor's time goes while it runs rows (PHASES: reading and decoding
+    inputs, the engine, encoding and writing files, identity and paste-back, waiting
+    for input), for one chunk; each row records its share (`per_row`), so the engine's
+    share of an actor's time is read from the metrics alone (pipeline/output/ledger.py)."""
+    PHASES = ("read", "engine", "write", "post", "wait")
+
+    def __init__(self, wait: float = 0.0):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.seconds["wait"] = wait
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def per_row(self, rows: int) -> dict[str, float]:
+        return {f"time_{k}_s": v / max(rows, 1) for k, v in self.seconds.items()}
 
 
 class FailureStreak:
