@@ -32,7 +32,8 @@ from helpers import SHORT  # noqa: E402
 from manifests.schema import write_manifest  # noqa: E402
 
 RUN_VARYING = ["written_at", "seconds", "identity_seconds", "code_version", "node", "actor",
-               "gpu_ids"]
+               "gpu_ids", "time_read_s", "time_engine_s", "time_write_s", "time_post_s",
+               "time_wait_s"]
 QUAD = [20.0, 10.0, 20.0, 60.0, 70.0, 60.0, 70.0, 10.0]
 
 

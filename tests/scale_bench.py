@@ -106,6 +106,8 @@ def metrics_rows(manifest: pd.DataFrame, out_uri: str, started: float) -> pd.Dat
         "recon_mse": rng.random(n) * 1e-3, "region_portion_before": rng.random(n) * 0.2,
         "region_portion_after": rng.random(n) * 0.2, "steps": 1501,
         "seconds": 60 + rng.random(n), "prefix": None,
+        "time_read_s": 0.02, "time_engine_s": 60 + rng.random(n), "time_write_s": 0.3,
+        "time_post_s": 0.4, "time_wait_s": 0.01,
         "identity_distance": rng.random(n) * 0.5, "same_person": True,
         "identity_status": "ok", "identity_seconds": 0.3,
         "node": [f"node-{k % 8}" for k in range(n)], "actor": [f"actor-{k % 8}" for k in range(n)],
