@@ -62,8 +62,11 @@ def _through_the_job(work: Path, spec_path: Path, n: int, batch: int,
                   models=str(spec_path), edit=EditConfig.from_overrides(PIPELINE_EDIT),
                   batch_size=batch, actors=1, cpu_threads=torch.get_num_threads())
     start = time.perf_counter()
-    run_job(manifest.rows, job, manifest.schema)
+    summary = run_job(manifest.rows, job, manifest.schema)
     total = time.perf_counter() - start
+    if summary["this_run"]["ok"] != n:         # a rate of failed rows measures nothing
+        raise RuntimeError(f"the pipeline bench's job edited {summary['this_run']['ok']} of "
+                           f"{n} rows: {summary['errors'][:1]}")
     written = pd.read_parquet(work / "out" / "metrics")["written_at"].sort_values().to_numpy()
     first_batch = written[batch - 1]
     return Throughput(total, (len(written) - batch) / (written[-1] - first_batch))
